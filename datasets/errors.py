@@ -1,0 +1,14 @@
+"""User-facing errors: each carries one line that tells the user what went wrong and what to do."""
+
+
+class CxrError(Exception):
+    """An error caused by the user's input or environment; the CLI prints it as one line, exit 2."""
+
+
+class ImageRejected(CxrError):
+    """One input image cannot be used; `reason` goes into the manifest and the summary."""
+
+    def __init__(self, reason: str, path: str | None = None):
+        self.reason = reason
+        self.path = path
+        super().__init__(f"{path}: {reason}" if path else reason)

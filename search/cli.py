@@ -1,0 +1,53 @@
+"""The `cxr` command line: one entry point, a subcommand per stage.
+
+    cxr synth data/synth                       # a synthetic Kaggle-layout data set
+    cxr prepare data/synth runs/prepared       # Ray Data: decode, grayscale, resize, shard
+    cxr train runs/prepared --out runs/model   # one configuration, evaluated and exported
+    cxr search runs/prepared --out runs/sweep  # Ray Tune + Optuna sweep, best model on test
+    cxr predict runs/sweep/best x.jpeg         # P(PNEUMONIA) at the model card's threshold
+
+Each package registers its own subcommands; this module only wires them and turns a `CxrError`
+into one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLES = __doc__.split("\n\n")[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cxr_model import cli as model_cli
+    from datasets import cli as data_cli
+    from search import commands as search_cli
+
+    parser = argparse.ArgumentParser(
+        prog="cxr",
+        description="Distributed hyperparameter search for pneumonia classification on chest X-rays.",
+        epilog="examples:\n" + EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    data_cli.register(sub)
+    model_cli.register(sub)
+    search_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from datasets.errors import CxrError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CxrError as exc:
+        print(f"cxr: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cxr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

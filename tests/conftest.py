@@ -1,0 +1,66 @@
+"""Shared fixtures: real samples, one local Ray instance per test session, a tiny prepared data set.
+
+Everything is built once per session and kept small (32 px, ~120 images) so the fast suite stays
+within a few minutes on a 2-core machine.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Quiet TensorFlow and keep every test on the CPU and the default backend unless a test asks.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _samples_root() -> Path:
+    env = os.environ.get("CXR_SAMPLES")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "samples" / "chest_xray"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """The ten real Kermany et al. images (CC BY 4.0), laid out as chest_xray/train/<LABEL>/."""
+    root = _samples_root()
+    if not root.is_dir():
+        pytest.skip(f"real samples not found at {root} (set CXR_SAMPLES)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session, always shut down."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_source(tmp_path_factory) -> Path:
+    import datasets
+
+    return Path(datasets.synth(tmp_path_factory.mktemp("synth"), n=120, seed=0))
+
+
+@pytest.fixture(scope="session")
+def prepared_small(synth_source, ray_session, tmp_path_factory) -> Path:
+    import datasets
+
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    datasets.prepare(synth_source, out, image_size=32, seed=0)
+    return out
