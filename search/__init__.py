@@ -1,0 +1,13 @@
+"""search: the hyperparameter sweep, its results, the best model on test, the report, the `cxr` CLI.
+
+    space.py       the search space as data, the metric (val_auc, max), space files
+    config.py      SearchConfig: every setting of a sweep, saved as RUN/search_config.json
+    trainable.py   the Tune trainable (one trial = one cxr_model.fit); reporting.py its callback
+    tuner.py       Tuner + OptunaSearch (SQLite) + ASHA, resume, Ray connection
+    results.py     RUN/results.{parquet,csv}: one row per trial
+    best.py        best trial -> checkpoint -> test (once) -> RUN/best/
+    report.py      RUN/report.md and its plots
+    run.py         all of the above in order; commands.py and demo.py are `cxr search` / `cxr demo`
+
+Only this package imports `ray.tune`, and only inside functions: `import search` stays light.
+"""

@@ -12,6 +12,7 @@ into one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXAMPLES = __doc__.split("\n\n")[1]
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) hides the output that matters.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from datasets.errors import CxrError
 
     args = build_parser().parse_args(argv)

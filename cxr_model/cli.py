@@ -1,0 +1,176 @@
+"""`cxr train`, `cxr evaluate` and `cxr predict`: one model, from prepared data to predictions on files.
+
+    cxr train runs/prepared --out runs/model --head-units 512,128 --epochs 10
+    cxr evaluate runs/model runs/prepared --split test
+    cxr predict runs/model scans/ --out preds.csv --gradcam heatmaps/
+
+`search/cli.py` calls `register(subparsers)`; each handler returns the exit code. The work itself is
+in `cxr_model.pipeline` and `cxr_model.predict`, so the search reuses it instead of this module.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+TRAIN_EPILOG = """example:
+  cxr train runs/prepared --out runs/model --head-units 512,128 --dropout 0.3 --epochs 10
+  cxr train runs/prepared --out runs/tiny --weights none --epochs 2 --threshold-method sensitivity
+
+Trains one configuration on train, stops early on validation AUC, chooses the decision threshold
+on validation, evaluates once on test at that threshold, and exports model.keras, model_card.json,
+metrics.json and plots/ to --out."""
+EVALUATE_EPILOG = """example:
+  cxr evaluate runs/model runs/prepared --split test
+
+Scores an exported model at the threshold stored in its model card (never re-tuned)."""
+PREDICT_EPILOG = """example:
+  cxr predict runs/model scans/ extra.dcm --out preds.csv --gradcam heatmaps/
+
+Folders are searched recursively for .jpeg .jpg .png .dcm files. Each file is preprocessed exactly
+as `cxr prepare` did for training. A file that cannot be read gets a row with its error (exit 0)."""
+
+
+def register(subparsers) -> None:
+    _add_train(subparsers)
+    _add_evaluate(subparsers)
+    _add_predict(subparsers)
+
+
+# ----------------------------------------------------------------------------- parsers
+
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train, evaluate and export one configuration",
+                              epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="export folder to create")
+    m = p.add_argument_group("model")
+    m.add_argument("--head-units", type=_int_list, default=(256,), metavar="N[,N...]",
+                   help="dense layers of the head, e.g. 256 or 512,128 (default: 256)")
+    m.add_argument("--head-pooling", choices=("flatten", "avg"), default="flatten",
+                   help="how the base's feature map enters the head (default: flatten)")
+    m.add_argument("--dropout", type=float, default=0.3, help="dropout after each dense layer (default: 0.3)")
+    m.add_argument("--aug-strength", type=float, default=0.2,
+                   help="augmentation strength in [0, 1]; 0 disables it (default: 0.2)")
+    m.add_argument("--hflip", action="store_true",
+                   help="also flip horizontally (off by default: a mirrored chest puts the heart on the right)")
+    m.add_argument("--trainable-blocks", type=int, default=0, choices=range(6), metavar="0-5",
+                   help="VGG16 conv blocks to fine-tune, from the top; 0 = frozen base (default: 0)")
+    m.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
+                   help="VGG16 base weights: ImageNet (downloaded once), none (random), or a local file")
+    t = p.add_argument_group("training")
+    t.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
+    t.add_argument("--epochs", type=int, default=10, help="maximum epochs (default: 10)")
+    t.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    t.add_argument("--patience", type=int, default=3, help="epochs without val AUC gain before stopping (default: 3)")
+    t.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    e = p.add_argument_group("threshold and export")
+    e.add_argument("--threshold-method", choices=("youden", "sensitivity"), default="youden",
+                   help="on validation: Youden's J, or the best specificity at --target-sensitivity")
+    e.add_argument("--target-sensitivity", type=float, default=0.95, help="(default: 0.95)")
+    e.add_argument("--n-boot", type=_positive_int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals (default: 1000)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.set_defaults(func=_train)
+
+
+def _add_evaluate(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="metrics of an exported model on a prepared split",
+                              epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="export folder (cxr train / cxr search)")
+    p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default: test)")
+    p.add_argument("--n-boot", type=_positive_int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals (default: 1000)")
+    p.set_defaults(func=_evaluate)
+
+
+def _add_predict(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="P(PNEUMONIA) for image files, at the model card's threshold",
+                              epilog=PREDICT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="export folder (cxr train / cxr search)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--out", metavar="CSV", help="write the table here (default: print it)")
+    p.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay PNG per image here")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
+    p.set_defaults(func=_predict)
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def _train(args) -> int:
+    from cxr_model.evaluate import format_metrics
+    from cxr_model.pipeline import train_and_export
+
+    cfg = _train_config(args)
+    result = train_and_export(cfg, args.prepared, args.out, threshold_method=args.threshold_method,
+                              target_sensitivity=args.target_sensitivity, n_boot=args.n_boot,
+                              overwrite=args.overwrite)
+    print(format_metrics(result["metrics"]))
+    print(f"threshold {result['threshold']:.4f} ({args.threshold_method}, chosen on val); "
+          f"exported to {result['model_dir']}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from cxr_model.evaluate import format_metrics
+    from cxr_model.pipeline import evaluate_export
+
+    result = evaluate_export(args.model_dir, args.prepared, split=args.split, n_boot=args.n_boot)
+    print(format_metrics({args.split: result["metrics"]}))
+    if not result["same_data"]:
+        print(f"note: {args.prepared} is not the prepared data this model was exported with "
+              "(manifest hash differs)", file=sys.stderr)
+    return 0
+
+
+def _predict(args) -> int:
+    from cxr_model.predict import predict_paths
+
+    table = predict_paths(args.model_dir, args.paths, batch_size=args.batch_size, gradcam_dir=args.gradcam)
+    if args.out:
+        table.to_csv(args.out, index=False)
+    else:
+        table.to_csv(sys.stdout, index=False)
+    n_bad = int(table["error"].notna().sum())
+    where = f" -> {args.out}" if args.out else ""
+    print(f"{len(table) - n_bad} predicted, {n_bad} unreadable{where}", file=sys.stderr)
+    return 0
+
+
+def _train_config(args):
+    """TrainConfig from the flags, at the prepared data's image size; bad values -> CxrError."""
+    from cxr_model import ModelConfig, TrainConfig
+    from datasets import read_manifest
+    from datasets.errors import CxrError
+
+    image_size = int(read_manifest(args.prepared)["options"]["image_size"])
+    try:
+        model = ModelConfig(image_size=image_size, weights=args.weights, trainable_blocks=args.trainable_blocks,
+                            head_pooling=args.head_pooling, head_units=args.head_units, dropout=args.dropout,
+                            aug_strength=args.aug_strength, hflip=args.hflip)
+        return TrainConfig(model=model, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+                           seed=args.seed, patience=args.patience)
+    except ValueError as exc:
+        raise CxrError(str(exc)) from None
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        units = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        units = ()
+    if not units or min(units) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return units
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

@@ -1,0 +1,223 @@
+"""Export a trained model with everything needed to use and audit it, and load it back.
+
+    run_dir = export(model, "runs/model", train_cfg=cfg, threshold=t, metrics={"val": m_val, "test": m_test},
+                     manifest_hash=datasets.manifest_hash(prepared), history=history)
+    model, card = load_model("runs/model")      # keras.saving.load_model(..., safe_mode=True)
+
+An export folder holds:
+    model.keras        the full model: raw uint8 grayscale [S, S, 1] in, softmax [P(NORMAL), P(PNEUMONIA)] out
+    saved_model/       the same as a TF SavedModel for TF Serving (only when Keras runs on TensorFlow)
+    model_card.json    config, threshold and how it was chosen, metrics with 95% intervals, class names,
+                       input spec, the data manifest's hash, package versions, creation time
+    metrics.json       the full metrics (ROC points included) and the training history
+    plots/*.png        learning curves, confusion matrices and ROC curves per evaluated split
+
+Everything is written into a hidden sibling folder first and renamed into place at the end, so a
+crash never leaves a half-written export and an existing one is replaced whole or not at all.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import uuid
+from importlib import metadata
+from pathlib import Path
+
+from datasets.config import CLASS_NAMES  # label 0, 1
+
+CARD_FILE = "model_card.json"
+MODEL_FILE = "model.keras"
+METRICS_FILE = "metrics.json"
+SAVED_MODEL_DIR = "saved_model"
+PLOTS_DIR = "plots"
+CARD_SCHEMA_VERSION = 1
+# Distributions whose versions go into the card (those installed; none is imported for this).
+_VERSIONED = ("cxr-tune", "keras", "tensorflow", "jax", "jaxlib", "numpy", "ray", "optuna", "pillow", "pydicom")
+
+
+def export(model, run_dir, *, train_cfg, threshold: float, metrics: dict, manifest_hash: str | None = None,
+           history=None, extra: dict | None = None, threshold_method: str | None = None,
+           target_sensitivity: float | None = None, resize: str = "pad", overwrite: bool = False) -> Path:
+    """Write the export folder `run_dir` (see the module docstring) and return its path.
+
+    metrics: {split: evaluate() output}, e.g. {"val": ..., "test": ...}; a single evaluate() output
+    is taken as the test metrics. resize: the prepared data's resize mode ("pad" or "crop"), which
+    `cxr predict` must apply to new images. Refuses a non-empty existing run_dir unless overwrite.
+    """
+    run_dir = Path(run_dir)
+    check_export_target(run_dir, overwrite)
+    metrics = _by_split(metrics)
+    staging = run_dir.parent / f".{run_dir.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        saved_model = _save_model(model, staging)
+        plot_files = _write_plots(staging / PLOTS_DIR, metrics, history)
+        card = _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, threshold_method,
+                           target_sensitivity, resize, saved_model, plot_files, staging)
+        _write_json(staging / CARD_FILE, card)
+        _write_json(staging / METRICS_FILE, {"metrics": metrics, "history": _history_dict(history)})
+        _move_into_place(staging, run_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def load_model(run_dir):
+    """(keras.Model, card dict) from an export folder; the model is loaded with safe_mode=True."""
+    import keras
+
+    import cxr_model.model  # noqa: F401  registers the custom layers that safe-mode loading needs
+    from datasets.errors import CxrError
+
+    run_dir = Path(run_dir)
+    for name in (CARD_FILE, MODEL_FILE):
+        if not (run_dir / name).is_file():
+            raise CxrError(f"{run_dir} is not an exported model: {name} is missing "
+                           "(create one with `cxr train` or `cxr search`)")
+    card = read_card(run_dir)
+    # compile=False: prediction and evaluation need no optimizer state, and loading is faster.
+    model = keras.saving.load_model(run_dir / MODEL_FILE, safe_mode=True, compile=False)
+    return model, card
+
+
+def read_card(run_dir) -> dict:
+    """The model card of an export folder, without loading the model."""
+    from datasets.errors import CxrError
+
+    path = Path(run_dir) / CARD_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CxrError(f"{run_dir} is not an exported model: {CARD_FILE} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise CxrError(f"{path} is not valid JSON ({exc})") from None
+
+
+def check_export_target(run_dir, overwrite: bool = False) -> None:
+    """CxrError unless `run_dir` is absent, an empty folder, or may be overwritten."""
+    from datasets.errors import CxrError
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CxrError(f"{run_dir} exists and is not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise CxrError(f"{run_dir} already exists and is not empty: choose another --out or pass --overwrite")
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+def _by_split(metrics: dict) -> dict:
+    if "confusion_matrix" in metrics:  # one evaluate() output: the exported model's test metrics
+        return {"test": metrics}
+    return dict(metrics)
+
+
+def _save_model(model, folder: Path) -> str | None:
+    """model.keras always; a SavedModel too under TensorFlow. Returns the SavedModel's name or None."""
+    import keras
+
+    model.save(folder / MODEL_FILE)
+    if keras.backend.backend() != "tensorflow":
+        return None  # model.export() to a SavedModel needs TensorFlow as the backend
+    model.export(str(folder / SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
+    return SAVED_MODEL_DIR
+
+
+def _write_plots(folder: Path, metrics: dict, history) -> list[str]:
+    from cxr_model import plots
+
+    files = []
+    if _history_dict(history):
+        files.append(plots.plot_history(history, folder / "curves.png"))
+    for split, m in metrics.items():
+        files.append(plots.plot_confusion_matrix(m["confusion_matrix"], folder / f"confusion_{split}.png",
+                                                 title=f"Confusion matrix ({split}, n={m['n']})"))
+        if "roc" in m:
+            files.append(plots.plot_roc(m, folder / f"roc_{split}.png", title=f"ROC ({split}, n={m['n']})"))
+    return [f"{PLOTS_DIR}/{Path(f).name}" for f in files]
+
+
+def _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, threshold_method,
+                target_sensitivity, resize, saved_model, plot_files, folder) -> dict:
+    import keras
+
+    config = train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else dict(train_cfg)
+    shape = [int(d) for d in model.input_shape[1:]]
+    return {
+        "schema_version": CARD_SCHEMA_VERSION,
+        "model": "VGG16 transfer learning, pneumonia vs normal chest X-ray (cxr-tune)",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "class_names": list(CLASS_NAMES),
+        "positive_class": CLASS_NAMES[1],
+        "input": {"shape": shape, "dtype": "uint8", "image_size": shape[0], "resize": resize,
+                  "grayscale": True, "preprocess": "datasets.preprocess_file"},
+        "output": "softmax [P(NORMAL), P(PNEUMONIA)], float32",
+        "threshold": float(threshold),
+        "decision_rule": "PNEUMONIA if P(PNEUMONIA) >= threshold",
+        "threshold_selection": {"method": threshold_method, "target_sensitivity": target_sensitivity,
+                                "split": "val"},
+        "config": config,
+        # ROC points stay in metrics.json; the card keeps the numbers a reader compares.
+        "metrics": {split: {k: v for k, v in m.items() if k != "roc"} for split, m in metrics.items()},
+        "data": {"manifest_hash": manifest_hash},
+        "backend": keras.backend.backend(),
+        "versions": _versions(),
+        "files": {"model": MODEL_FILE, "saved_model": saved_model, "metrics": METRICS_FILE,
+                  "plots": plot_files},
+        "extra": extra or {},
+    }
+
+
+def _versions() -> dict:
+    import platform
+
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _history_dict(history) -> dict:
+    logs = getattr(history, "history", history) or {}
+    return {k: [float(v) for v in values] for k, values in logs.items()}
+
+
+def _write_json(path: Path, obj) -> None:
+    # allow_nan=False guarantees strict JSON: undefined metrics were turned into null.
+    path.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _json_safe(obj):
+    """Plain JSON values: NaN/inf -> None, numpy scalars -> Python numbers, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _move_into_place(staging: Path, run_dir: Path) -> None:
+    """Rename `staging` to `run_dir`; an existing run_dir is moved aside first and removed after."""
+    if not run_dir.exists():
+        os.rename(staging, run_dir)
+        return
+    retired = run_dir.parent / f".{run_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(run_dir, retired)
+    try:
+        os.rename(staging, run_dir)
+    except BaseException:
+        os.rename(retired, run_dir)  # put the previous export back
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

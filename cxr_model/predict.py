@@ -1,0 +1,128 @@
+"""Predict PNEUMONIA for new image files with an exported model, at the model card's threshold.
+
+    df = predict_paths("runs/model", ["scan.jpeg", "folder_of_scans/"], gradcam_dir="heatmaps")
+    cxr predict runs/model scans/ --out preds.csv --gradcam heatmaps/      # the same from the shell
+
+Each file goes through `datasets.preprocess_file` with the card's image size and resize mode: the
+very function `cxr prepare` applied to the training images (imported, never re-implemented). A file
+that cannot be used gets a row with its error and no probability; the others are still predicted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from datasets.config import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what `cxr prepare` discovers
+COLUMNS = ["path", "p_pneumonia", "label", "threshold", "error"]
+# Files are decoded and predicted this many at a time, so a folder of 100k scans never sits in memory.
+CHUNK = 256
+
+
+def predict_paths(model_dir, paths, batch_size: int = 32, gradcam_dir=None):
+    """A pandas DataFrame with one row per image file: path, p_pneumonia, label, threshold, error.
+
+    paths: files and folders (searched recursively for .jpeg .jpg .png .dcm, any letter case).
+    gradcam_dir: when given, a Grad-CAM overlay PNG per predicted image is written there and its
+    path is added as a `gradcam` column.
+    """
+    import pandas as pd
+
+    from cxr_model.export import load_model
+
+    model, card = load_model(model_dir)
+    files = expand_paths(paths)
+    rows = []
+    for start in range(0, len(files), CHUNK):
+        chunk = files[start:start + CHUNK]
+        rows.extend(_predict_chunk(model, card, chunk, batch_size, gradcam_dir, start))
+    columns = COLUMNS + (["gradcam"] if gradcam_dir is not None else [])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def expand_paths(paths) -> list[Path]:
+    """Files as given, plus image files found recursively in folders, each folder's sorted.
+
+    A path that does not exist is kept: it becomes an error row, like any other unusable input.
+    """
+    from datasets.errors import CxrError
+
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if _is_image_file(p, path))
+            if not found:
+                raise CxrError(f"no {'/'.join(IMAGE_SUFFIXES)} files found in folder {path}")
+            files.extend(found)
+        else:
+            files.append(path)
+    if not files:
+        raise CxrError("no input files given")
+    return files
+
+
+def _is_image_file(path: Path, root: Path) -> bool:
+    # Hidden files and folders (".git", macOS "._x.jpeg" forks) are skipped, as `cxr prepare` does.
+    hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+    return path.suffix.lower() in IMAGE_SUFFIXES and not hidden and path.is_file()
+
+
+def _predict_chunk(model, card, files, batch_size, gradcam_dir, first_index) -> list[dict]:
+    from cxr_model import predict_proba
+
+    threshold = float(card["threshold"])
+    images, errors = _preprocess(files, card["input"])
+    good = [i for i, e in enumerate(errors) if e is None]
+    probs = np.full(len(files), np.nan)
+    overlays = [None] * len(files)
+    if good:
+        batch = np.stack([images[i] for i in good])[..., None]  # [N, S, S, 1] uint8, as in training
+        probs[good] = predict_proba(model, batch, batch_size=batch_size)
+        if gradcam_dir is not None:
+            names = [_overlay_name(files[i], first_index + i) for i in good]
+            for i, path in zip(good, _write_gradcam(model, batch, Path(gradcam_dir), names)):
+                overlays[i] = str(path)
+    classes = card["class_names"]
+    return [_row(path, probs[i], threshold, classes, errors[i], overlays[i], gradcam_dir)
+            for i, path in enumerate(files)]
+
+
+def _preprocess(files, input_spec: dict):
+    """(list of uint8 [S, S] or None, list of error message or None) for each file."""
+    from datasets import preprocess_file
+
+    images, errors = [], []
+    for path in files:
+        try:
+            images.append(preprocess_file(path, image_size=int(input_spec["image_size"]),
+                                          resize=input_spec["resize"]))
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - one unusable file must not stop the others
+            images.append(None)
+            errors.append(getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
+    return images, errors
+
+
+def _row(path, prob, threshold, class_names, error, overlay, gradcam_dir) -> dict:
+    ok = error is None
+    row = {
+        "path": str(path),
+        "p_pneumonia": float(prob) if ok else np.nan,
+        "label": class_names[int(prob >= threshold)] if ok else None,
+        "threshold": threshold,
+        "error": error,
+    }
+    if gradcam_dir is not None:
+        row["gradcam"] = overlay
+    return row
+
+
+def _write_gradcam(model, batch, out_dir: Path, names: list[str]) -> list[Path]:
+    from cxr_model.gradcam import gradcam_heatmaps, write_overlays
+
+    return write_overlays(batch, gradcam_heatmaps(model, batch), [out_dir / n for n in names])
+
+
+def _overlay_name(path: Path, index: int) -> str:
+    # The running index keeps names unique when two folders hold files with the same name.
+    return f"{index:05d}_{path.stem}_gradcam.png"

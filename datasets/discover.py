@@ -1,0 +1,216 @@
+"""Find the images under a source folder, with their label, official split and patient.
+
+Accepted layouts, at any depth below SOURCE:
+    .../{train,val,test}/{NORMAL,PNEUMONIA}/<name>     the Kaggle/Mendeley layout ("official")
+    .../{NORMAL,PNEUMONIA}/<name>                      class folders only ("flat")
+Folder names are matched case-insensitively; `__MACOSX/`, hidden files and folders and AppleDouble
+`._*` files are skipped. The Kaggle zip holds the whole data set twice (`chest_xray/` and
+`chest_xray/chest_xray/`): copies with the same path below their layout root are counted once,
+the shallowest copy wins.
+
+Patient ids come from the Kermany et al. file names (see `patient_id`); a file named otherwise is
+its own patient, and the manifest counts how many were.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .config import CLASS_NAMES, IMAGE_EXTENSIONS, SPLITS
+from .errors import CxrError
+
+_IGNORED_DIRS = {"__macosx"}
+# person<PID>_<bacteria|virus>_<n>: n is a running index over the data set, not per patient.
+_PERSON = re.compile(r"^person(\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE)
+# IM-<PID>-<seq> and NORMAL2-IM-<PID>-<seq> are two numbering schemes: same digits, different people.
+_IM = re.compile(r"^(NORMAL2-)?IM-(\d+)-\d+", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # absolute path, as found (symlinks not resolved)
+    rel_path: str  # relative to SOURCE, POSIX separators: what the manifest and shards record
+    label: int  # index into CLASS_NAMES
+    official_split: str | None  # "train" | "val" | "test", None in a flat layout
+    patient_id: str
+    patient_from_name: bool  # False: the name matched no known scheme; the file is its own patient
+
+
+@dataclass
+class Discovery:
+    files: list[SourceFile]
+    rejected: list[dict]  # [{"path", "reason"}] for files that look like images but cannot be used
+    layout: str  # "official" (split folders found) or "flat"
+    mirror_copies_skipped: int = 0
+    mirror_roots: list[str] = field(default_factory=list)  # layout roots whose files were copies
+    ignored_files: int = 0  # non-image files, hidden files, AppleDouble files
+
+    def summary(self) -> dict:
+        return {
+            "layout": self.layout,
+            "images_found": len(self.files),
+            "mirror_copies_skipped": self.mirror_copies_skipped,
+            "mirror_roots": self.mirror_roots,
+            "ignored_files": self.ignored_files,
+            "patients_not_from_name": sum(not f.patient_from_name for f in self.files),
+        }
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: str
+    rel: PurePosixPath
+    label: int | None
+    split: str | None
+    root: tuple[str, ...]  # the folders above the split (or class) folder
+    key: tuple[str, ...]  # the path below the root, lower-cased: equal keys are mirror copies
+    reason: str | None = None
+
+
+def discover(source: str | os.PathLike) -> Discovery:
+    """Every image file under `source` with its label, split and patient; raises CxrError if none."""
+    source = Path(source)
+    if not source.exists():
+        raise CxrError(f"source folder not found: {source}")
+    if not source.is_dir():
+        raise CxrError(f"source is not a folder: {source}")
+    candidates, ignored = _walk(source)
+    if not candidates:
+        raise CxrError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {source}")
+    kept, skipped, mirror_roots = _drop_mirror_copies([c for c in candidates if c.reason is None])
+    layout = "official" if any(c.split for c in kept) else "flat"
+    rejected = [{"path": str(c.rel), "reason": c.reason} for c in candidates if c.reason]
+    files = []
+    for cand in kept:
+        if layout == "official" and cand.split is None:
+            rejected.append({"path": str(cand.rel), "reason": "outside the train/val/test folders"})
+            continue
+        files.append(_source_file(cand))
+    if not files:
+        raise CxrError(
+            f"no usable images under {source}: expected NORMAL/ and PNEUMONIA/ folders "
+            f"({len(rejected)} files rejected, e.g. {rejected[0]['path']}: {rejected[0]['reason']})"
+        )
+    return Discovery(
+        files=files,
+        rejected=sorted(rejected, key=lambda r: r["path"]),
+        layout=layout,
+        mirror_copies_skipped=skipped,
+        mirror_roots=mirror_roots,
+        ignored_files=ignored,
+    )
+
+
+def patient_id(file_name: str) -> str | None:
+    """Patient id from a Kermany et al. file name, or None if the name follows no known scheme.
+
+    >>> patient_id("person1763_bacteria_4606.jpeg"), patient_id("NORMAL2-IM-0736-0001.jpeg")
+    ('person1763', 'NORMAL2-IM-0736')
+    """
+    stem = Path(file_name).name
+    if match := _PERSON.match(stem):
+        return f"person{int(match.group(1))}"
+    if match := _IM.match(stem):
+        prefix = "NORMAL2-IM" if match.group(1) else "IM"
+        return f"{prefix}-{int(match.group(2)):04d}"  # 4 digits as in the data set; 0042 == 42
+    return None
+
+
+def _walk(source: Path) -> tuple[list[_Candidate], int]:
+    candidates, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(source):
+        here = Path(dirpath)
+        # A folder named like an image is reported (it is where a file was expected), not entered.
+        for name in [d for d in dirnames if _is_image_name(d)]:
+            candidates.append(_classify(source, here / name))
+        dirnames[:] = sorted(d for d in dirnames if _enter(d) and not _is_image_name(d))
+        for name in sorted(filenames):
+            if _is_hidden(name) or not _is_image_name(name):
+                ignored += 1
+                continue
+            candidates.append(_classify(source, here / name))
+    return candidates, ignored
+
+
+def _enter(dir_name: str) -> bool:
+    return not _is_hidden(dir_name) and dir_name.lower() not in _IGNORED_DIRS
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")  # also AppleDouble "._name.jpeg" resource forks
+
+
+def _is_image_name(name: str) -> bool:
+    return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _classify(source: Path, path: Path) -> _Candidate:
+    rel = PurePosixPath(path.relative_to(source).as_posix())
+    folders = rel.parts[:-1]
+    upper = [f.upper() for f in folders]
+    label_at = max((i for i, f in enumerate(upper) if f in CLASS_NAMES), default=None)
+    if label_at is None:
+        return _Candidate(str(path), rel, None, None, (), (), reason=_no_label_reason(folders))
+    split_at = max((i for i in range(label_at) if folders[i].lower() in SPLITS), default=None)
+    root_end = label_at if split_at is None else split_at
+    return _Candidate(
+        path=str(path),
+        rel=rel,
+        label=CLASS_NAMES.index(upper[label_at]),
+        split=None if split_at is None else folders[split_at].lower(),
+        root=folders[:root_end],
+        key=tuple(part.lower() for part in rel.parts[root_end:]),
+    )
+
+
+def _no_label_reason(folders: tuple[str, ...]) -> str:
+    expected = " or ".join(CLASS_NAMES)
+    if not folders:
+        return f"not in a label folder (expected {expected})"
+    return f"unknown label folder '{folders[-1]}' (expected {expected})"
+
+
+def _drop_mirror_copies(candidates: list[_Candidate]) -> tuple[list[_Candidate], int, list[str]]:
+    """Drop files that repeat, byte-size for byte-size, a file at the same path below an enclosing
+    layout root (`chest_xray/chest_xray/train/...` repeats `chest_xray/train/...`).
+
+    Sibling roots (`site1/NORMAL/1.png`, `site2/NORMAL/1.png`) are different images and both kept;
+    true duplicates anywhere are still caught later by content hash.
+    """
+    by_key: dict[tuple[str, ...], list[_Candidate]] = {}
+    for cand in sorted(candidates, key=lambda c: (len(c.root), str(c.rel))):
+        by_key.setdefault(cand.key, []).append(cand)
+    kept, skipped = [], []
+    for group in by_key.values():
+        group_kept: list[_Candidate] = []
+        for cand in group:
+            is_copy = any(_encloses(k.root, cand.root) and _same_size(k, cand) for k in group_kept)
+            (skipped if is_copy else group_kept).append(cand)
+        kept.extend(group_kept)
+    mirror_roots = sorted({"/".join(c.root) for c in skipped})
+    return sorted(kept, key=lambda c: str(c.rel)), len(skipped), mirror_roots
+
+
+def _encloses(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
+    return len(outer) < len(inner) and inner[: len(outer)] == outer
+
+
+def _same_size(a: _Candidate, b: _Candidate) -> bool:
+    try:
+        return os.path.getsize(a.path) == os.path.getsize(b.path)
+    except OSError:
+        return False  # unreadable: keep it, so that it is reported rather than silently dropped
+
+
+def _source_file(cand: _Candidate) -> SourceFile:
+    parsed = patient_id(cand.rel.name)
+    return SourceFile(
+        path=cand.path,
+        rel_path=str(cand.rel),
+        label=int(cand.label),
+        official_split=cand.split,
+        patient_id=parsed if parsed else f"file:{cand.rel}",
+        patient_from_name=parsed is not None,
+    )

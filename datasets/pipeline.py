@@ -1,0 +1,264 @@
+"""`cxr prepare SOURCE OUT`: a chest X-ray folder -> verified, patient-split, sharded data set.
+
+    cxr prepare data/chest_xray runs/prepared --image-size 224
+    datasets.prepare("data/chest_xray", "runs/prepared", image_size=224)   # returns the manifest
+
+Steps: discover files (labels, official splits, patients) -> decode, grayscale, resize and hash in
+parallel with Ray Data -> drop exact duplicates and test-patient leakage -> patient-grouped,
+stratified splits -> Parquet (and/or TFRecord) shards, EDA plots, manifest.json.
+
+Everything is written to a hidden folder beside OUT and renamed into place at the end, so an
+interrupted run never leaves a half-written OUT (a killed run may leave `.OUT.partial-*` behind,
+which is safe to delete).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from . import splits as split_rules
+from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
+from .decode import decode_files, ray_instance
+from .discover import Discovery, discover
+from .eda import write_eda
+from .errors import CxrError
+from .shards import MANIFEST, write_manifest, write_parquet_shards, write_tfrecord_shards
+
+
+def prepare(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    image_size: int = PrepareConfig.image_size,
+    resize: str = PrepareConfig.resize,
+    split: str = PrepareConfig.split,
+    val_fraction: float = PrepareConfig.val_fraction,
+    seed: int = PrepareConfig.seed,
+    rows_per_shard: int = PrepareConfig.rows_per_shard,
+    fmt: str = PrepareConfig.format,
+    overwrite: bool = False,
+    *,
+    test_fraction: float = PrepareConfig.test_fraction,
+    max_pixels: int = PrepareConfig.max_pixels,
+    min_size: int = PrepareConfig.min_size,
+    num_cpus: int | None = PrepareConfig.num_cpus,
+    verbose: bool = True,
+) -> dict:
+    """Prepare `source` into `out` and return the manifest (also written to OUT/manifest.json)."""
+    cfg = PrepareConfig(
+        image_size=image_size, resize=resize, split=split, val_fraction=val_fraction,
+        test_fraction=test_fraction, seed=seed, rows_per_shard=rows_per_shard, format=fmt,
+        max_pixels=max_pixels, min_size=min_size, num_cpus=num_cpus,
+    )
+    return run(source, out, cfg, overwrite=overwrite, verbose=verbose)
+
+
+def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
+        overwrite: bool = False, verbose: bool = True) -> dict:
+    """`prepare` with a ready-made config (what the CLI calls)."""
+    clock = StageClock()
+    source, out = Path(source).absolute(), Path(out).absolute()
+    check_output(source, out, overwrite)
+    with clock("discover"):
+        found = discover(source)
+    _say(verbose, f"found {len(found.files)} images under {source} ({found.layout} layout, "
+                  f"{found.mirror_copies_skipped} nested copies skipped, "
+                  f"{len(found.rejected)} files rejected)")
+    with contextlib.ExitStack() as ray_scope:
+        with clock("ray_start"):
+            ray_scope.enter_context(ray_instance(cfg.num_cpus))
+        with clock("decode"):
+            table = _decode(found, cfg, verbose)
+    with clock("select"):
+        accepted, report = _select(table, found, cfg)
+    with staging(out) as tmp:
+        with clock("write"):
+            shards = _write_shards(accepted, tmp, cfg)
+        manifest = _manifest(source, cfg, found, table, accepted, report, shards)
+        with clock("eda"):
+            write_eda(tmp / "eda", accepted, manifest, seed=cfg.seed)
+        manifest.update(_timing(len(table), clock))
+        write_manifest(tmp, manifest)
+    if verbose:
+        print(summary_line(manifest, out), flush=True)
+        _say(verbose, f"details: {out / MANIFEST}, plots and summary: {out / 'eda'}/")
+    return manifest
+
+
+class StageClock:
+    """Wall time per named stage, plus the total since creation (the manifest's `stage_s`)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - began, 3)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def summary_line(manifest: dict, out: str | os.PathLike) -> str:
+    """One line: accepted, rejected, duplicates (and test-patient leaks) removed, time, rate."""
+    accepted = sum(sum(c.values()) for c in manifest["counts"].values())
+    removed = sum(d["action"] == "removed" for d in manifest["duplicates"])
+    overlap = manifest.get("patient_overlap") or {}
+    leaked = overlap.get("images_removed_from_train", 0)
+    leak_note = f", {leaked} train images of test patients removed" if leaked else ""
+    return (f"prepared {out}: {accepted} accepted, {len(manifest['rejected'])} rejected, "
+            f"{removed} duplicates removed{leak_note}, {manifest['elapsed_s']:.1f} s, "
+            f"{manifest['images_per_s']:.0f} img/s")
+
+
+def check_output(source: Path, out: Path, overwrite: bool) -> None:
+    """Refuse to clobber: an existing OUT needs --overwrite and must look like a prepared folder."""
+    if out == source or source.is_relative_to(out):
+        raise CxrError(f"output {out} would contain the source {source}; choose another OUT")
+    if out.is_relative_to(source):
+        raise CxrError(f"output {out} is inside the source {source}; its files would be read as "
+                       "input next time: choose an OUT outside SOURCE")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise CxrError(f"output {out} already exists; pass --overwrite to replace it")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        raise CxrError(f"refusing to replace {out}: it is not a prepared folder (no {MANIFEST})")
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A hidden sibling folder that becomes OUT only if the block finishes without an error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        os.replace(out, old)  # OUT is briefly absent, never half-written
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _decode(found: Discovery, cfg: PrepareConfig, verbose: bool) -> pd.DataFrame:
+    """File metadata joined with the decode results (one row per discovered file)."""
+    files = pd.DataFrame([f.__dict__ for f in found.files])
+    results = decode_files(files["path"].tolist(), cfg, verbose=verbose)
+    return pd.concat([files, results.drop(columns="idx")], axis=1)
+
+
+def _select(table: pd.DataFrame, found: Discovery, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict]:
+    """Accepted, de-duplicated rows with their split; and what the rules removed."""
+    mode = "official" if (cfg.split == "official" and found.layout == "official") else "random"
+    usable = table[table["reason"].isna()]
+    usable, duplicates = split_rules.drop_duplicates(usable, official=mode == "official")
+    overlap = None
+    if mode == "official":
+        usable, overlap = split_rules.drop_test_patients_from_train(usable)
+    usable = usable.assign(split=split_rules.assign_splits(
+        usable, mode, cfg.val_fraction, cfg.test_fraction, cfg.seed))
+    has_test = bool((usable["official_split"] == "test").any())
+    split_rules.check_splits(usable, mode, source_has_test=has_test)
+    rows = _shard_rows(usable, cfg.image_size)
+    return rows, {"mode": mode, "duplicates": duplicates, "patient_overlap": overlap}
+
+
+def _shard_rows(usable: pd.DataFrame, image_size: int) -> pd.DataFrame:
+    """The shard columns, in plain numpy/object dtypes (Ray hands back Arrow-backed ones)."""
+    rows = usable.assign(
+        height=image_size,
+        width=image_size,
+        label_name=usable["label"].map(lambda i: CLASS_NAMES[i]),
+        source_path=usable["rel_path"],
+        source_sha256=usable["sha256"].astype(str),
+        orig_width=usable["orig_width"].astype("int64"),
+        orig_height=usable["orig_height"].astype("int64"),
+        orig_mode=usable["orig_mode"].astype(str),
+    )
+    order = rows["split"].map(SPLITS.index)
+    return rows.assign(_order=order).sort_values(["_order", "source_path"]).drop(columns="_order") \
+        .reset_index(drop=True)
+
+
+def _write_shards(rows: pd.DataFrame, out: Path, cfg: PrepareConfig) -> list[dict]:
+    shards = []
+    for split in SPLITS:
+        part = rows[rows["split"] == split]
+        if cfg.format in ("parquet", "both"):
+            shards += write_parquet_shards(part, split, out, cfg.rows_per_shard)
+        if cfg.format in ("tfrecord", "both"):
+            shards += write_tfrecord_shards(part, split, out, cfg.rows_per_shard)
+    return shards
+
+
+def _manifest(source: Path, cfg: PrepareConfig, found: Discovery, table: pd.DataFrame,
+              rows: pd.DataFrame, report: dict, shards: list[dict]) -> dict:
+    counts = split_rules.split_counts(rows)
+    rejected = found.rejected + [
+        {"path": r.rel_path, "reason": r.reason} for r in table[table["reason"].notna()].itertuples()
+    ]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": str(source),
+        "options": cfg.to_dict(),
+        "split_used": report["mode"],
+        "counts": counts,
+        "patients": split_rules.patients_per_split(rows),
+        "class_weights": split_rules.class_weights(counts),
+        "class_names": list(CLASS_NAMES),
+        "image": {"height": cfg.image_size, "width": cfg.image_size, "channels": 1,
+                  "dtype": "uint8", "encoding": "raw row-major bytes"},
+        "discovery": found.summary(),
+        "patients_not_from_name": int((~rows["patient_from_name"]).sum()),
+        "rejected": sorted(rejected, key=lambda r: r["path"]),
+        "duplicates": report["duplicates"],
+        "patient_overlap": report["patient_overlap"],
+        "shards": shards,
+        "versions": _versions(cfg),
+    }
+
+
+def _timing(n_files: int, clock: StageClock) -> dict:
+    elapsed = clock.elapsed()
+    return {"elapsed_s": round(elapsed, 3), "images_per_s": round(n_files / max(elapsed, 1e-9), 1),
+            "stage_s": dict(clock.seconds)}
+
+
+def _versions(cfg: PrepareConfig) -> dict:
+    """Installed versions of what shaped the output (decoders, writers), for the manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = ["cxr-tune", "ray", "pillow", "numpy", "pandas", "pyarrow", "pydicom"]
+    if cfg.format != "parquet":
+        packages.append("tensorflow")
+    found = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:  # e.g. running from a source tree that is not installed
+            pass
+    return found
+
+
+def _say(verbose: bool, message: str) -> None:
+    if verbose:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,230 @@
+"""Shard files and the manifest: writing them (`prepare`) and loading them back (`load`).
+
+Layout of a prepared folder:
+    OUT/manifest.json                      what happened to every file; shard checksums
+    OUT/<split>/part-00000.parquet         split in train, val, test; `rows_per_shard` rows each
+    OUT/<split>/part-00000.tfrecord        with --format tfrecord|both
+    OUT/eda/*.png, OUT/eda/summary.md
+
+    images, labels, meta = datasets.load("runs/prepared", "train")   # verified against the manifest
+
+Parquet `image` column: the raw uint8 pixels of the [S, S] image (row-major), with `height` and
+`width` beside it. Not PNG: every trial loads whole splits into memory, and raw bytes become a numpy
+array with no decode at all (PNG would cost ~1 ms per image per load); Parquet's zstd compression
+still keeps the files about PNG-sized on disk. TFRecords hold PNG bytes instead, because that is
+what `tf.io.decode_png` in plain tf.data code expects.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import SPLITS
+from .errors import CxrError
+
+MANIFEST = "manifest.json"
+PARQUET_SCHEMA = pa.schema([
+    ("image", pa.binary()),  # raw uint8 [height, width], row-major
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("label", pa.int64()),  # 0 NORMAL, 1 PNEUMONIA
+    ("label_name", pa.string()),
+    ("patient_id", pa.string()),
+    ("split", pa.string()),
+    ("source_path", pa.string()),  # relative to the manifest's `source`
+    ("source_sha256", pa.string()),
+    ("orig_width", pa.int32()),
+    ("orig_height", pa.int32()),
+    ("orig_mode", pa.string()),
+])
+META_COLUMNS = [f.name for f in PARQUET_SCHEMA if f.name != "image"]
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def write_parquet_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_shard: int) -> list[dict]:
+    """`rows` (PARQUET_SCHEMA columns) as OUT/<split>/part-NNNNN.parquet; returns manifest entries."""
+    entries = []
+    for number, chunk in enumerate(_chunks(rows, rows_per_shard)):
+        path = out / split / f"part-{number:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # No pandas metadata: readers get the Arrow types above, not the writer's pandas dtypes.
+        table = pa.Table.from_pandas(chunk[PARQUET_SCHEMA.names], schema=PARQUET_SCHEMA,
+                                     preserve_index=False).replace_schema_metadata()
+        pq.write_table(table, path, compression="zstd")
+        entries.append(_shard_entry(path, out, split, len(chunk), "parquet"))
+    return entries
+
+
+def write_tfrecord_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_shard: int) -> list[dict]:
+    """tf.train.Example shards: image (PNG bytes), label, label_name, patient_id, source_path,
+    height, width. TensorFlow is imported here only, so Parquet-only runs never load it."""
+    import tensorflow as tf
+
+    entries = []
+    for number, chunk in enumerate(_chunks(rows, rows_per_shard)):
+        path = out / split / f"part-{number:05d}.tfrecord"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for row in chunk.itertuples(index=False):
+                writer.write(_example(tf, row).SerializeToString())
+        entries.append(_shard_entry(path, out, split, len(chunk), "tfrecord"))
+    return entries
+
+
+def tfrecord_feature_spec() -> dict:
+    """The parsing spec for `tf.io.parse_single_example` (import TensorFlow before calling)."""
+    import tensorflow as tf
+
+    return {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "label_name": tf.io.FixedLenFeature([], tf.string),
+        "patient_id": tf.io.FixedLenFeature([], tf.string),
+        "source_path": tf.io.FixedLenFeature([], tf.string),
+        "height": tf.io.FixedLenFeature([], tf.int64),
+        "width": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunks(rows: pd.DataFrame, size: int):
+    for start in range(0, len(rows), size):
+        yield rows.iloc[start:start + size]
+
+
+def _shard_entry(path: Path, out: Path, split: str, rows: int, fmt: str) -> dict:
+    return {"path": path.relative_to(out).as_posix(), "split": split, "format": fmt, "rows": rows,
+            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _example(tf, row):
+    pixels = np.frombuffer(row.image, dtype=np.uint8).reshape(row.height, row.width)
+    feature = {
+        "image": _bytes_feature(tf, _png_bytes(pixels)),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(row.label)])),
+        "label_name": _bytes_feature(tf, row.label_name.encode()),
+        "patient_id": _bytes_feature(tf, row.patient_id.encode()),
+        "source_path": _bytes_feature(tf, row.source_path.encode()),
+        "height": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(row.height)])),
+        "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(row.width)])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def _bytes_feature(tf, value: bytes):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)  # lossless; level 1: fast
+    return buffer.getvalue()
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_manifest(prepared_dir: str | os.PathLike) -> dict:
+    """The manifest of a prepared folder; CxrError if the folder is not one."""
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise CxrError(f"not a prepared folder (no {MANIFEST}): {prepared_dir}; run `cxr prepare` first")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CxrError(f"cannot read {path}: {exc}") from None
+
+
+def manifest_hash(prepared_dir: str | os.PathLike) -> str:
+    """sha256 of manifest.json: names one exact prepared data set (model cards record it)."""
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise CxrError(f"not a prepared folder (no {MANIFEST}): {prepared_dir}")
+    return file_sha256(path)
+
+
+def load(prepared_dir: str | os.PathLike, split: str, verify: bool = True):
+    """(images uint8 [N, S, S, 1], labels int64 [N], meta DataFrame) of one split.
+
+    With `verify`, each shard's sha256 is checked against the manifest first: a damaged or swapped
+    shard is a CxrError naming it, never silently wrong training data.
+    """
+    if split not in SPLITS:
+        raise CxrError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    prepared_dir = Path(prepared_dir)
+    manifest = read_manifest(prepared_dir)
+    shards = _parquet_shards(manifest, split, prepared_dir)
+    tables = [_read_shard(prepared_dir, shard, verify) for shard in shards]
+    table = pa.concat_tables(tables)
+    size = int(manifest["options"]["image_size"])
+    images = _image_array(table.column("image"), size).reshape(-1, size, size, 1)
+    meta = table.select(META_COLUMNS).to_pandas()
+    labels = meta["label"].to_numpy(dtype=np.int64)
+    return images, labels, meta
+
+
+def _parquet_shards(manifest: dict, split: str, prepared_dir: Path) -> list[dict]:
+    shards = [s for s in manifest.get("shards", [])
+              if s["split"] == split and s.get("format", "parquet") == "parquet"]
+    if not shards:
+        fmt = manifest.get("options", {}).get("format")
+        hint = " (prepared with --format tfrecord: re-run with --format parquet or both)" \
+            if fmt == "tfrecord" else ""
+        raise CxrError(f"no Parquet shards for split {split!r} in {prepared_dir}{hint}")
+    return shards
+
+
+def _read_shard(prepared_dir: Path, shard: dict, verify: bool) -> pa.Table:
+    path = prepared_dir / shard["path"]
+    if not path.is_file():
+        raise CxrError(f"shard missing: {path}; re-run `cxr prepare`")
+    if verify:
+        actual = file_sha256(path)
+        if actual != shard["sha256"]:
+            raise CxrError(f"damaged shard {path}: its sha256 does not match the manifest "
+                           f"({actual[:12]}... != {shard['sha256'][:12]}...); re-run `cxr prepare`")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise CxrError(f"damaged shard {path}: {exc}") from None
+    if table.num_rows != shard["rows"]:
+        raise CxrError(f"damaged shard {path}: {table.num_rows} rows, manifest says {shard['rows']}")
+    return table
+
+
+def _image_array(column: pa.ChunkedArray, size: int) -> np.ndarray:
+    """All images of a binary column as one uint8 array, without a Python loop over rows."""
+    parts = []
+    for chunk in column.chunks:
+        if not len(chunk):
+            continue
+        # A binary column is an offsets buffer (one more than rows) and one data buffer.
+        wide = pa.types.is_large_binary(chunk.type)
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if wide else np.int32)
+        offsets = offsets[chunk.offset:chunk.offset + len(chunk) + 1]
+        if not np.all(np.diff(offsets) == size * size):
+            raise CxrError(f"shard images are not all {size}x{size}: the manifest and shards disagree")
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)
+        parts.append(data[offsets[0]:offsets[-1]])
+    return np.concatenate(parts) if parts else np.empty(0, np.uint8)

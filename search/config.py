@@ -1,0 +1,84 @@
+"""`SearchConfig`: every setting of one sweep, resolved once, saved as RUN/search_config.json.
+
+The saved file is what `--resume` reloads, so a resumed sweep searches the same space with the
+same budget whatever flags the second command line carries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "search_config.json"
+EXPERIMENT_NAME = "tune"  # Tune's experiment folder inside the storage location
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    prepared: str                     # the `cxr prepare` output: shards + manifest.json
+    out: str                          # the run folder: config, results, report, best model
+    trials: int = 32                  # TPE needs ~10 random start-up trials before it models anything
+    max_epochs: int = 20              # ASHA's max_t: the budget of a trial that is never stopped
+    grace_period: int = 2             # epochs every trial gets before ASHA may stop it
+    reduction_factor: int = 3         # ASHA keeps the top 1/3 at each rung (2 -> 4 -> 8 ... epochs)
+    concurrency: int = 4              # trials at once: 4 x 0.25 GPU; also how stale TPE's view may be
+    gpus_per_trial: float | None = None  # None: 0.25 if the cluster has GPUs, else 0 (CPU only)
+    cpus_per_trial: float = 1.0       # input pipeline + host work; trials on CPU get this many threads
+    weights: str | None = "imagenet"  # "imagenet" | None (random init; tests, demo) | path to weights
+    address: str | None = None        # None: a local Ray; "auto" or ray://HOST:10001 for a cluster
+    storage: str | None = None        # experiment state + checkpoints: a folder or s3:// / gs://; None: `out`
+    optuna_storage: str | None = None  # Optuna study URL; None: sqlite:///<out>/optuna.db
+    max_failures: int = 2             # retries of a trial whose worker died, from its last checkpoint
+    seed: int = 0                     # TPE's sampler and every trial's TrainConfig.seed
+    patience: int = 5                 # fit's own early stopping (epochs without val AUC improvement)
+    n_boot: int = 1000                # bootstrap resamples for the test metrics' intervals
+    threshold_method: str = "youden"  # how the decision threshold is chosen on validation
+    space: dict[str, Any] = field(default_factory=dict)  # the resolved search space (search/space.py)
+    feature_cache_dir: str | None = None  # None: a node-local temp folder (each node computes once)
+    feature_cache: bool = True        # frozen, unaugmented trials train on cached VGG16 features
+    asha: bool = True                 # early stopping by ASHA; False runs every trial to max_epochs
+    verbose: int = 1                  # Tune's console output: 0 silent, 1 status table, 2 per result
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SearchConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def storage_path(self) -> str:
+        """Where Tune keeps experiment state and checkpoints (absolute for local folders)."""
+        if self.storage and "://" in self.storage:
+            return self.storage.rstrip("/")
+        return str(Path(self.storage or self.out).resolve())
+
+    @property
+    def experiment_path(self) -> str:
+        return f"{self.storage_path}/{EXPERIMENT_NAME}"
+
+    @property
+    def study_name(self) -> str:
+        # Named after the run folder, so sweeps sharing one PostgreSQL database stay apart.
+        return f"cxr-{self.run_dir.resolve().name}"
+
+    @property
+    def optuna_url(self) -> str:
+        return self.optuna_storage or f"sqlite:///{(self.run_dir / 'optuna.db').resolve()}"
+
+    def save(self) -> Path:
+        path = self.run_dir / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "SearchConfig":
+        return cls.from_dict(json.loads((Path(run_dir) / CONFIG_FILE).read_text()))

@@ -1,0 +1,256 @@
+"""RUN/report.md and its plots: what was searched, what won, and how it did on test.
+
+Plots (RUN/plots/): learning curves of the top trials, each hyperparameter against the metric,
+Optuna's parameter importances; the confusion matrix and ROC are the export's own
+(RUN/best/plots/), linked rather than redrawn. Figures use matplotlib's Figure + Agg canvas, never
+pyplot (no global state, no display).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from search.config import SearchConfig
+from search.results import PARAM_ORDER, epoch_columns
+from search.space import DEFAULT_SPACE, METRIC, describe
+
+TOP_CURVES = 6      # learning curves drawn (more is unreadable)
+TOP_TABLE = 20      # trials listed in the report's table
+DPI = 120
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+
+
+def write_report(cfg: SearchConfig, table: pd.DataFrame, best: dict[str, Any], *,
+                 wall_time_s: float | None = None) -> Path:
+    plots = write_plots(cfg, table)
+    text = "\n".join([
+        f"# cxr-tune sweep report: `{cfg.run_dir.name}`",
+        "",
+        _summary(cfg, table, wall_time_s),
+        "## Best trial",
+        "",
+        _best_section(best),
+        "## Test metrics (evaluated once, threshold chosen on validation)",
+        "",
+        _metrics_table(best["metrics"]),
+        "",
+        f"![confusion matrix]({_rel(cfg, best['model_dir'] / 'plots' / 'confusion_test.png')}) "
+        f"![ROC]({_rel(cfg, best['model_dir'] / 'plots' / 'roc_test.png')})",
+        "",
+        "## Trials",
+        "",
+        _trials_table(table),
+        "",
+        "## Plots",
+        "",
+        *[f"![{name}]({_rel(cfg, path)})\n" for name, path in plots.items()],
+        "## Search space",
+        "",
+        "```",
+        describe({k: cfg.space[k] for k in DEFAULT_SPACE if k in cfg.space}),
+        "```",
+        "",
+        f"Search settings: `{cfg.run_dir / 'search_config.json'}`. All trials: `results.csv`, "
+        f"`results.parquet`. Optuna study `{cfg.study_name}` in `{cfg.optuna_url}` "
+        "(open it with `optuna-dashboard <url>`).",
+        "",
+    ])
+    path = cfg.run_dir / REPORT_FILE
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _summary(cfg: SearchConfig, table: pd.DataFrame, wall_time_s: float | None) -> str:
+    counts = table["stopped_by"].value_counts().to_dict()
+    parts = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
+    wall = f" in {wall_time_s / 60:.1f} min" if wall_time_s else ""
+    nodes = table["node_id"].nunique()
+    return (f"{len(table)} trials{wall} on {nodes} node(s), up to {cfg.max_epochs} epochs each "
+            f"(ASHA grace {cfg.grace_period}, reduction factor {cfg.reduction_factor}); ended by: {parts}. "
+            f"Prepared data: `{cfg.prepared}`; base weights: {cfg.weights or 'none (random init)'}.\n")
+
+
+def _best_section(best: dict[str, Any]) -> str:
+    params = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in best["params"].items())
+    return (f"Trial `{best['trial_id']}`: validation AUC {best['val_auc']:.4f} at epoch {best['best_epoch']}; "
+            f"decision threshold {best['threshold']:.4f} ({best['threshold_method']}, on validation). "
+            f"Exported to `{best['model_dir']}`.\n\n| parameter | value |\n|---|---|\n{params}\n")
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    lines = ["| metric | test | 95% CI | validation |", "|---|---|---|---|"]
+    for name in ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "f1"):
+        test, val = metrics["test"][name], metrics["val"][name]
+        lines.append(f"| {name} | {_fmt(test['value'])} | {_fmt(test['ci_low'])} - {_fmt(test['ci_high'])} "
+                     f"| {_fmt(val['value'])} |")
+    (tn, fp), (fn, tp) = metrics["test"]["confusion_matrix"]
+    lines.append(f"\nTest n = {metrics['test']['n']}: TN {tn}, FP {fp}, FN {fn}, TP {tp}.")
+    return "\n".join(lines)
+
+
+def _trials_table(table: pd.DataFrame) -> str:
+    cols = ["trial_id", METRIC, "best_epoch", "epochs_run", "stopped_by", *PARAM_ORDER, "duration_s"]
+    shown = table[[c for c in cols if c in table]].head(TOP_TABLE)
+    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    for _, row in shown.iterrows():
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    more = f"\n({len(table) - TOP_TABLE} more in results.csv)" if len(table) > TOP_TABLE else ""
+    return "\n".join(lines) + more
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _rel(cfg: SearchConfig, path: Path | str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(cfg.run_dir.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def write_plots(cfg: SearchConfig, table: pd.DataFrame) -> dict[str, Path]:
+    folder = cfg.run_dir / PLOTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "learning curves of the top trials": plot_learning_curves(table, folder / "learning_curves.png"),
+        "each hyperparameter against validation AUC": plot_params_vs_metric(table, folder / "params_vs_val_auc.png"),
+    }
+    importance = plot_param_importances(cfg, folder / "param_importances.png")
+    if importance is not None:
+        plots["Optuna parameter importances"] = importance
+    return plots
+
+
+def plot_learning_curves(table: pd.DataFrame, path: Path) -> Path:
+    """Validation AUC per epoch of the best trials; ASHA-stopped trials end early, marked x."""
+    fig = Figure(figsize=(7, 4.2), dpi=DPI)
+    ax = fig.subplots()
+    cols = epoch_columns(table)
+    finished = table[table[METRIC].notna()].head(TOP_CURVES)
+    for _, row in finished.iterrows():
+        values = row[cols].to_numpy(dtype=float)
+        epochs = np.arange(1, len(values) + 1)
+        keep = ~np.isnan(values)
+        line, = ax.plot(epochs[keep], values[keep], "-o", markersize=3,
+                        label=f"{row['trial_id']} ({row[METRIC]:.3f}, {row['head_units']})")
+        if row["stopped_early"]:
+            ax.plot(epochs[keep][-1], values[keep][-1], "x", color=line.get_color(), markersize=9)
+    ax.set(title=f"Validation AUC per epoch, top {len(finished)} trials (x: stopped early)",
+           xlabel="epoch", ylabel="validation AUC")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def plot_params_vs_metric(table: pd.DataFrame, path: Path) -> Path:
+    """One panel per searched hyperparameter: each finished trial's best validation AUC against it.
+
+    The head is shown as two panels, its number of layers and its first layer's width; values
+    that were fixed in the space (one value across the sweep) get no panel.
+    """
+    done = table[table[METRIC].notna()].copy()
+    widths = done["head_units"].astype(str).str.split("-")
+    done["head_layers"] = widths.str.len()
+    done["first_layer_units"] = widths.str[0].astype(int)
+    names = ["head_layers", "first_layer_units", *PARAM_ORDER[1:]]
+    params = [p for p in names if p in done and done[p].astype(str).nunique() > 1]
+    ncols = 4
+    nrows = max(1, math.ceil(len(params) / ncols))
+    fig = Figure(figsize=(3.3 * ncols, 2.8 * nrows), dpi=DPI)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, name in zip(axes, params):
+        _param_panel(ax, done, name)
+    for ax in axes[len(params):]:
+        ax.set_visible(False)
+    fig.suptitle("Best validation AUC of each trial against each searched hyperparameter "
+                 "(o: ran to the end, x: stopped early)", fontsize=9)
+    return _save(fig, path)
+
+
+_NUMERIC = {"dropout": "linear", "lr": "log", "aug_strength": "linear", "first_layer_units": "log"}
+
+
+def _param_panel(ax, done: pd.DataFrame, name: str) -> None:
+    values = done[name]
+    if name in _NUMERIC:
+        x = values.astype(float).to_numpy()
+    else:  # categorical: evenly spaced levels, jittered a little so equal points stay visible
+        levels = sorted(values.dropna().astype(str).unique(), key=_natural)
+        position = {level: i for i, level in enumerate(levels)}
+        jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(values))
+        x = values.astype(str).map(position).to_numpy(dtype=float) + jitter
+        ax.set_xticks(range(len(levels)), levels, fontsize=8)
+    for early, marker in ((False, "o"), (True, "x")):
+        pick = (done["stopped_early"] == early).to_numpy()
+        ax.scatter(x[pick], done[METRIC].to_numpy()[pick], marker=marker, s=22, alpha=0.8)
+    if _NUMERIC.get(name) == "log":
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))  # 1e-4, 3e-4, 1e-3 ... / 100, 300
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_title(name, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def _natural(text: str):
+    try:
+        return (0, float(text.split("-")[0]), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def plot_param_importances(cfg: SearchConfig, path: Path) -> Path | None:
+    """Optuna's parameter importances (its default evaluator) from the study; None when too few
+    trials finished to estimate them."""
+    import warnings
+
+    import optuna
+
+    study = optuna.load_study(study_name=cfg.study_name, storage=cfg.optuna_url)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        return None
+    try:
+        with warnings.catch_warnings():  # "few trials per regime": the title gives the count
+            warnings.simplefilter("ignore")
+            importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):  # e.g. every trial sampled the same values
+        return None
+    if not importances:
+        return None
+    names = list(importances)[::-1]
+    fig = Figure(figsize=(6, 0.45 * len(names) + 1.4), dpi=DPI)
+    ax = fig.subplots()
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set(title=f"Optuna parameter importance for validation AUC ({len(complete)} trials)",
+           xlabel="importance (normalised to sum to 1)")
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

@@ -1,0 +1,147 @@
+"""Inside a trial: report each epoch to Tune and checkpoint the trial's best weights.
+
+Imported only in trial processes (it imports Keras). Ray ships a
+`ray.tune.integration.keras.TuneReportCheckpointCallback`, but it reports the last epoch's value,
+checkpoints through TensorFlow (absent on the JAX GPU machines) and keeps no best-so-far; this
+callback does the three things a sweep needs and nothing else.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from search.space import METRIC
+
+# Weights as a plain .npz of model.get_weights(): no h5py needed (the JAX GPU machines lack it),
+# and the same architecture lists its weights in the same order in any process and backend.
+WEIGHTS_FILE = "weights.npz"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class ResumeState:
+    """What a retried trial carries over from its last checkpoint (nothing for a fresh trial)."""
+
+    epochs_done: int = 0
+    best_value: float = float("-inf")
+    best_epoch: int = 0
+    history: dict[str, list] = field(default_factory=dict)  # per-epoch logs of earlier attempts
+    weights_path: str | None = None
+    checkpoint_dir: Any = None  # keeps the checkpoint's local copy alive while we read it
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint) -> "ResumeState":
+        if checkpoint is None:
+            return cls()
+        folder = Path(checkpoint.to_directory())  # a local copy, also when storage is s3://
+        state = json.loads((folder / STATE_FILE).read_text())
+        return cls(epochs_done=state["epoch"], best_value=state["best_value"], best_epoch=state["best_epoch"],
+                   history=state["history"], weights_path=str(folder / WEIGHTS_FILE), checkpoint_dir=folder)
+
+
+def save_weights(model, path: Path) -> None:
+    import numpy as np
+
+    np.savez(path, *model.get_weights())
+
+
+def load_weights(model, path: Path | str) -> None:
+    import numpy as np
+
+    with np.load(path) as stored:
+        model.set_weights([stored[f"arr_{i}"] for i in range(len(stored.files))])
+
+
+class ReportCallback(keras.callbacks.Callback):
+    """After every epoch: `tune.report` the metrics; when validation AUC improved, with a checkpoint.
+
+    The optimised value (`val_auc`) is the BEST validation AUC so far in the trial, not the last
+    epoch's. ASHA stops trials at different budgets, and Ray's OptunaSearch tells Optuna the last
+    reported value of a stopped trial as a COMPLETE result, so TPE compares a trial stopped after 2
+    epochs with one that ran 20. Best-so-far is what the trial would deliver if we kept its best
+    epoch (we do: its checkpoint), it never falls when a trial overfits, and at any fixed budget
+    ASHA's rung comparisons rank trials the same way. The raw value is reported as `epoch_val_auc`.
+
+    Only improving epochs are checkpointed, so with `num_to_keep=1` Tune holds exactly one
+    checkpoint per trial: its best one, which is both what a retried trial resumes from and what
+    the best trial's model is rebuilt from.
+    """
+
+    def __init__(self, *, resume: ResumeState, train_cfg, feature_cache: bool):
+        super().__init__()
+        self.resume = resume
+        self.train_cfg = train_cfg
+        self.feature_cache = feature_cache
+        self.best_value = resume.best_value
+        self.best_epoch = resume.best_epoch
+        self.history = {k: list(v) for k, v in resume.history.items()}
+        self._epoch_start = time.perf_counter()
+
+    def on_train_begin(self, logs=None):
+        if self.resume.weights_path:
+            # `self.model` is always the full model (cxr_model.fit shows callbacks the full model
+            # also while it trains the head on cached features), so the checkpoint's weights fit.
+            # Adam's moments are not restored: a retried trial re-warms them within an epoch.
+            load_weights(self.model, self.resume.weights_path)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        from ray import tune
+
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        epoch_number = self.resume.epochs_done + epoch + 1  # 1-based, counting earlier attempts
+        value = logs.get(METRIC, float("nan"))
+        improved = value > self.best_value  # NaN never improves
+        if improved:
+            self.best_value, self.best_epoch = value, epoch_number
+        for key, v in logs.items():
+            self.history.setdefault(key, []).append(v)
+        metrics = self._metrics(logs, epoch_number)
+        if not improved:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="cxr-ckpt-") as folder:
+            self._write_checkpoint(Path(folder), epoch_number)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    def _metrics(self, logs: dict[str, float], epoch_number: int) -> dict[str, Any]:
+        import ray
+
+        # The first four keys are the columns of Tune's live status table.
+        metrics = {
+            METRIC: self.best_value if self.best_epoch else float("nan"),
+            "epoch_val_auc": logs.get(METRIC, float("nan")),
+            "epoch": epoch_number,
+            "val_loss": logs.get("val_loss", float("nan")),
+        }
+        metrics.update({k: v for k, v in logs.items() if k not in (METRIC, "val_loss")})
+        metrics.update({
+            "best_epoch": self.best_epoch,
+            "epochs_since_best": epoch_number - self.best_epoch,
+            "resumed_from_epoch": self.resume.epochs_done,
+            "feature_cache": self.feature_cache,
+            "epoch_time_s": time.perf_counter() - self._epoch_start,
+            # Two raylets on one machine share an IP; the node id tells them apart.
+            "node_id": ray.get_runtime_context().get_node_id(),
+        })
+        return metrics
+
+    def _write_checkpoint(self, folder: Path, epoch_number: int) -> None:
+        save_weights(self.model, folder / WEIGHTS_FILE)
+        state = {
+            "epoch": epoch_number,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "feature_cache": self.feature_cache,
+            "train_config": self.train_cfg.to_dict(),
+        }
+        (folder / STATE_FILE).write_text(json.dumps(state))

@@ -1,0 +1,152 @@
+"""The results table: one row per trial, read back from the experiment in storage.
+
+Columns: trial_id, status, the sampled parameters (`head_units` spelled "512-128"), `val_auc`
+(the trial's best validation AUC, the optimised metric), best_epoch, epochs_run, stopped_by
+(max_epochs | asha | patience | error | unfinished), stopped_early, duration_s, node_id, n_nodes,
+feature_cache, attempts (1 + retries after a dead worker), checkpoint, error, and the validation
+AUC of every epoch, `val_auc_e1` ... `val_auc_eN`, so trials stopped at different budgets can be
+compared at the same budget.
+
+Written as RUN/results.parquet and RUN/results.csv, and next to Tune's experiment state when
+--storage is elsewhere (s3://...).
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from search.config import SearchConfig
+from search.space import METRIC, MODE, head_units_of
+
+PARAM_ORDER = ("head_units", "dropout", "lr", "augment", "aug_strength", "trainable_blocks", "batch_size",
+               "head_pooling")
+
+
+def collect_results(cfg: SearchConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """(results table, {trial_id: per-epoch frame}) of the sweep in `cfg.experiment_path`."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(cfg.experiment_path)
+    frames = analysis.trial_dataframes  # {trial_id: all reported rows}
+    rows, histories = [], {}
+    for trial in analysis.trials:
+        epochs = epoch_frame(frames.get(trial.trial_id))
+        histories[trial.trial_id] = epochs
+        rows.append(trial_row(trial, epochs, cfg))
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        ascending = MODE == "min"
+        table = table.sort_values(METRIC, ascending=ascending, na_position="last", kind="stable")
+    return table.reset_index(drop=True), histories
+
+
+def epoch_frame(frame: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per epoch; a retried trial re-reports epochs after its checkpoint: keep the last."""
+    if frame is None or frame.empty or "epoch" not in frame:
+        return pd.DataFrame()
+    frame = frame.dropna(subset=["epoch"]).copy()
+    frame["epoch"] = frame["epoch"].astype(int)
+    return frame.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+def trial_row(trial, epochs: pd.DataFrame, cfg: SearchConfig) -> dict[str, Any]:
+    params = dict(trial.config)
+    row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status}
+    row.update(param_columns(params))
+    last = epochs.iloc[-1] if len(epochs) else None
+    row[METRIC] = float(last[METRIC]) if last is not None else math.nan
+    row["best_epoch"] = int(last["best_epoch"]) if last is not None else 0
+    row["epochs_run"] = int(last["epoch"]) if last is not None else 0
+    row["stopped_by"] = stopped_by(trial.status, last, cfg)
+    row["stopped_early"] = row["stopped_by"] in ("asha", "patience")
+    row["duration_s"] = float(epochs["time_this_iter_s"].sum()) if "time_this_iter_s" in epochs else math.nan
+    nodes = list(dict.fromkeys(epochs["node_id"].dropna())) if "node_id" in epochs else []
+    row["node_id"] = nodes[-1] if nodes else None
+    row["n_nodes"] = len(nodes)
+    row["node_ip"] = str(last["node_ip"]) if last is not None and "node_ip" in last else None
+    row["feature_cache"] = bool(last["feature_cache"]) if last is not None else None
+    row["attempts"] = 1 + int(trial.num_failures)
+    row["checkpoint"] = checkpoint_uri(trial.checkpoint)
+    row["error"] = _error_line(trial)
+    for _, epoch in epochs.iterrows():
+        row[f"val_auc_e{int(epoch['epoch'])}"] = float(epoch.get("epoch_val_auc", math.nan))
+    return row
+
+
+def checkpoint_uri(checkpoint) -> str | None:
+    """Where a trial's checkpoint is, as a path or an s3:// / gs:// URI that `tune.Checkpoint`
+    (and anyone reading results.csv) can open without knowing the storage's filesystem."""
+    if checkpoint is None:
+        return None
+    scheme = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://"}.get(checkpoint.filesystem.type_name, "")
+    return scheme + checkpoint.path
+
+
+def param_columns(params: dict[str, Any]) -> dict[str, Any]:
+    """The sampled values, in a fixed order, with the head as one readable column."""
+    out = {"head_units": "-".join(str(u) for u in head_units_of(params))}
+    for name in PARAM_ORDER[1:]:
+        out[name] = params.get(name)
+    if out["augment"] is False:
+        out["aug_strength"] = 0.0
+    return out
+
+
+def stopped_by(status: str, last, cfg: SearchConfig) -> str:
+    """Why a trial ended. ASHA does not tag its decisions, but it is the only other way a trial
+    ends before max_epochs without an error once fit's own patience is ruled out."""
+    if status == "ERROR":
+        return "error"
+    if status != "TERMINATED" or last is None:
+        return "unfinished"
+    if int(last["epoch"]) >= cfg.max_epochs:
+        return "max_epochs"
+    if int(last["epochs_since_best"]) >= cfg.patience:
+        return "patience"
+    return "asha"
+
+
+def _error_line(trial) -> str | None:
+    if trial.status != "ERROR":
+        return None
+    message = trial.get_error() or ""
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "error"
+
+
+def epoch_columns(table: pd.DataFrame) -> list[str]:
+    cols = [c for c in table.columns if c.startswith("val_auc_e")]
+    return sorted(cols, key=lambda c: int(c.rsplit("e", 1)[1]))
+
+
+def write_results(table: pd.DataFrame, cfg: SearchConfig) -> list[str]:
+    """RUN/results.{parquet,csv}; also beside the experiment when storage is remote."""
+    table = table[[c for c in table.columns if not c.startswith("val_auc_e")] + epoch_columns(table)]
+    written = []
+    for name, data in (("results.parquet", _parquet_bytes(table)), ("results.csv", table.to_csv(index=False).encode())):
+        path = cfg.run_dir / name
+        path.write_bytes(data)
+        written.append(str(path))
+        if cfg.storage and "://" in cfg.storage:
+            written.append(_write_remote(f"{cfg.storage_path}/{name}", data))
+    return written
+
+
+def _parquet_bytes(table: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _write_remote(uri: str, data: bytes) -> str:
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs.create_dir(str(Path(path).parent), recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+    return uri

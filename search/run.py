@@ -1,0 +1,41 @@
+"""One whole search, start to finish: sweep -> results table -> best model on test -> report.
+
+    from search.run import run_search
+    summary = run_search(SearchConfig(prepared="runs/prepared", out="runs/sweep", trials=16))
+    summary["best"]["metrics"]["test"]["roc_auc"]
+
+`cxr search` and `cxr demo` call this; the steps live in tuner.py, results.py, best.py, report.py.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from search.config import SearchConfig
+
+
+def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Returns {"finished", "table", "best", "report", "results_files", "wall_time_s"}.
+
+    When the sweep was interrupted (Ctrl-C), only the results so far are written and "finished"
+    is False: the best trial is not evaluated on test until the sweep is complete.
+    """
+    from search.best import export_best
+    from search.report import write_report
+    from search.results import collect_results, write_results
+    from search.tuner import run_sweep, sweep_finished
+
+    start = time.perf_counter()
+    if not resume:
+        cfg.save()
+    grid = run_sweep(cfg, resume=resume, callbacks=callbacks)
+    table, _histories = collect_results(cfg)
+    files = write_results(table, cfg)
+    summary: dict[str, Any] = {"finished": sweep_finished(cfg, grid), "table": table, "best": None,
+                               "report": None, "results_files": files}
+    if summary["finished"]:
+        summary["best"] = export_best(cfg, table)
+        summary["wall_time_s"] = time.perf_counter() - start
+        summary["report"] = write_report(cfg, table, summary["best"], wall_time_s=summary["wall_time_s"])
+    summary["wall_time_s"] = time.perf_counter() - start
+    return summary

@@ -1,0 +1,194 @@
+"""`cxr search --address` on a real two-node Ray cluster (two raylets on this machine, 1 CPU each),
+with the driver in a subprocess: trials run on both nodes; and a driver killed with SIGKILL
+mid-sweep is resumed with --resume, reaching the requested trial count without rerunning the
+trials that had finished.
+
+The cluster is started with `ray start --block` under a private temp dir and torn down by the ids
+of the processes this module started (never `ray stop`, which would stop every Ray on the machine).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+TEST_SPACE = ("head_layers: 1\nhead_units: {low: 8, high: 32, log: true}\nbatch_size: 32\n"
+              "trainable_blocks: {choices: [0, 1]}\nlr: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
+
+
+# ----------------------------------------------------------------------------- the cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    # Ports that default to fixed numbers: two raylets here, and other Ray instances on this
+    # shared machine, must not collide on them.
+    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port")
+    return [arg for flag in flags for arg in (flag, str(_free_port()))]
+
+
+def _ray_start(args: list[str], log: Path) -> subprocess.Popen:
+    ray = str(Path(sys.executable).with_name("ray"))
+    return subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", "--num-cpus", "1", *_node_ports(),
+                             *args],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"no {text!r} in {log} after {timeout} s")
+
+
+def _pids_using(marker: str) -> list[int]:
+    """Processes of this cluster: their command lines name its private temp dir."""
+    pids = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            if marker in Path(cmdline).read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.split("/")[2]))
+        except OSError:
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
+def _stop(nodes: list[subprocess.Popen], temp_dir: str) -> None:
+    for proc in nodes:  # worker first, then head: `ray start --block` stops its node on SIGTERM
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
+    for pid in _pids_using(temp_dir):  # anything that outlived its raylet
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Short private temp dir: Ray's socket paths live under it and must stay under 108 characters.
+    temp_dir = tempfile.mkdtemp(prefix="cxr2n-", dir="/tmp")
+    port = _free_port()
+    nodes: list[subprocess.Popen] = []
+    try:
+        head_log = Path(temp_dir) / "head.log"
+        nodes.append(_ray_start(["--head", "--port", str(port), "--temp-dir", temp_dir, "--include-dashboard",
+                                 "false", "--dashboard-port", str(_free_port()),
+                                 "--ray-client-server-port", str(_free_port())], head_log))
+        _wait_for_line(nodes[0], head_log, "Ray runtime started")
+        worker_log = Path(temp_dir) / "worker.log"
+        nodes.insert(0, _ray_start(["--address", f"127.0.0.1:{port}"], worker_log))
+        _wait_for_line(nodes[0], worker_log, "Ray runtime started")
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop(nodes, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _driver(args: list[str], log: Path, repo_root: Path) -> subprocess.Popen:
+    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    return subprocess.Popen([sys.executable, "-m", "search.cli", "search", *args], cwd=repo_root,
+                            stdout=log.open("a"), stderr=subprocess.STDOUT, env=env)
+
+
+def _search_args(prepared, run: Path, space: Path, address: str, **flags) -> list[str]:
+    args = [str(prepared), "--out", str(run), "--address", address, "--weights", "none", "--space", str(space),
+            "--grace-period", "1", "--reduction-factor", "2", "--cpus-per-trial", "1", "--quiet"]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+@pytest.fixture
+def space_file(tmp_path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(TEST_SPACE)
+    return path
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+def test_trials_run_on_both_nodes_with_shared_storage(cluster, prepared_small, space_file, tmp_path, repo_root):
+    run = tmp_path / "run"
+    log = tmp_path / "driver.log"
+    # 2 trials at once, 1 CPU each, 1 CPU per node: one trial per node
+    driver = _driver(_search_args(prepared_small, run, space_file, cluster, trials=2, max_epochs=1, concurrency=2),
+                     log, repo_root)
+    assert driver.wait(timeout=240) == 0, log.read_text()[-3000:]
+    table = pd.read_csv(run / "results.csv")
+    assert len(table) == 2 and (table["status"] == "TERMINATED").all()
+    assert table["node_id"].nunique() == 2  # both raylets share an IP here; node ids differ
+    # both trials' checkpoints are in the one storage folder the driver reads
+    assert all(Path(p).is_dir() and str(run / "tune") in p for p in table["checkpoint"])
+    assert (run / "best" / "model.keras").is_file() and (run / "report.md").is_file()
+
+
+def _terminated_trials(run: Path) -> dict[str, str]:
+    """{trial_id: status} from Tune's latest experiment-state snapshot in storage."""
+    files = sorted(glob.glob(str(run / "tune" / "experiment_state-*.json")))
+    if not files:
+        return {}
+    try:
+        data = json.loads(Path(files[-1]).read_text())
+    except (OSError, json.JSONDecodeError):  # caught mid-write
+        return {}
+    trials = [json.loads(entry[0]) for entry in data["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials if t["status"] == "TERMINATED"}
+
+
+def test_resume_after_the_driver_is_killed(cluster, prepared_small, space_file, tmp_path, repo_root):
+    import optuna
+
+    run = tmp_path / "run"
+    log = tmp_path / "driver.log"
+    trials = 3
+    args = _search_args(prepared_small, run, space_file, cluster, trials=trials, max_epochs=2, concurrency=1)
+    driver = _driver(args, log, repo_root)
+    deadline = time.monotonic() + 200
+    while not _terminated_trials(run):  # wait until one trial has finished and that is saved
+        assert driver.poll() is None, "the sweep ended before it could be killed:\n" + log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+    driver.send_signal(signal.SIGKILL)  # no cleanup, no final state save
+    driver.wait()
+    finished = _terminated_trials(run)
+    progress = {tid: (run / "tune" / f"trial_{tid}" / "progress.csv").read_text() for tid in finished}
+    assert not (run / "report.md").exists()
+
+    resumed = _driver(args + ["--resume"], log, repo_root)
+    assert resumed.wait(timeout=240) == 0, log.read_text()[-3000:]
+    table = pd.read_csv(run / "results.csv")
+    assert len(table) == trials and (table["status"] == "TERMINATED").all()  # reached, not exceeded
+    for tid, before in progress.items():  # finished trials were not run again
+        assert (run / "tune" / f"trial_{tid}" / "progress.csv").read_text() == before
+    assert (run / "report.md").is_file() and (run / "best" / "model.keras").is_file()
+    study = optuna.load_study(study_name=f"cxr-{run.name}", storage=f"sqlite:///{run / 'optuna.db'}")
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == trials
+    assert optuna.trial.TrialState.RUNNING not in states  # orphans of the killed driver are closed

@@ -1,0 +1,101 @@
+"""The search space: defaults, space files (unknown keys are errors), sampling, mapping to TrainConfig."""
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from search.space import (DEFAULT_SPACE, METRIC, MODE, SpaceError, SpaceSampler, head_units_of, load_space,
+                          to_train_config)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _sample(space, n=40, seed=0):
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed))
+    sampler = SpaceSampler(space)
+    configs = []
+    for _ in range(n):
+        trial = study.ask()
+        constants = sampler(trial)
+        configs.append({**trial.params, **constants})
+        study.tell(trial, 0.5)
+    return configs
+
+
+def test_metric_is_validation_auc_maximised():
+    assert (METRIC, MODE) == ("val_auc", "max")
+
+
+def test_default_space_samples_valid_train_configs():
+    configs = _sample(load_space(None))
+    for params in configs:
+        units = head_units_of(params)
+        assert 1 <= len(units) <= 3 and len(units) == params["head_layers"]
+        assert all(64 <= u <= 1024 for u in units)
+        assert 0 <= params["dropout"] <= 0.7 and 1e-5 <= params["lr"] <= 1e-2
+        assert params["trainable_blocks"] in (0, 1, 2)
+        # widths of layers the head does not have are not sampled (TPE learns them per layer)
+        assert f"head_units_{len(units) + 1}" not in params
+        assert ("aug_strength" in params) == params["augment"]
+        cfg = to_train_config(params, image_size=32, weights=None, epochs=2, seed=0, patience=2)
+        assert cfg.model.head_units == units
+        assert cfg.model.aug_strength == (params["aug_strength"] if params["augment"] else 0.0)
+    # "no augmentation" with a frozen base (the cheap, cached-feature trials) really occurs
+    assert any(not p["augment"] and p["trainable_blocks"] == 0 for p in configs)
+    assert any(p["augment"] for p in configs)
+
+
+def test_yaml_space_file_overrides_and_fixes_values(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("lr: {low: 1.0e-4, high: 1.0e-3, log: true}\nhead_units: [128, 64]\n"
+                    "trainable_blocks: 0\naugment: false\nhead_pooling: {choices: [avg]}\n")
+    space = load_space(path)
+    assert space["dropout"] == DEFAULT_SPACE["dropout"]  # untouched entries keep their defaults
+    for params in _sample(space, n=10):
+        assert 1e-4 <= params["lr"] <= 1e-3
+        assert head_units_of(params) == (128, 64)
+        assert params["trainable_blocks"] == 0 and params["augment"] is False
+        assert params["head_pooling"] == "avg"
+        cfg = to_train_config(params, image_size=32, weights=None, epochs=1, seed=0, patience=1)
+        assert cfg.model.base_is_fixed  # frozen + no augmentation: the feature cache applies
+
+
+def test_json_space_file(tmp_path):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"batch_size": {"choices": [8, 16]}, "dropout": 0.25}))
+    params = _sample(load_space(path), n=5)
+    assert {p["batch_size"] for p in params} <= {8, 16} and all(p["dropout"] == 0.25 for p in params)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: {low: 0.001, high: 0.01}\n", "unknown key(s) learning_rate"),
+    ("lr: {low: 0.01, high: 0.001}\n", "lr: low must be below high"),
+    ("lr: {low: 0, high: 0.01, log: true}\n", "lr: a log range needs low > 0"),
+    ("head_pooling: {choices: [max]}\n", "head_pooling: invalid value 'max'"),
+    ("head_layers: {low: 1, high: 5}\n", "head_layers"),
+    ("dropout: {low: 0.1, high: 0.5, step: 0.1}\n", "dropout: expected"),
+    ("trainable_blocks: {choices: []}\n", "choices must be a non-empty list"),
+    ("- lr\n", "expected a mapping"),
+])
+def test_bad_space_files_fail_with_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_reports_a_bad_space_file_as_a_user_error(tmp_path, capsys):
+    from search.cli import main
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "manifest.json").write_text("{}")
+    bad = tmp_path / "space.yaml"
+    bad.write_text("momentum: {low: 0.1, high: 0.9}\n")
+    code = main(["search", str(prepared), "--out", str(tmp_path / "run"), "--space", str(bad)])
+    assert code == 2
+    assert "cxr: error:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
