@@ -38,7 +38,7 @@ def decode_files(paths: list[str], cfg: PrepareConfig, verbose: bool = True) -> 
     import ray
 
     items = [{"idx": i, "path": p} for i, p in enumerate(paths)]
-    with ray_instance(cfg.num_cpus), quiet_ray_data():  # re-uses the caller's Ray if it has one
+    with ray_instance(cfg.num_cpus), decoding_data_context():  # re-uses the caller's Ray if it has one
         blocks = _block_count(len(items), cfg.files_per_task, ray.cluster_resources().get("CPU", 1))
         dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             decode_batch,
@@ -130,14 +130,21 @@ def _logger_level(name: str, level: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def quiet_ray_data() -> Iterator[None]:
-    """Ray Data's progress bars and start-of-execution lines flood non-interactive logs (one line
-    per refresh in CI); we print our own rate-limited progress instead. Restored afterwards."""
+def decoding_data_context() -> Iterator[None]:
+    """Ray Data settings for the decode, restored afterwards.
+
+    - Progress bars and start-of-execution lines off: they flood non-interactive logs (one line
+      per refresh in CI); we print our own rate-limited progress instead.
+    - Operator resource reservation off: it holds back part of the CPUs for operators downstream
+      of the current one, and this pipeline has a single CPU-bound operator. With it on, decoding
+      1,000 1-3 MP JPEGs on 2 CPUs ran at ~274 img/s; off, ~370 img/s (plain Ray tasks: ~470).
+    """
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     saved = {name: getattr(ctx, name) for name in
-             ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start")}
+             ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start",
+              "op_resource_reservation_enabled")}
     for name in saved:
         setattr(ctx, name, False)
     try:

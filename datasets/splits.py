@@ -115,7 +115,7 @@ def _official_test_patients(table: pd.DataFrame) -> list[str]:
 def _carve(patients: pd.Series, fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Per class: shuffle its patients (seeded by seed and class) and deal them out by fraction.
 
-    Each split gets at least one patient of a class that has enough patients for all splits, so a
+    Each split with a non-zero fraction gets at least one patient of a class that has enough patients for all splits, so a
     small data set still has both classes everywhere.
     """
     chosen: dict[str, str] = {}
@@ -125,7 +125,7 @@ def _carve(patients: pd.Series, fractions: dict[str, float], seed: int) -> dict[
         start = 0
         for split, fraction in fractions.items():
             take = round(fraction * len(members))
-            if len(members) > len(fractions):
+            if fraction > 0 and len(members) > len(fractions):
                 take = max(take, 1)
             take = min(take, len(members) - start - 1)  # always leave train at least one patient
             for index in order[start:start + max(take, 0)]:

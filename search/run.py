@@ -23,9 +23,10 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
     from search.best import export_best
     from search.report import write_report
     from search.results import collect_results, write_results
-    from search.tuner import run_sweep, sweep_finished
+    from search.tuner import check_weights, run_sweep, sweep_finished
 
     start = time.perf_counter()
+    check_weights(cfg.weights)  # before cfg.save(): a failed start must not look like a sweep to resume
     if not resume:
         cfg.save()
     grid = run_sweep(cfg, resume=resume, callbacks=callbacks)

@@ -47,7 +47,8 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
                                 epochs=remaining, seed=settings["seed"], patience=settings["patience"],
                                 use_feature_cache=settings["use_feature_cache"])
     on_features = train_cfg.use_feature_cache and train_cfg.model.base_is_fixed
-    cache = _feature_cache(settings["feature_cache_dir"]) if on_features else None
+    cache_dir = settings["feature_cache_dir"] or _node_local("cxr-tune-features")
+    cache = _feature_cache(cache_dir) if on_features else None
     callback = ReportCallback(resume=resume, train_cfg=train_cfg, feature_cache=on_features)
     fit(train_cfg, data, callbacks=[callback], feature_cache=cache)
 
@@ -56,8 +57,6 @@ def trial_settings(*, image_size: int, weights: str | None, max_epochs: int, see
                    patience: int, cpus_per_trial: float, gpus_per_trial: float,
                    feature_cache_dir: str | None, use_feature_cache: bool = True) -> dict[str, Any]:
     """The sweep-wide part of every trial, as a plain dict (it travels to remote workers)."""
-    import tempfile
-
     return {
         "image_size": image_size,
         "weights": weights,
@@ -69,14 +68,18 @@ def trial_settings(*, image_size: int, weights: str | None, max_epochs: int, see
         "gpus_per_trial": gpus_per_trial,
         # The driver's backend wins over whatever the worker nodes' shells export.
         "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
-        # A node-local folder: every node computes the features once and its trials share them
-        # (the cache's file lock keeps concurrent trials from computing them twice).
-        "feature_cache_dir": feature_cache_dir or os.path.join(tempfile.gettempdir(), "cxr-tune-features"),
-        # JAX's persistent compilation cache, node-local: trials with the same architecture and
-        # batch size compile the same XLA programs; all but the first on a node load them instead
-        # (a new Keras model means new jitted functions, even in a reused process).
-        "jax_cache_dir": os.path.join(tempfile.gettempdir(), "cxr-tune-jax-cache"),
+        # None: a node-local folder, resolved on the worker (its TMPDIR may differ from the
+        # driver's): every node computes the features once and its trials share them (the
+        # cache's file lock keeps concurrent trials from computing them twice).
+        "feature_cache_dir": feature_cache_dir,
     }
+
+
+def _node_local(name: str) -> str:
+    """A folder under this node's temp directory (evaluated in the trial, not the driver)."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), name)
 
 
 def _configure_process(settings: dict[str, Any]) -> None:
@@ -90,7 +93,10 @@ def _configure_process(settings: dict[str, Any]) -> None:
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if settings["keras_backend"] == "jax":
-        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", settings["jax_cache_dir"])
+        # JAX's persistent compilation cache, node-local: trials with the same architecture and
+        # batch size compile the same XLA programs; all but the first on a node load them instead
+        # (a new Keras model means new jitted functions, even in a reused process).
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _node_local("cxr-tune-jax-cache"))
     if not settings["gpus_per_trial"]:
         # On CPUs, concurrent trials would each start one thread per core and thrash; give each
         # the cores Ray reserved for it (Ray already sets OMP_NUM_THREADS the same way).

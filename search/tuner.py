@@ -34,6 +34,7 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
     # With num_to_keep=1 every checkpoint forces a snapshot of the (small) experiment state, by
     # design here (one best checkpoint per trial); Tune would warn about it at every epoch.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    check_weights(cfg.weights)
     connect(cfg.address)
     if data is None:
         data = Data.from_prepared(cfg.prepared)  # train + val only; the test split stays on disk
@@ -43,6 +44,18 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
     if sweep_finished(cfg, grid):
         close_orphaned_optuna_trials(cfg)
     return grid
+
+
+def check_weights(weights: str | None) -> None:
+    """Fail before any trial starts when the VGG16 weights cannot be had: offline without a cached
+    ImageNet file, or a weights file that does not exist. Otherwise every trial would fail (and be
+    retried) with the one-line reason buried in its log. For "imagenet" this also downloads the
+    file once here, under the same file lock, so that local trials find it in Keras's cache."""
+    if weights is None:
+        return
+    from cxr_model.model import resolve_weights
+
+    resolve_weights(weights)  # CxrError with one clear line
 
 
 def _fit_keeping_sigint(tuner):

@@ -16,6 +16,7 @@ from PIL import Image
 
 import datasets
 from datasets import ImageRejected, preprocess_file, read_gray, resize_gray
+from dicom_util import write_dicom
 
 REAL_SIZES = {  # from shared/samples/README.md
     "NORMAL/NORMAL2-IM-0736-0001.jpeg": (1432, 1184, "L"),
@@ -115,30 +116,6 @@ def _jpeg(image: Image.Image) -> bytes:
 
 
 # --- DICOM ---------------------------------------------------------------------------------------
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric="MONOCHROME2", window=None,
-                slope=1.0, intercept=0.0) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
 
 def ramp12(height=100, width=128) -> np.ndarray:
     return (np.linspace(0, 4095, width)[None, :] * np.ones((height, 1))).astype(np.uint16)

@@ -117,6 +117,13 @@ def test_official_split_keeps_test_and_carves_val_by_patient_per_class():
         label: round(0.2 * n) for label, n in train_patients.items()}
 
 
+def test_a_zero_fraction_gives_that_split_no_patients():
+    table = metadata(n_patients=60).assign(official_split=None)
+    splits = assign_splits(table, "random", val_fraction=0.0, test_fraction=0.2, seed=0)
+    assert not splits.eq("val").any()
+    assert splits.eq("test").any() and splits.eq("train").any()
+
+
 def test_splits_are_seeded():
     table = metadata()
     first = assign_splits(table, "official", 0.2, 0.15, seed=0)

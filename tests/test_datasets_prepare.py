@@ -17,6 +17,7 @@ from PIL import Image
 
 import datasets
 from datasets import CLASS_NAMES, CxrError
+from dicom_util import write_dicom
 
 SIZE = 32
 BAD = {  # file placed in train/PNEUMONIA -> expected words of its rejection reason
@@ -56,24 +57,6 @@ def _write_bad_files(folder: Path, good_jpeg: Path) -> None:
     (folder / "tiny.png").write_bytes(_png(Image.new("L", (40, 200), 90)))
 
 
-def _write_dicom(path: Path) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = 200, 260, 1
-    ds.PhotometricInterpretation = "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.arange(200 * 260) % 4096).astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 @pytest.fixture(scope="module")
 def messy(synth_source, samples_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("messy")
@@ -96,7 +79,8 @@ def messy(synth_source, samples_dir, tmp_path_factory) -> Path:
     train_image = sorted((kaggle / "train" / "NORMAL").glob("IM-*.jpeg"))[0]
     shutil.copy(train_image, kaggle / "train" / "NORMAL" / "IM-0901-0001.jpeg")
     # Other encodings, and a name that follows no scheme (its own patient).
-    _write_dicom(kaggle / "train" / "NORMAL" / "IM-0950-0001.dcm")
+    write_dicom(kaggle / "train" / "NORMAL" / "IM-0950-0001.dcm",
+                (np.arange(200 * 260) % 4096).reshape(200, 260), photometric="MONOCHROME1", modality=None)
     ramp = (np.linspace(0, 4095, 300)[None, :] * np.ones((240, 1))).astype(np.uint16)
     Image.fromarray(ramp).save(kaggle / "train" / "NORMAL" / "IM-0951-0001.png")
     shutil.copy(sorted(pneumonia.glob("person*.jpeg"))[-1], pneumonia / "scan_0001.jpeg")

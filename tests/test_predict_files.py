@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+from dicom_util import write_dicom
 
 SIZE = 64  # block5_conv3 is then 4 x 4: enough to see a heatmap's shape
 
@@ -25,25 +26,6 @@ def model_dir(tmp_path_factory):
     metrics = metrics_from_probs([0, 1, 0, 1], [0.2, 0.6, 0.4, 0.9], threshold=0.5, n_boot=50)
     return export(build_model(cfg.model, seed=0), tmp_path_factory.mktemp("m") / "model", train_cfg=cfg,
                   threshold=0.5, metrics=metrics, threshold_method="youden", resize="pad")
-
-
-def _write_dicom(path, pixels):
-    """A minimal 12-bit monochrome DICOM file, as a hospital export might hold."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "CR", "MONOCHROME2", 1
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def _sample_files(samples_dir):
@@ -83,7 +65,7 @@ def test_cxr_predict_writes_error_rows_for_bad_files_and_exits_0(model_dir, samp
     folder.mkdir(parents=True)
     good = _sample_files(samples_dir)[0]
     shutil.copy(good, folder / "good.JPG")  # upper-case suffix still counts
-    _write_dicom(folder / "scan.dcm", np.arange(96 * 120).reshape(96, 120) % 4096)
+    write_dicom(folder / "scan.dcm", np.arange(96 * 120).reshape(96, 120) % 4096)
     (folder / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("ignored: not an image suffix")

@@ -1,0 +1,41 @@
+"""A sweep whose VGG16 weights cannot be had fails once, in the driver, before Ray or any trial
+starts and before the run folder looks like a sweep to resume (no network needed: the download is
+replaced by the offline failure)."""
+from __future__ import annotations
+
+import pytest
+
+from datasets import CxrError
+
+
+def _offline(*_args, **_kwargs):
+    raise OSError("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+
+def test_offline_imagenet_fails_before_the_sweep_starts(tmp_path, monkeypatch):
+    import keras
+
+    from search import tuner
+    from search.config import SearchConfig
+    from search.run import run_search
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))  # no cached weights file
+    monkeypatch.setattr(keras.utils, "get_file", _offline)
+    monkeypatch.setattr(tuner, "connect", lambda address: pytest.fail("Ray must not start"))
+    cfg = SearchConfig(prepared=str(tmp_path / "prepared"), out=str(tmp_path / "run"), weights="imagenet")
+
+    with pytest.raises(CxrError, match="cannot download the ImageNet VGG16 weights.*--weights none"):
+        run_search(cfg)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_missing_weights_file_fails_before_the_sweep_starts(tmp_path, monkeypatch):
+    from search import tuner
+    from search.config import SearchConfig
+
+    monkeypatch.setattr(tuner, "connect", lambda address: pytest.fail("Ray must not start"))
+    cfg = SearchConfig(prepared=str(tmp_path / "prepared"), out=str(tmp_path / "run"),
+                       weights=str(tmp_path / "missing.weights.h5"))
+
+    with pytest.raises(CxrError, match="VGG16 weights file not found"):
+        tuner.run_sweep(cfg)
