@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) hides the output that matters.
+    # Quiets TensorFlow's C++ logging once it is set up. (TF 2.21 still prints a few lines at
+    # import, before absl's logging is initialised; no environment variable silences those.)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from datasets.errors import CxrError
 
