@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -50,34 +51,49 @@ META_COLUMNS = [f.name for f in PARQUET_SCHEMA if f.name != "image"]
 
 # --- writing -------------------------------------------------------------------------------------
 
-def write_parquet_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_shard: int) -> list[dict]:
-    """`rows` (PARQUET_SCHEMA columns) as OUT/<split>/part-NNNNN.parquet; returns manifest entries."""
-    entries = []
-    for number, chunk in enumerate(_chunks(rows, rows_per_shard)):
-        path = out / split / f"part-{number:05d}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # No pandas metadata: readers get the Arrow types above, not the writer's pandas dtypes.
-        table = pa.Table.from_pandas(chunk[PARQUET_SCHEMA.names], schema=PARQUET_SCHEMA,
-                                     preserve_index=False).replace_schema_metadata()
-        pq.write_table(table, path, compression="zstd")
-        entries.append(_shard_entry(path, out, split, len(chunk), "parquet"))
-    return entries
+def write_parquet_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_shard: int,
+                         executor: Executor | None = None) -> list[dict]:
+    """`rows` (PARQUET_SCHEMA columns) as OUT/<split>/part-NNNNN.parquet; returns manifest entries
+    in shard order. With an `executor`, shards are written concurrently (Arrow's zstd compression
+    and file writes release the GIL, so threads use every core)."""
+    return _write_chunks(_write_parquet_shard, rows, split, out, rows_per_shard, executor)
 
 
-def write_tfrecord_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_shard: int) -> list[dict]:
+def write_tfrecord_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_shard: int,
+                          executor: Executor | None = None) -> list[dict]:
     """tf.train.Example shards: image (PNG bytes), label, label_name, patient_id, source_path,
     height, width. TensorFlow is imported here only, so Parquet-only runs never load it."""
+    import tensorflow  # noqa: F401  (imported once here, not first inside a writer thread)
+
+    return _write_chunks(_write_tfrecord_shard, rows, split, out, rows_per_shard, executor)
+
+
+def _write_chunks(write_one, rows, split, out, rows_per_shard, executor) -> list[dict]:
+    jobs = [(chunk, out, split, out / split / f"part-{number:05d}") for number, chunk
+            in enumerate(_chunks(rows, rows_per_shard))]
+    if jobs:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    mapper = executor.map if executor is not None else map
+    return list(mapper(lambda job: write_one(*job), jobs))
+
+
+def _write_parquet_shard(chunk: pd.DataFrame, out: Path, split: str, stem: Path) -> dict:
+    path = stem.with_suffix(".parquet")
+    # No pandas metadata: readers get the Arrow types above, not the writer's pandas dtypes.
+    table = pa.Table.from_pandas(chunk[PARQUET_SCHEMA.names], schema=PARQUET_SCHEMA,
+                                 preserve_index=False).replace_schema_metadata()
+    pq.write_table(table, path, compression="zstd")
+    return _shard_entry(path, out, split, len(chunk), "parquet")
+
+
+def _write_tfrecord_shard(chunk: pd.DataFrame, out: Path, split: str, stem: Path) -> dict:
     import tensorflow as tf
 
-    entries = []
-    for number, chunk in enumerate(_chunks(rows, rows_per_shard)):
-        path = out / split / f"part-{number:05d}.tfrecord"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tf.io.TFRecordWriter(str(path)) as writer:
-            for row in chunk.itertuples(index=False):
-                writer.write(_example(tf, row).SerializeToString())
-        entries.append(_shard_entry(path, out, split, len(chunk), "tfrecord"))
-    return entries
+    path = stem.with_suffix(".tfrecord")
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for row in chunk.itertuples(index=False):
+            writer.write(_example(tf, row).SerializeToString())
+    return _shard_entry(path, out, split, len(chunk), "tfrecord")
 
 
 def tfrecord_feature_spec() -> dict:
