@@ -26,6 +26,10 @@ _IGNORED_DIRS = {"__macosx"}
 _PERSON = re.compile(r"^person(\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE)
 # IM-<PID>-<seq> and NORMAL2-IM-<PID>-<seq> are two numbering schemes: same digits, different people.
 _IM = re.compile(r"^(NORMAL2-)?IM-(\d+)-\d+", re.IGNORECASE)
+# The Mendeley release of the same study ("CellData/chest_xray"): NORMAL-<PID>-<seq>,
+# BACTERIA-<PID>-<seq>, VIRUS-<PID>-<seq>. PID is the patient whatever the diagnosis word, so a
+# patient's bacterial and viral films stay together (grouping too much never leaks; too little does).
+_MENDELEY = re.compile(r"^(?:NORMAL|BACTERIA|VIRUS)-(\d+)-\d+", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,13 @@ def discover(source: str | os.PathLike) -> Discovery:
 
 
 def patient_id(file_name: str) -> str | None:
-    """Patient id from a Kermany et al. file name, or None if the name follows no known scheme.
+    """Patient id from a Kermany et al. file name (Kaggle or Mendeley release), or None if the name
+    follows no known scheme.
 
     >>> patient_id("person1763_bacteria_4606.jpeg"), patient_id("NORMAL2-IM-0736-0001.jpeg")
     ('person1763', 'NORMAL2-IM-0736')
+    >>> patient_id("BACTERIA-1351146-0002.jpeg")
+    'patient1351146'
     """
     stem = Path(file_name).name
     if match := _PERSON.match(stem):
@@ -115,6 +122,8 @@ def patient_id(file_name: str) -> str | None:
     if match := _IM.match(stem):
         prefix = "NORMAL2-IM" if match.group(1) else "IM"
         return f"{prefix}-{int(match.group(2)):04d}"  # 4 digits as in the data set; 0042 == 42
+    if match := _MENDELEY.match(stem):
+        return f"patient{int(match.group(1))}"
     return None
 
 

@@ -25,6 +25,9 @@ def touch(root, *rels, content=b"x"):
     ("NORMAL2-IM-0736-0001.jpeg", "NORMAL2-IM-0736"),
     ("NORMAL2-IM-0246-0001-0002.jpeg", "NORMAL2-IM-0246"),
     ("IM-42-3.png", "IM-0042"),
+    ("BACTERIA-1351146-0002.jpeg", "patient1351146"),  # the Mendeley release's names
+    ("VIRUS-1351146-0001.jpeg", "patient1351146"),  # same patient, whatever the diagnosis word
+    ("NORMAL-0745902-0001.jpeg", "patient745902"),
     ("scan_0001.jpeg", None),
     ("person_x_bacteria.jpeg", None),
 ])
