@@ -77,8 +77,8 @@ def _add_prepare(subparsers) -> None:
     parser.add_argument("--min-size", type=int, default=_DEFAULTS.min_size,
                         help="reject images whose shorter side is smaller (default: %(default)s)")
     parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs of the local Ray instance (default: all; ignored when "
-                             "connecting to a running Ray)")
+                        help="CPUs of the local Ray instance (default: all; ignored when joining "
+                             "a running Ray: under `ray job submit` or with RAY_ADDRESS set)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=_run_prepare)

@@ -20,6 +20,7 @@ import gc
 import hashlib
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -133,11 +134,14 @@ class LocalRay:
 
         if ray.is_initialized():
             return
+        # RAY_ADDRESS (set by `ray job submit`, or by hand) joins that cluster: its CPUs are
+        # what they are, and Ray refuses num_cpus there.
+        joining = bool(os.environ.get("RAY_ADDRESS"))
         with _logger_level("ray._private.authentication.authentication_token_setup", logging.ERROR):
             # A local instance that lives for one command: its auth-token notice is only noise.
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False,
+            ray.init(num_cpus=None if joining else self.num_cpus, include_dashboard=False,
                      logging_level=logging.WARNING, log_to_driver=False)
-        self.started = True
+        self.started = True  # stop() then disconnects from a joined cluster, leaving it running
 
     def stop(self, background: bool = False) -> None:
         if not self.started:

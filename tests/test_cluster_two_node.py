@@ -44,11 +44,19 @@ def _node_ports() -> list[str]:
     return [arg for flag in flags for arg in (flag, str(_free_port()))]
 
 
+def cluster_env(**extra: str) -> dict[str, str]:
+    """The environment of every process of, or connecting to, the test cluster. Token auth is
+    off for all of them explicitly: left to Ray, a head finds ~/.ray/auth_token and turns it on
+    while a joining node may not (it depends on whether this process ran `ray.init` before)."""
+    return dict(os.environ, RAY_AUTH_MODE="disabled", **extra)
+
+
 def _ray_start(args: list[str], log: Path) -> subprocess.Popen:
     ray = str(Path(sys.executable).with_name("ray"))
     return subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", "--num-cpus", "1", *_node_ports(),
                              *args],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=cluster_env())
 
 
 def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
@@ -111,7 +119,7 @@ def cluster():
 
 
 def _driver(args: list[str], log: Path, repo_root: Path) -> subprocess.Popen:
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    env = cluster_env(RAY_DEDUP_LOGS="0")
     return subprocess.Popen([sys.executable, "-m", "search.cli", "search", *args], cwd=repo_root,
                             stdout=log.open("a"), stderr=subprocess.STDOUT, env=env)
 
@@ -192,3 +200,22 @@ def test_resume_after_the_driver_is_killed(cluster, prepared_small, space_file, 
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == trials
     assert optuna.trial.TrialState.RUNNING not in states  # orphans of the killed driver are closed
+
+
+def test_prepare_joins_the_cluster_named_by_ray_address_and_leaves_it_running(cluster, synth_source,
+                                                                            tmp_path, repo_root):
+    """As under `ray job submit`: RAY_ADDRESS names the cluster; --num-cpus (for a local Ray) is
+    ignored there instead of failing; `prepare` disconnects without stopping the cluster."""
+    out = tmp_path / "prepared"
+    env = cluster_env(RAY_ADDRESS=cluster)
+    done = subprocess.run([sys.executable, "-m", "search.cli", "prepare", str(synth_source), str(out),
+                           "--image-size", "32", "--num-cpus", "1", "--quiet"],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(sum(c.values()) for c in manifest["counts"].values()) > 100
+    probe = ("import ray, sys; ray.init(address=sys.argv[1]); "
+             "print(int(ray.cluster_resources().get('CPU', 0)))")
+    alive = subprocess.run([sys.executable, "-c", probe, cluster], capture_output=True, text=True,
+                           timeout=120, env=cluster_env())
+    assert alive.returncode == 0 and alive.stdout.split()[-1] == "2", alive.stderr[-2000:]
