@@ -56,12 +56,24 @@ def decode_files(paths: list[str], cfg: PrepareConfig, verbose: bool = True) -> 
             progress.update(len(batch))
         progress.done()
     results = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=RESULT_COLUMNS)
-    results = results.sort_values("idx").reset_index(drop=True)
+    results = _owned(results.sort_values("idx").reset_index(drop=True))
     if not results["idx"].astype(int).tolist() == list(range(len(paths))):
         # Callers join results to their file list by position: never let a lost or repeated row
         # shift every label after it.
         raise RuntimeError(f"decoding returned {len(results)} rows for {len(paths)} files")
     return results
+
+
+def _owned(results: pd.DataFrame) -> pd.DataFrame:
+    """The same rows in this process's own memory. Ray Data hands back Arrow-backed columns whose
+    buffers lie in Ray's shared-memory object store, and pandas' copies of them stay views (Arrow
+    arrays are immutable); that memory belongs to a Ray instance we may shut down next. Python
+    objects (ints, str, bytes) are copies: ~6,000 rows cost milliseconds."""
+    return pd.DataFrame({
+        name: results[name].to_numpy(dtype=object, na_value=None) if name != "idx"
+        else results[name].to_numpy(dtype="int64", copy=True)
+        for name in RESULT_COLUMNS
+    })
 
 
 def _block_count(n_files: int, files_per_task: int, cpus: float) -> int:
