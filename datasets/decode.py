@@ -67,8 +67,10 @@ def decode_files(paths: list[str], cfg: PrepareConfig, verbose: bool = True) -> 
 def _owned(results: pd.DataFrame) -> pd.DataFrame:
     """The same rows in this process's own memory. Ray Data hands back Arrow-backed columns whose
     buffers lie in Ray's shared-memory object store, and pandas' copies of them stay views (Arrow
-    arrays are immutable); that memory belongs to a Ray instance we may shut down next. Python
-    objects (ints, str, bytes) are copies: ~6,000 rows cost milliseconds."""
+    arrays are immutable); that memory belongs to a Ray instance we may shut down next. Each
+    column is rebuilt from Python objects (pandas may store text columns as Arrow strings again,
+    now in this process's memory): ~6,000 rows cost milliseconds. Missing values are None/NaN;
+    `orig_width`/`orig_height` may come back as floats and are cast where rows are selected."""
     return pd.DataFrame({
         name: results[name].to_numpy(dtype=object, na_value=None) if name != "idx"
         else results[name].to_numpy(dtype="int64", copy=True)
@@ -140,6 +142,7 @@ class LocalRay:
         self.num_cpus = num_cpus
         self.started = False
         self._stopper: threading.Thread | None = None
+        self._stop_error: BaseException | None = None
 
     def start(self) -> None:
         import ray
@@ -147,13 +150,25 @@ class LocalRay:
         if ray.is_initialized():
             return
         # RAY_ADDRESS (set by `ray job submit`, or by hand) joins that cluster: its CPUs are
-        # what they are, and Ray refuses num_cpus there.
-        joining = bool(os.environ.get("RAY_ADDRESS"))
+        # what they are, and Ray refuses num_cpus there. RAY_ADDRESS=local starts one.
+        address = os.environ.get("RAY_ADDRESS", "")
+        joining = bool(address) and address != "local"
         with _logger_level("ray._private.authentication.authentication_token_setup", logging.ERROR):
             # A local instance that lives for one command: its auth-token notice is only noise.
-            ray.init(num_cpus=None if joining else self.num_cpus, include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=False)
+            try:
+                self._init(ray, None if joining else self.num_cpus)
+            except ValueError as exc:
+                if self.num_cpus is None or "existing cluster" not in str(exc):
+                    raise
+                # No RAY_ADDRESS, but Ray found a cluster of `ray start --head` on this machine
+                # and joined it: the same case, so --num-cpus is ignored here too.
+                self._init(ray, None)
         self.started = True  # stop() then disconnects from a joined cluster, leaving it running
+
+    @staticmethod
+    def _init(ray, num_cpus: int | None) -> None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
 
     def stop(self, background: bool = False) -> None:
         if not self.started:
@@ -161,19 +176,38 @@ class LocalRay:
         import ray
 
         self.started = False
-        if background:
-            # Free every Ray object reference now, while the core worker is alive: one collected
-            # later by this thread, in the middle of the shut-down, kills the process.
-            gc.collect()
-            self._stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
-            self._stopper.start()
-        else:
+        if not background:
             ray.shutdown()
+            return
+        # Free every Ray object reference now, while the core worker is alive: one collected
+        # later by this thread, in the middle of the shut-down, kills the process.
+        gc.collect()
+        self._stop_error = None
 
-    def join(self) -> None:
-        if self._stopper is not None:
-            self._stopper.join()
-            self._stopper = None
+        def shutdown() -> None:
+            try:
+                ray.shutdown()
+            except BaseException as exc:  # reported by join(), not lost in a thread's traceback
+                self._stop_error = exc
+
+        self._stopper = threading.Thread(target=shutdown, name="ray-shutdown", daemon=True)
+        self._stopper.start()
+
+    def join(self, timeout_s: float = 60.0) -> None:
+        """Wait for a background shut-down. A failed or stuck one is a warning on stderr, not an
+        error: the command's output is complete by then and stays."""
+        if self._stopper is None:
+            return
+        stopper, self._stopper = self._stopper, None
+        stopper.join(timeout_s)
+        if stopper.is_alive():
+            print(f"warning: Ray is still shutting down after {timeout_s:.0f} s; if Ray processes "
+                  "remain, stop them with `ray stop`", file=sys.stderr, flush=True)
+        elif self._stop_error is not None:
+            error = str(self._stop_error).strip().splitlines()
+            print(f"warning: Ray's shut-down failed ({type(self._stop_error).__name__}: "
+                  f"{error[0] if error else ''}); if Ray processes remain, stop them with "
+                  "`ray stop`", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

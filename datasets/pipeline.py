@@ -9,11 +9,12 @@ stratified splits -> Parquet (and/or TFRecord) shards, EDA plots, manifest.json.
 
 Only the decode needs Ray. A Ray instance that `prepare` started itself shuts down in the
 background while the shards (a pool of threads) and the EDA plots (one more thread) are written,
-so its ~1.3 s shut-down and the single-threaded plotting do not add to the wall time.
+so its ~1.3 s shut-down and the single-threaded plotting overlap the shard writing instead of
+following it (the manifest's `ray_stop_wait` is whatever of the shut-down was left to wait for).
 
 Everything is written to a hidden folder beside OUT and renamed into place at the end, so an
-interrupted run never leaves a half-written OUT (a killed run may leave `.OUT.partial-*` behind,
-which is safe to delete).
+interrupted run never leaves a half-written OUT (a killed run, or one interrupted twice while its
+writer threads finish, may leave `.OUT.partial-*` behind, which is safe to delete).
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def _write_outputs(rows: pd.DataFrame, out: Path, cfg: PrepareConfig, manifest: 
     """Shards (written concurrently by a pool of threads) and the EDA plots (drawn meanwhile in
     another thread); returns the shards' manifest entries in a fixed order."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eda") as eda, \
-            ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="shard") as pool:
+            ThreadPoolExecutor(max_workers=_writer_threads(cfg), thread_name_prefix="shard") as pool:
         plots = eda.submit(write_eda, out / "eda", rows, manifest, seed=cfg.seed)
         shards = []
         for split in SPLITS:
@@ -226,6 +227,16 @@ def _write_outputs(rows: pd.DataFrame, out: Path, cfg: PrepareConfig, manifest: 
                 shards += write_tfrecord_shards(part, split, out, cfg.rows_per_shard, pool)
         plots.result()  # re-raises a plotting error here
     return shards
+
+
+def _writer_threads(cfg: PrepareConfig) -> int:
+    """--num-cpus if given, else the CPUs this process may run on (a container's limit included)."""
+    if cfg.num_cpus:
+        return cfg.num_cpus
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
 
 
 def _manifest(source: Path, cfg: PrepareConfig, found: Discovery, table: pd.DataFrame,

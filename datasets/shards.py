@@ -55,14 +55,15 @@ def write_parquet_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_sha
                          executor: Executor | None = None) -> list[dict]:
     """`rows` (PARQUET_SCHEMA columns) as OUT/<split>/part-NNNNN.parquet; returns manifest entries
     in shard order. With an `executor`, shards are written concurrently (Arrow's zstd compression
-    and file writes release the GIL, so threads use every core)."""
+    and file writes release the GIL, so threads use several cores)."""
     return _write_chunks(_write_parquet_shard, rows, split, out, rows_per_shard, executor)
 
 
 def write_tfrecord_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_shard: int,
                           executor: Executor | None = None) -> list[dict]:
     """tf.train.Example shards: image (PNG bytes), label, label_name, patient_id, source_path,
-    height, width. TensorFlow is imported here only, so Parquet-only runs never load it."""
+    height, width. TensorFlow is imported here only, so Parquet-only runs never load it. With an
+    `executor` the shards are written concurrently, though building the protos holds the GIL."""
     import tensorflow  # noqa: F401  (imported once here, not first inside a writer thread)
 
     return _write_chunks(_write_tfrecord_shard, rows, split, out, rows_per_shard, executor)

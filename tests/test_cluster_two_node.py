@@ -218,4 +218,4 @@ def test_prepare_joins_the_cluster_named_by_ray_address_and_leaves_it_running(cl
              "print(int(ray.cluster_resources().get('CPU', 0)))")
     alive = subprocess.run([sys.executable, "-c", probe, cluster], capture_output=True, text=True,
                            timeout=120, env=cluster_env())
-    assert alive.returncode == 0 and alive.stdout.split()[-1] == "2", alive.stderr[-2000:]
+    assert alive.returncode == 0 and alive.stdout.split()[-1:] == ["2"], alive.stderr[-2000:]

@@ -351,3 +351,54 @@ def test_a_ray_started_by_prepare_is_shut_down_before_it_returns(synth_source, t
     assert "ok" in done.stdout and "ray_stop_wait" in done.stdout
     for name in ("a", "b"):
         assert datasets.load(tmp_path / f"out-{name}", "train")[0].shape[1:] == (32, 32, 1)
+
+
+def test_a_failed_background_shutdown_is_a_warning_not_lost(monkeypatch, capsys):
+    import ray
+
+    from datasets.decode import LocalRay
+
+    def broken_shutdown(*args, **kwargs):
+        raise RuntimeError("raylet already gone\nsecond line")
+
+    monkeypatch.setattr(ray, "shutdown", broken_shutdown)
+    local = LocalRay()
+    local.started = True  # as if start() had started it (no Ray is touched: shutdown is patched)
+    local.stop(background=True)
+    local.join()
+    err = capsys.readouterr().err
+    assert "Ray's shut-down failed (RuntimeError: raylet already gone)" in err
+    assert err.count("\n") == 1 and "ray stop" in err
+    local.join()  # a second join is a no-op
+
+
+def test_num_cpus_is_dropped_when_ray_joins_a_cluster_it_found(monkeypatch):
+    """No RAY_ADDRESS, but Ray finds a `ray start --head` cluster on the machine and refuses
+    num_cpus: prepare joins it like any cluster instead of failing."""
+    import ray
+
+    from datasets.decode import LocalRay
+
+    calls, cluster = [], {"found": True}
+
+    def fake_init(num_cpus=None, **kwargs):
+        calls.append(num_cpus)
+        if cluster["found"] and num_cpus is not None:
+            raise ValueError("When connecting to an existing cluster, num_cpus and num_gpus must "
+                             "not be provided.")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    local = LocalRay(num_cpus=2)
+    local.start()
+    assert calls == [2, None] and local.started
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    calls.clear()
+    LocalRay(num_cpus=2).start()
+    assert calls == [None]  # joining through RAY_ADDRESS: never asks for CPUs
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    cluster["found"] = False
+    calls.clear()
+    LocalRay(num_cpus=2).start()
+    assert calls == [2]  # "local" starts one
