@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import timed_run_sweep  # noqa: E402  (bench/common.py, beside this script)
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the GPU machine has no TensorFlow
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -80,15 +80,7 @@ def layout_config(args, out: Path, workload: str, *, trials: int, concurrency: i
 
 
 def run_layout(cfg, data) -> dict:
-    from search.results import collect_results
-    from search.tuner import run_sweep
-
-    shutil.rmtree(cfg.out, ignore_errors=True)
-    Path(cfg.out).mkdir(parents=True)
-    start = time.perf_counter()
-    grid = run_sweep(cfg, data=data)
-    wall = time.perf_counter() - start
-    table, histories = collect_results(cfg)
+    grid, wall, table, histories = timed_run_sweep(cfg, data)
     problems = [f"{grid.num_errors} trial(s) failed"] if grid.num_errors else []
     problems += [f"trial {r.trial_id} ran {r.epochs_run}/{cfg.max_epochs} epochs"
                  for r in table.itertuples() if r.epochs_run != cfg.max_epochs]

@@ -19,11 +19,12 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+from common import timed_run_sweep  # noqa: E402  (bench/common.py, beside this script)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -75,15 +76,7 @@ def sweep_config(args, prepared: Path, run: Path, *, naive: bool):
 
 
 def timed_sweep(cfg, data) -> dict:
-    from search.results import collect_results
-    from search.tuner import run_sweep
-
-    shutil.rmtree(cfg.out, ignore_errors=True)
-    Path(cfg.out).mkdir(parents=True)
-    start = time.perf_counter()
-    grid = run_sweep(cfg, data=data)
-    wall = time.perf_counter() - start
-    table, _ = collect_results(cfg)
+    grid, wall, table, _ = timed_run_sweep(cfg, data)
     assert grid.num_errors == 0, f"{grid.num_errors} trial(s) failed: see {cfg.out}"
     assert len(table) == cfg.trials
     shutil.rmtree(cfg.feature_cache_dir, ignore_errors=True)

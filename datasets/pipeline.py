@@ -196,7 +196,8 @@ def _select(table: pd.DataFrame, found: Discovery, cfg: PrepareConfig) -> tuple[
 
 
 def _shard_rows(usable: pd.DataFrame, image_size: int) -> pd.DataFrame:
-    """The shard columns, in plain numpy/object dtypes (Ray hands back Arrow-backed ones)."""
+    """The shard columns in the shard schema's types (decoding leaves object columns with None for
+    rejected rows; these rows are accepted ones, so the casts are safe)."""
     rows = usable.assign(
         height=image_size,
         width=image_size,
