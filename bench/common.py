@@ -1,9 +1,23 @@
-"""What the sweep benchmarks share: one sweep, timed, in an emptied run folder."""
+"""What the benchmarks share: synthetic data generated once per folder, and a timed sweep."""
 from __future__ import annotations
 
 import shutil
 import time
 from pathlib import Path
+
+
+def synthetic_source(folder: Path, n: int, seed: int = 0, config=None) -> Path:
+    """A Kaggle-layout folder of `n` synthetic images, generated on first use only. A marker file
+    written last makes an interrupted generation start again instead of being reused half-done."""
+    from datasets.synth import synth
+
+    done = folder / ".complete"
+    if not done.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"generating {n} images in {folder} (once) ...", flush=True)
+        synth(folder, n=n, seed=seed, config=config)
+        done.touch()
+    return folder
 
 
 def timed_run_sweep(cfg, data):

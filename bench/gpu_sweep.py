@@ -89,8 +89,9 @@ def run_layout(cfg, data) -> dict:
     for h in histories.values():
         epoch_s = h["epoch_time_s"].to_numpy()
         later = epoch_s[1:] if len(epoch_s) > 1 else epoch_s
-        steady.append(n / float(sorted(later)[len(later) // 2]))  # median steady epoch
-        startup.append(float(h["time_this_iter_s"].iloc[0]) - float(sorted(later)[len(later) // 2]))
+        median_epoch_s = float(sorted(later)[len(later) // 2])  # the median steady epoch
+        steady.append(n / median_epoch_s)
+        startup.append(float(h["time_this_iter_s"].iloc[0]) - median_epoch_s)
     return {
         "trials": len(table), "wall_s": wall, "problems": problems,
         "trial_img_s": sum(steady) / len(steady),

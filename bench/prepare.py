@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import synthetic_source  # bench/common.py, beside this script
 from PIL import Image
 
 BENCH_DIR = Path(__file__).resolve().parent / "out"
@@ -83,18 +84,11 @@ def parse_args(argv):
 
 def cached_images(n: int, seed: int) -> Path:
     """Synthetic chest X-rays of 1-3 MP in the Kaggle layout, generated on first use only."""
-    from datasets.synth import SynthConfig, synth
+    from datasets.synth import SynthConfig
 
-    folder = BENCH_DIR / f"images-n{n}-seed{seed}"
-    done = folder / ".complete"
-    if not done.exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        print(f"generating {n} images in {folder} (once) ...", flush=True)
-        big = SynthConfig(normal_height=(950, 1450), pneumonia_height=(950, 1400),
-                          aspect=(1.1, 1.45), max_side=2100)  # ~1-3 MP, like the real set
-        synth(folder, n=n, seed=seed, config=big)
-        done.touch()
-    return folder
+    big = SynthConfig(normal_height=(950, 1450), pneumonia_height=(950, 1400),
+                      aspect=(1.1, 1.45), max_side=2100)  # ~1-3 MP, like the real set
+    return synthetic_source(BENCH_DIR / f"images-n{n}-seed{seed}", n, seed, config=big)
 
 
 def time_naive(files: list[Path], out: Path, image_size: int) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
-from common import timed_run_sweep  # noqa: E402  (bench/common.py, beside this script)
+from common import synthetic_source, timed_run_sweep  # noqa: E402  (bench/common.py, beside this script)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -51,9 +51,7 @@ def prepared_data(out: Path, n: int, image_size: int) -> Path:
 
     prepared = out / f"prepared_{n}_{image_size}"
     if not (prepared / "manifest.json").is_file():
-        source = out / f"synth_{n}"
-        if not (source / "chest_xray").is_dir():
-            datasets.synth(source, n=n, seed=0)
+        source = synthetic_source(out / f"synth_{n}", n)
         datasets.prepare(source, prepared, image_size=image_size, seed=0, overwrite=True)
     return prepared
 

@@ -8,17 +8,39 @@
 
 This package is named like Hugging Face's `datasets`; that library is deliberately not a
 dependency, and a test checks that `import datasets` finds this folder.
+
+Names from the heavy modules (pandas, pyarrow, Ray, Pillow) are imported on first use (PEP 562),
+so `from datasets.errors import CxrError` in every `cxr` command costs nothing. `synth` is bound
+eagerly: the function shares its module's name, and binding it now keeps `datasets.synth` the
+function even after `from datasets.synth import SynthConfig` has loaded the module.
 """
+import importlib
+
 from .config import CLASS_NAMES, SPLITS, PrepareConfig
 from .discover import patient_id
 from .errors import CxrError, ImageRejected
-from .image import preprocess_bytes, preprocess_file, read_gray, resize_gray
-from .pipeline import prepare
-from .shards import load, manifest_hash, read_manifest, tfrecord_feature_spec
 from .synth import SynthConfig, synth
 
-__all__ = [
-    "CLASS_NAMES", "SPLITS", "PrepareConfig", "CxrError", "ImageRejected",
-    "read_gray", "resize_gray", "preprocess_file", "preprocess_bytes", "patient_id",
-    "synth", "SynthConfig", "prepare", "load", "read_manifest", "manifest_hash", "tfrecord_feature_spec",
-]
+# name -> the submodule that defines it
+_EXPORTS = {
+    "preprocess_bytes": "image", "preprocess_file": "image", "read_gray": "image",
+    "resize_gray": "image",
+    "prepare": "pipeline",
+    "load": "shards", "manifest_hash": "shards", "read_manifest": "shards",
+    "tfrecord_feature_spec": "shards",
+}
+__all__ = sorted([*_EXPORTS, "CLASS_NAMES", "SPLITS", "PrepareConfig", "CxrError", "ImageRejected",
+                  "patient_id", "synth", "SynthConfig"])
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'datasets' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

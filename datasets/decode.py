@@ -6,9 +6,10 @@ file, hashes it (duplicate detection), and runs `image.preprocess_bytes`, the sa
 `cxr predict` uses. A file that cannot be used comes back as a row with `reason` set: errors are
 caught inside the task and never fail the dataset.
 
-If Ray is already initialised (a cluster, a test session, the search driver), it is used as is;
-otherwise a local instance is started for the call and shut down afterwards. On a multi-node
-cluster, SOURCE must be on storage every node can read (the tasks open the paths themselves).
+`decode_files` runs on the Ray instance the caller has: `LocalRay` (what `prepare` uses) joins the
+running one (a cluster, a test session, the search driver) or starts a local one for the command.
+On a multi-node cluster, SOURCE must be on storage every node can read (the tasks open the paths
+themselves).
 
 The decoded images (S*S bytes each: ~300 MB for the real set at 224 px) come back to the driver,
 which needs them all anyway to apply the duplicate and split rules and write sorted shards.
@@ -37,11 +38,12 @@ RESULT_COLUMNS = ("idx", "reason", "sha256", "image", "orig_width", "orig_height
 
 def decode_files(paths: list[str], cfg: PrepareConfig, verbose: bool = True) -> pd.DataFrame:
     """One row per path, in input order: idx, reason (None = accepted), sha256, image (raw uint8
-    bytes of [S, S], None if rejected), orig_width, orig_height, orig_mode."""
+    bytes of [S, S], None if rejected), orig_width, orig_height, orig_mode. Needs a running Ray
+    (see `LocalRay`)."""
     import ray
 
     items = [{"idx": i, "path": p} for i, p in enumerate(paths)]
-    with ray_instance(cfg.num_cpus), decoding_data_context():  # re-uses the caller's Ray if it has one
+    with decoding_data_context():
         blocks = _block_count(len(items), cfg.files_per_task, ray.cluster_resources().get("CPU", 1))
         dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             decode_batch,
@@ -117,25 +119,14 @@ def _decode_kwargs(cfg: PrepareConfig) -> dict:
             "min_size": cfg.min_size}
 
 
-@contextlib.contextmanager
-def ray_instance(num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray instance, or start a quiet local one for the duration of the block."""
-    local = LocalRay(num_cpus)
-    local.start()
-    try:
-        yield
-    finally:
-        local.stop()
-
-
 class LocalRay:
     """The running Ray instance, or a quiet local one started for one command.
 
     `stop()` shuts down only an instance that `start()` started; one that was already running (a
-    cluster, a test session, the search driver) is left alone. `stop(background=True)` returns at
-    once: Ray's shut-down is ~1.3 s, nearly all of it waiting for its processes to exit, which
-    `cxr prepare` overlaps with writing shards and plots (work that needs no Ray). `join()` waits
-    for it; call it before anything may start Ray again.
+    cluster, a test session, the search driver) is left alone. It returns at once: Ray's
+    shut-down is ~1.3 s, nearly all of it waiting for its processes to exit, which `cxr prepare`
+    overlaps with writing shards and plots (work that needs no Ray). `join()` waits for it; call
+    it before anything may start Ray again.
     """
 
     def __init__(self, num_cpus: int | None = None):
@@ -170,15 +161,13 @@ class LocalRay:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)
 
-    def stop(self, background: bool = False) -> None:
+    def stop(self) -> None:
+        """Start shutting down (in a thread) a Ray instance that `start()` started."""
         if not self.started:
             return
         import ray
 
         self.started = False
-        if not background:
-            ray.shutdown()
-            return
         # Free every Ray object reference now, while the core worker is alive: one collected
         # later by this thread, in the middle of the shut-down, kills the process.
         gc.collect()

@@ -132,18 +132,19 @@ def _walk(source: Path) -> tuple[list[_Candidate], int]:
     for dirpath, dirnames, filenames in os.walk(source):
         here = Path(dirpath)
         # A folder named like an image is reported (it is where a file was expected), not entered.
-        for name in [d for d in dirnames if _is_image_name(d)]:
+        for name in [d for d in dirnames if is_image_name(d)]:
             candidates.append(_classify(source, here / name))
-        dirnames[:] = sorted(d for d in dirnames if _enter(d) and not _is_image_name(d))
+        dirnames[:] = sorted(d for d in dirnames if enter_folder(d) and not is_image_name(d))
         for name in sorted(filenames):
-            if _is_hidden(name) or not _is_image_name(name):
+            if not is_image_name(name):
                 ignored += 1
                 continue
             candidates.append(_classify(source, here / name))
     return candidates, ignored
 
 
-def _enter(dir_name: str) -> bool:
+def enter_folder(dir_name: str) -> bool:
+    """Whether discovery walks into a folder of this name (not hidden, not __MACOSX)."""
     return not _is_hidden(dir_name) and dir_name.lower() not in _IGNORED_DIRS
 
 
@@ -151,7 +152,8 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")  # also AppleDouble "._name.jpeg" resource forks
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """A visible file with an image extension (.jpeg .jpg .png .dcm, any case)."""
     return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 

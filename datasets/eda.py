@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .config import CLASS_NAMES, SPLITS
+from .shards import manifest_totals
 
 SAMPLES_PER_CLASS = 8
 _PALETTE = {"NORMAL": "#4C72B0", "PNEUMONIA": "#DD8452"}
@@ -40,13 +41,12 @@ def write_eda(eda_dir: Path, table: pd.DataFrame, manifest: dict, seed: int = 0)
 
 def summary_markdown(table: pd.DataFrame, manifest: dict) -> str:
     counts, patients = manifest["counts"], manifest["patients"]
+    accepted, rejected, removed = manifest_totals(manifest)
     lines = [
         "# Prepared data set",
         "",
         f"Source: `{manifest['source']}`  ",
-        f"Images: {sum(sum(c.values()) for c in counts.values())} accepted, "
-        f"{len(manifest['rejected'])} rejected, "
-        f"{sum(d['action'] == 'removed' for d in manifest['duplicates'])} duplicates removed; "
+        f"Images: {accepted} accepted, {rejected} rejected, {removed} duplicates removed; "
         f"{manifest['options']['image_size']} px, resize `{manifest['options']['resize']}`, "
         f"split `{manifest['split_used']}`",
         "",

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import PrepareConfig
-from .errors import ImageRejected
+from .errors import ImageRejected, first_line
 
 _DEFAULTS = PrepareConfig()
 _RESAMPLE = Image.Resampling.LANCZOS  # sharpest of Pillow's antialiasing filters
@@ -165,7 +165,7 @@ def _open(data: bytes) -> Image.Image:
         size = f"{int(pixels.group(1)) / 1e6:.0f} MP" if pixels else "size"
         raise ImageRejected(f"decompression bomb: {size} exceeds Pillow's hard limit") from None
     except Exception as exc:  # a header so broken Pillow cannot even identify the size
-        raise ImageRejected(f"corrupt image header: {_first_line(exc)}") from None
+        raise ImageRejected(f"corrupt image header: {first_line(exc)}") from None
 
 
 def _check_size(width: int, height: int, *, max_pixels: int, min_size: int) -> None:
@@ -179,7 +179,7 @@ def _check_size(width: int, height: int, *, max_pixels: int, min_size: int) -> N
 
 
 def _decode_failure(exc: Exception, fmt: str | None) -> str:
-    message = _first_line(exc)
+    message = first_line(exc)
     if "truncated" in message.lower() or isinstance(exc, EOFError):
         return f"truncated {fmt or 'image'} ({message})"
     return f"corrupt {fmt or 'image'} data ({message})"
@@ -224,11 +224,6 @@ def _unit_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
 # --- DICOM ---------------------------------------------------------------------------------------
 
 def _is_dicom(data: bytes, name: str) -> bool:
@@ -243,7 +238,7 @@ def _read_dicom(data: bytes, *, max_pixels: int, min_size: int) -> tuple[np.ndar
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:
-        raise ImageRejected(f"corrupt DICOM ({_first_line(exc)})") from None
+        raise ImageRejected(f"corrupt DICOM ({first_line(exc)})") from None
     if "PixelData" not in ds:
         raise ImageRejected("DICOM without pixel data")
     width, height = int(ds.get("Columns", 0)), int(ds.get("Rows", 0))
@@ -260,7 +255,7 @@ def _read_dicom(data: bytes, *, max_pixels: int, min_size: int) -> tuple[np.ndar
     except ImageRejected:
         raise
     except Exception as exc:  # compressed syntaxes without a decoder, inconsistent headers, ...
-        raise ImageRejected(f"cannot decode DICOM pixel data ({_first_line(exc)})") from None
+        raise ImageRejected(f"cannot decode DICOM pixel data ({first_line(exc)})") from None
     return _unit_to_uint8(gray), meta
 
 

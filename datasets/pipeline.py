@@ -38,7 +38,8 @@ from .decode import LocalRay, decode_files
 from .discover import Discovery, discover
 from .eda import write_eda
 from .errors import CxrError
-from .shards import MANIFEST, write_manifest, write_parquet_shards, write_tfrecord_shards
+from .shards import (MANIFEST, manifest_totals, write_manifest, write_parquet_shards,
+                     write_tfrecord_shards)
 
 
 def prepare(
@@ -89,7 +90,7 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
         finally:
             # Everything below runs in this process only, so Ray (if we started it) shuts down
             # in the background meanwhile instead of adding its ~1.3 s to the wall time.
-            local_ray.stop(background=True)
+            local_ray.stop()
         with clock("select"):
             accepted, report = _select(table, found, cfg)
         with staging(out) as tmp:
@@ -129,12 +130,11 @@ class StageClock:
 
 def summary_line(manifest: dict, out: str | os.PathLike) -> str:
     """One line: accepted, rejected, duplicates (and test-patient leaks) removed, time, rate."""
-    accepted = sum(sum(c.values()) for c in manifest["counts"].values())
-    removed = sum(d["action"] == "removed" for d in manifest["duplicates"])
+    accepted, rejected, removed = manifest_totals(manifest)
     overlap = manifest.get("patient_overlap") or {}
     leaked = overlap.get("images_removed_from_train", 0)
     leak_note = f", {leaked} train images of test patients removed" if leaked else ""
-    return (f"prepared {out}: {accepted} accepted, {len(manifest['rejected'])} rejected, "
+    return (f"prepared {out}: {accepted} accepted, {rejected} rejected, "
             f"{removed} duplicates removed{leak_note}, {manifest['elapsed_s']:.1f} s, "
             f"{manifest['images_per_s']:.0f} img/s")
 

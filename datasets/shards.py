@@ -164,21 +164,30 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
 
 def read_manifest(prepared_dir: str | os.PathLike) -> dict:
     """The manifest of a prepared folder; CxrError if the folder is not one."""
-    path = Path(prepared_dir) / MANIFEST
-    if not path.is_file():
-        raise CxrError(f"not a prepared folder (no {MANIFEST}): {prepared_dir}; run `cxr prepare` first")
+    path = _manifest_path(prepared_dir)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CxrError(f"cannot read {path}: {exc}") from None
 
 
+def manifest_totals(manifest: dict) -> tuple[int, int, int]:
+    """(accepted, rejected, duplicates removed): the numbers every summary of a manifest starts with."""
+    accepted = sum(sum(c.values()) for c in manifest["counts"].values())
+    removed = sum(d["action"] == "removed" for d in manifest["duplicates"])
+    return accepted, len(manifest["rejected"]), removed
+
+
 def manifest_hash(prepared_dir: str | os.PathLike) -> str:
     """sha256 of manifest.json: names one exact prepared data set (model cards record it)."""
+    return file_sha256(_manifest_path(prepared_dir))
+
+
+def _manifest_path(prepared_dir: str | os.PathLike) -> Path:
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
-        raise CxrError(f"not a prepared folder (no {MANIFEST}): {prepared_dir}")
-    return file_sha256(path)
+        raise CxrError(f"not a prepared folder (no {MANIFEST}): {prepared_dir}; run `cxr prepare` first")
+    return path
 
 
 def load(prepared_dir: str | os.PathLike, split: str, verify: bool = True):
@@ -216,13 +225,16 @@ def _read_shard(prepared_dir: Path, shard: dict, verify: bool) -> pa.Table:
     path = prepared_dir / shard["path"]
     if not path.is_file():
         raise CxrError(f"shard missing: {path}; re-run `cxr prepare`")
-    if verify:
-        actual = file_sha256(path)
+    source = path
+    if verify:  # read once: hash the bytes, then parse the same bytes
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
         if actual != shard["sha256"]:
             raise CxrError(f"damaged shard {path}: its sha256 does not match the manifest "
                            f"({actual[:12]}... != {shard['sha256'][:12]}...); re-run `cxr prepare`")
+        source = pa.BufferReader(data)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(source)
     except (OSError, pa.ArrowException) as exc:
         raise CxrError(f"damaged shard {path}: {exc}") from None
     if table.num_rows != shard["rows"]:

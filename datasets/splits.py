@@ -40,8 +40,7 @@ def drop_duplicates(table: pd.DataFrame, official: bool) -> tuple[pd.DataFrame, 
 
 def drop_test_patients_from_train(table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """Official layout: train/val images of patients that are also in test leak into the test score."""
-    test_patients = set(table.loc[table["official_split"] == "test", "patient_id"])
-    leaking = table["official_split"].ne("test") & table["patient_id"].isin(test_patients)
+    leaking = table["official_split"].ne("test") & table["patient_id"].isin(_official_test_patients(table))
     overlap = {
         "patients": int(table.loc[leaking, "patient_id"].nunique()),
         "images_removed_from_train": int(leaking.sum()),
@@ -56,9 +55,10 @@ def assign_splits(
     """The split ("train" / "val" / "test") of every row, grouped by patient, stratified by class."""
     patients = _patient_labels(table)
     if mode == "official":
-        pooled = patients.drop(index=_official_test_patients(table), errors="ignore")
+        test_patients = _official_test_patients(table)
+        pooled = patients.drop(index=test_patients, errors="ignore")
         chosen = _carve(pooled, {"val": val_fraction}, seed)
-        chosen.update({p: "test" for p in _official_test_patients(table)})
+        chosen.update({p: "test" for p in test_patients})
     else:
         chosen = _carve(patients, {"test": test_fraction, "val": val_fraction}, seed)
     return table["patient_id"].map(lambda p: chosen.get(p, "train")).rename("split")

@@ -364,7 +364,7 @@ def test_a_failed_background_shutdown_is_a_warning_not_lost(monkeypatch, capsys)
     monkeypatch.setattr(ray, "shutdown", broken_shutdown)
     local = LocalRay()
     local.started = True  # as if start() had started it (no Ray is touched: shutdown is patched)
-    local.stop(background=True)
+    local.stop()
     local.join()
     err = capsys.readouterr().err
     assert "Ray's shut-down failed (RuntimeError: raylet already gone)" in err
