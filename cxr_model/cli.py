@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cxr_model.pipeline import THRESHOLD_METHODS
+
 TRAIN_EPILOG = """example:
   cxr train runs/prepared --out runs/model --head-units 512,128 --dropout 0.3 --epochs 10
   cxr train runs/prepared --out runs/tiny --weights none --epochs 2 --threshold-method sensitivity
@@ -65,7 +67,7 @@ def _add_train(subparsers) -> None:
     t.add_argument("--patience", type=int, default=3, help="epochs without val AUC gain before stopping (default: 3)")
     t.add_argument("--seed", type=int, default=0, help="(default: 0)")
     e = p.add_argument_group("threshold and export")
-    e.add_argument("--threshold-method", choices=("youden", "sensitivity"), default="youden",
+    e.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default="youden",
                    help="on validation: Youden's J, or the best specificity at --target-sensitivity")
     e.add_argument("--target-sensitivity", type=float, default=0.95, help="(default: 0.95)")
     e.add_argument("--n-boot", type=_positive_int, default=1000,

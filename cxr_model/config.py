@@ -42,7 +42,7 @@ class ModelConfig:
     hflip: bool = False
 
     def __post_init__(self):
-        _normalise_weights(self)
+        object.__setattr__(self, "weights", normalise_weights(self.weights))
         object.__setattr__(self, "head_units", tuple(int(u) for u in self.head_units))
         _check_int(self, "image_size", low=32)  # VGG16's five 2x2 pools need >= 32 px
         _check_int(self, "trainable_blocks", low=0, high=VGG16_BLOCKS)
@@ -115,14 +115,16 @@ class TrainConfig:
         return cls(**{**d, "model": ModelConfig.from_dict(d.get("model", {}))})
 
 
-def _normalise_weights(cfg: ModelConfig) -> None:
-    # The CLI and JSON spell "no weights" as the string "none"; the model wants None.
-    w = cfg.weights
-    if isinstance(w, str) and w.strip().lower() in ("none", "null", ""):
-        w = None
-    if w is not None and not isinstance(w, str):
-        w = str(w)  # a pathlib.Path
-    object.__setattr__(cfg, "weights", w)
+def normalise_weights(weights) -> str | None:
+    """The VGG16 weights setting as the model wants it: None for no weights, else a string.
+
+    The CLI and JSON spell "no weights" as "none", "null" or ""; a pathlib.Path becomes its string.
+    """
+    if isinstance(weights, str) and weights.strip().lower() in ("none", "null", ""):
+        return None
+    if weights is not None and not isinstance(weights, str):
+        return str(weights)  # a pathlib.Path
+    return weights
 
 
 def _check_int(cfg, name: str, low: int | None = None, high: int | None = None) -> None:

@@ -209,8 +209,10 @@ def tfrecord_dataset(files: list[str], image_size: int, batch_size: int, *, seed
 
     weights = class_weight or {c: 1.0 for c in range(NUM_CLASSES)}
     weight_of = tf.constant([weights[c] for c in range(NUM_CLASSES)], tf.float32)
-    spec = {"image": tf.io.FixedLenFeature([], tf.string),
-            "label": tf.io.FixedLenFeature([], tf.int64)}
+    from datasets.shards import tfrecord_feature_spec
+
+    # Only the two features training needs, as datasets' writer declares them.
+    spec = {k: v for k, v in tfrecord_feature_spec().items() if k in ("image", "label")}
 
     def decode(record):
         example = tf.io.parse_single_example(record, spec)

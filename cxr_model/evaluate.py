@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1")
+# The order summaries show them in (`cxr search`, RUN/report.md): the ranking metric first.
+DISPLAY_ORDER = ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
 CI_LEVEL = 0.95
 # Bootstrap resamples are drawn in chunks so a large test set never needs a huge count matrix.
 _MAX_CELLS_PER_CHUNK = 4_000_000

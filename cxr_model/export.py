@@ -56,7 +56,7 @@ def export(model, run_dir, *, train_cfg, threshold: float, metrics: dict, manife
         saved_model = _save_model(model, staging)
         plot_files = _write_plots(staging / PLOTS_DIR, metrics, history)
         card = _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, threshold_method,
-                           target_sensitivity, resize, saved_model, plot_files, staging)
+                           target_sensitivity, resize, saved_model, plot_files)
         _write_json(staging / CARD_FILE, card)
         _write_json(staging / METRICS_FILE, {"metrics": metrics, "history": _history_dict(history)})
         _move_into_place(staging, run_dir)
@@ -143,7 +143,7 @@ def _write_plots(folder: Path, metrics: dict, history) -> list[str]:
 
 
 def _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, threshold_method,
-                target_sensitivity, resize, saved_model, plot_files, folder) -> dict:
+                target_sensitivity, resize, saved_model, plot_files) -> dict:
     import keras
 
     config = train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else dict(train_cfg)

@@ -23,6 +23,7 @@ model in any process, which is what makes cached features valid across trials.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -211,9 +212,15 @@ def imagenet_weights_path() -> Path:
     Concurrent trials on one node would otherwise write the same cache file at once and corrupt
     it. Offline, this fails with one line naming the two ways to run without a download.
     """
+    return _imagenet_weights_in(_keras_home() / "models")
+
+
+# Keyed by the cache folder (KERAS_HOME may change): keras.utils.get_file re-hashes the 58 MB file
+# on every call, so each process checks it once. A failure raises and is not cached.
+@functools.lru_cache(maxsize=1)
+def _imagenet_weights_in(models_dir: Path) -> Path:
     from filelock import FileLock
 
-    models_dir = _keras_home() / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(models_dir / (VGG16_NOTOP_FILE + ".lock"))):
         try:
@@ -221,11 +228,10 @@ def imagenet_weights_path() -> Path:
                                         cache_dir=str(models_dir.parent), cache_subdir="models",
                                         file_hash=VGG16_NOTOP_MD5)
         except Exception as exc:  # urllib, SSL, hash mismatch: all mean "no usable weights"
-            from datasets.errors import CxrError
+            from datasets.errors import CxrError, first_line
 
-            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             raise CxrError(
-                f"cannot download the ImageNet VGG16 weights ({reason}); run offline with "
+                f"cannot download the ImageNet VGG16 weights ({first_line(exc, limit=160)}); run offline with "
                 f"--weights none (random init) or --weights PATH (a local {VGG16_NOTOP_FILE})"
             ) from exc
     return Path(path)
@@ -245,7 +251,6 @@ def _load_base_weights(base: keras.Model, path: Path) -> None:
     try:
         base.load_weights(str(path))
     except Exception as exc:  # wrong file, wrong architecture, truncated HDF5
-        from datasets.errors import CxrError
+        from datasets.errors import CxrError, first_line
 
-        first_line = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise CxrError(f"cannot load VGG16 (no top) weights from {path}: {first_line}") from exc
+        raise CxrError(f"cannot load VGG16 (no top) weights from {path}: {first_line(exc, limit=160)}") from exc

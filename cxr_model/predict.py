@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.config import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what `cxr prepare` discovers
+from datasets.discover import enter_folder, is_image_name
 COLUMNS = ["path", "p_pneumonia", "label", "threshold", "error"]
 # Files are decoded and predicted this many at a time, so a folder of 100k scans never sits in memory.
 CHUNK = 256
@@ -62,9 +63,10 @@ def expand_paths(paths) -> list[Path]:
 
 
 def _is_image_file(path: Path, root: Path) -> bool:
-    # Hidden files and folders (".git", macOS "._x.jpeg" forks) are skipped, as `cxr prepare` does.
-    hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-    return path.suffix.lower() in IMAGE_SUFFIXES and not hidden and path.is_file()
+    # The predicates `cxr prepare` discovers with: hidden files (macOS "._x.jpeg" forks) are not
+    # images, and hidden folders (".git") and __MACOSX below `root` are not searched.
+    folders = path.relative_to(root).parts[:-1]
+    return is_image_name(path.name) and all(map(enter_folder, folders)) and path.is_file()
 
 
 def _predict_chunk(model, card, files, batch_size, gradcam_dir, first_index) -> list[dict]:

@@ -34,8 +34,8 @@ def best_row(table: pd.DataFrame) -> pd.Series:
     return done.loc[index]
 
 
-def load_checkpoint(checkpoint_path: str) -> tuple[Any, dict, Path]:
-    """(model, state, local folder) from a trial checkpoint, local or in s3:// / gs:// storage."""
+def load_checkpoint(checkpoint_path: str) -> tuple[Any, dict, Any]:
+    """(model, state, TrainConfig) from a trial checkpoint, local or in s3:// / gs:// storage."""
     from ray import tune
 
     from cxr_model import TrainConfig
@@ -45,7 +45,7 @@ def load_checkpoint(checkpoint_path: str) -> tuple[Any, dict, Path]:
     state = json.loads((folder / STATE_FILE).read_text())
     train_cfg = TrainConfig.from_dict(state["train_config"])
     model = _model_with_weights(train_cfg, folder / WEIGHTS_FILE)
-    return model, state, folder
+    return model, state, train_cfg
 
 
 def _model_with_weights(train_cfg, weights_path: Path):
@@ -69,9 +69,9 @@ def export_best(cfg: SearchConfig, table: pd.DataFrame, data=None) -> dict[str, 
     from cxr_model.pipeline import finalize
 
     row = best_row(table)
-    model, state, _ = load_checkpoint(row["checkpoint"])
+    model, state, trial_cfg = load_checkpoint(row["checkpoint"])
     # The card records what was trained: the trial's config, up to its best (checkpointed) epoch.
-    train_cfg = _trained_config(state)
+    train_cfg = dataclasses.replace(trial_cfg, epochs=int(state["epoch"]))
     val = (data.x_val, data.y_val) if data is not None else None
     result = finalize(
         model, train_cfg, cfg.prepared, cfg.run_dir / BEST_DIR, history=state["history"], val=val,
@@ -83,13 +83,6 @@ def export_best(cfg: SearchConfig, table: pd.DataFrame, data=None) -> dict[str, 
     result.update(trial_id=row["trial_id"], val_auc=float(row[METRIC]), params=_params(row),
                   best_epoch=int(state["best_epoch"]))
     return result
-
-
-def _trained_config(state: dict):
-    from cxr_model import TrainConfig
-
-    cfg = TrainConfig.from_dict(state["train_config"])
-    return dataclasses.replace(cfg, epochs=int(state["epoch"]))
 
 
 def _params(row: pd.Series) -> dict[str, Any]:

@@ -41,6 +41,8 @@ def register(subparsers) -> None:
 
 
 def _add_search(subparsers) -> None:
+    from cxr_model.pipeline import THRESHOLD_METHODS
+
     p = subparsers.add_parser("search", help="hyperparameter sweep (Ray Tune + Optuna + ASHA), best model on test",
                               epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
@@ -67,7 +69,7 @@ def _add_search(subparsers) -> None:
     model.add_argument("--weights", metavar="imagenet|none|PATH", help="VGG16 base weights (default: imagenet)")
     model.add_argument("--space", metavar="FILE", help="YAML/JSON overriding entries of the search space")
     model.add_argument("--seed", type=int, help="TPE's and every trial's seed (default: 0)")
-    model.add_argument("--threshold-method", choices=("youden", "sensitivity"),
+    model.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
                        help="decision threshold chosen on validation (default: youden)")
     store = p.add_argument_group("storage")
     store.add_argument("--storage", metavar="PATH|s3://...", help="Tune state and checkpoints (default: RUN)")
@@ -146,8 +148,6 @@ def _checked(cfg: SearchConfig) -> SearchConfig:
             raise CxrError(f"--{name.replace('_', '-')} must be at least {2 if name == 'reduction_factor' else 1}")
     if cfg.gpus_per_trial is not None and cfg.gpus_per_trial < 0:
         raise CxrError("--gpus-per-trial must be >= 0")
-    if cfg.weights is not None and cfg.weights.lower() == "none":
-        cfg = dataclasses.replace(cfg, weights=None)
     if cfg.address and cfg.address.startswith("ray://"):
         # Ray Client runs Tune (and the Optuna searcher) on the cluster, while this machine reads
         # the results: both sides must reach the storage and the study.
@@ -165,6 +165,8 @@ def _check_prepared(prepared: str) -> None:
 
 
 def print_summary(cfg: SearchConfig, summary: dict[str, Any]) -> int:
+    from cxr_model.evaluate import DISPLAY_ORDER
+
     table = summary["table"]
     print()
     print(_top_trials(table))
@@ -177,7 +179,7 @@ def print_summary(cfg: SearchConfig, summary: dict[str, Any]) -> int:
     print(f"\nBest trial {best['trial_id']}: validation AUC {best['val_auc']:.4f}; "
           f"threshold {best['threshold']:.3f} (chosen on validation)")
     print("Test split, evaluated once (95% bootstrap intervals):")
-    for name in ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "f1"):
+    for name in DISPLAY_ORDER:
         m = test[name]
         print(f"  {name:<12} {m['value']:.4f}  [{m['ci_low']:.4f}, {m['ci_high']:.4f}]")
     print(f"\nModel:   {best['model_dir']}\nReport:  {summary['report']}\n"

@@ -41,6 +41,12 @@ class SearchConfig:
     asha: bool = True                 # early stopping by ASHA; False runs every trial to max_epochs
     verbose: int = 1                  # Tune's console output: 0 silent, 1 status table, 2 per result
 
+    def __post_init__(self):
+        from cxr_model.config import normalise_weights  # imported here: `search.config` stays light
+
+        # "none", "null" and "" (flags, JSON) mean random init, as in ModelConfig
+        object.__setattr__(self, "weights", normalise_weights(self.weights))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

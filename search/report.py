@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cxr_model.evaluate import DISPLAY_ORDER
 from search.config import SearchConfig
 from search.results import PARAM_ORDER, epoch_columns
 from search.space import DEFAULT_SPACE, METRIC, describe
@@ -89,7 +90,7 @@ def _best_section(best: dict[str, Any]) -> str:
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
     lines = ["| metric | test | 95% CI | validation |", "|---|---|---|---|"]
-    for name in ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "f1"):
+    for name in DISPLAY_ORDER:
         test, val = metrics["test"][name], metrics["val"][name]
         lines.append(f"| {name} | {_fmt(test['value'])} | {_fmt(test['ci_low'])} - {_fmt(test['ci_high'])} "
                      f"| {_fmt(val['value'])} |")

@@ -33,7 +33,6 @@ class ResumeState:
     best_epoch: int = 0
     history: dict[str, list] = field(default_factory=dict)  # per-epoch logs of earlier attempts
     weights_path: str | None = None
-    checkpoint_dir: Any = None  # keeps the checkpoint's local copy alive while we read it
 
     @classmethod
     def from_checkpoint(cls, checkpoint) -> "ResumeState":
@@ -42,7 +41,7 @@ class ResumeState:
         folder = Path(checkpoint.to_directory())  # a local copy, also when storage is s3://
         state = json.loads((folder / STATE_FILE).read_text())
         return cls(epochs_done=state["epoch"], best_value=state["best_value"], best_epoch=state["best_epoch"],
-                   history=state["history"], weights_path=str(folder / WEIGHTS_FILE), checkpoint_dir=folder)
+                   history=state["history"], weights_path=str(folder / WEIGHTS_FILE))
 
 
 def save_weights(model, path: Path) -> None:

@@ -20,6 +20,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
     When the sweep was interrupted (Ctrl-C), only the results so far are written and "finished"
     is False: the best trial is not evaluated on test until the sweep is complete.
     """
+    from cxr_model import Data
     from search.best import export_best
     from search.report import write_report
     from search.results import collect_results, write_results
@@ -29,13 +30,15 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
     check_weights(cfg.weights)  # before cfg.save(): a failed start must not look like a sweep to resume
     if not resume:
         cfg.save()
-    grid = run_sweep(cfg, resume=resume, callbacks=callbacks)
+    # Loaded once: the trials train on it and the best trial's threshold is chosen on its val split.
+    data = Data.from_prepared(cfg.prepared)  # train + val only; the test split stays on disk
+    grid = run_sweep(cfg, resume=resume, callbacks=callbacks, data=data)
     table, _histories = collect_results(cfg)
     files = write_results(table, cfg)
     summary: dict[str, Any] = {"finished": sweep_finished(cfg, grid), "table": table, "best": None,
                                "report": None, "results_files": files}
     if summary["finished"]:
-        summary["best"] = export_best(cfg, table)
+        summary["best"] = export_best(cfg, table, data=data)
         summary["wall_time_s"] = time.perf_counter() - start
         summary["report"] = write_report(cfg, table, summary["best"], wall_time_s=summary["wall_time_s"])
     summary["wall_time_s"] = time.perf_counter() - start

@@ -34,6 +34,7 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     from ray import tune
 
     from cxr_model import fit
+    from cxr_model.train import uses_feature_cache
     from search.reporting import ReportCallback, ResumeState
     from search.space import to_train_config
 
@@ -46,7 +47,7 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     train_cfg = to_train_config(config, image_size=settings["image_size"], weights=settings["weights"],
                                 epochs=remaining, seed=settings["seed"], patience=settings["patience"],
                                 use_feature_cache=settings["use_feature_cache"])
-    on_features = train_cfg.use_feature_cache and train_cfg.model.base_is_fixed
+    on_features = uses_feature_cache(train_cfg)
     cache_dir = settings["feature_cache_dir"] or _node_local("cxr-tune-features")
     cache = _feature_cache(cache_dir) if on_features else None
     callback = ReportCallback(resume=resume, train_cfg=train_cfg, feature_cache=on_features)

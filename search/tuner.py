@@ -27,7 +27,7 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
     """Run (or continue) the sweep described by `cfg`; returns Tune's ResultGrid.
 
     callbacks: extra `ray.tune.Callback`s (tests use one to kill a trial's worker).
-    data: a `cxr_model.Data` to train on instead of loading `cfg.prepared` (benchmarks).
+    data: a `cxr_model.Data` to train on instead of loading `cfg.prepared` (run_search, benchmarks).
     """
     from cxr_model import Data
 
@@ -110,7 +110,7 @@ def connect(address: str | None) -> None:
     """Join the cluster at `address`, or start a local Ray; keep a connection that already exists."""
     import ray
 
-    from datasets.errors import CxrError
+    from datasets.errors import CxrError, first_line
 
     if ray.is_initialized():
         return
@@ -120,7 +120,7 @@ def connect(address: str | None) -> None:
     try:
         ray.init(address=address)
     except ConnectionError as exc:
-        raise CxrError(f"no Ray cluster at {address} ({str(exc).splitlines()[0][:120]}); start one with "
+        raise CxrError(f"no Ray cluster at {address} ({first_line(exc, limit=120)}); start one with "
                        "`ray up cluster.yaml` or `ray start --head`, or leave out --address") from None
 
 

@@ -161,3 +161,15 @@ def test_jax_backend_loads_the_export_predicts_and_gives_the_same_gradcam(model_
     np.testing.assert_allclose(probs_jax, expected["p_pneumonia"], atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "heat.npy"), heat_tf, atol=1e-3)
     assert len(list((tmp_path / "heat").glob("*.png"))) == len(files)
+
+
+def test_folders_are_searched_as_prepare_discovers_them(tmp_path):
+    """Hidden files, hidden folders and macOS __MACOSX copies below the given folder are skipped."""
+    from cxr_model.predict import expand_paths
+
+    for rel in ("a.jpeg", "sub/b.PNG", "__MACOSX/sub/._b.PNG", "__MACOSX/c.jpeg", ".git/d.jpeg",
+                "._e.jpeg", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    found = sorted(p.relative_to(tmp_path).as_posix() for p in expand_paths([tmp_path]))
+    assert found == ["a.jpeg", "sub/b.PNG"]

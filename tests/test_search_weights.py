@@ -39,3 +39,12 @@ def test_missing_weights_file_fails_before_the_sweep_starts(tmp_path, monkeypatc
 
     with pytest.raises(CxrError, match="VGG16 weights file not found"):
         tuner.run_sweep(cfg)
+
+
+@pytest.mark.parametrize("words", ["none", "NONE", " null ", ""])
+def test_every_spelling_of_no_weights_means_random_init_in_a_search_config(words, tmp_path):
+    """Normalised in SearchConfig itself, so the API, a saved config.json and the CLI agree."""
+    from search.config import SearchConfig
+
+    cfg = SearchConfig(prepared=str(tmp_path), out=str(tmp_path / "run"), weights=words)
+    assert cfg.weights is None
