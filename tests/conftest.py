@@ -19,9 +19,12 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+DATA_DIR = REPO_ROOT / "tests" / "data"
+
+
 def _samples_root() -> Path:
     env = os.environ.get("CXR_SAMPLES")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "samples" / "chest_xray"
+    return Path(env) if env else DATA_DIR / "chest_xray"
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +37,7 @@ def samples_dir() -> Path:
     """The ten real Kermany et al. images (CC BY 4.0), laid out as chest_xray/train/<LABEL>/."""
     root = _samples_root()
     if not root.is_dir():
-        pytest.skip(f"real samples not found at {root} (set CXR_SAMPLES)")
+        pytest.fail(f"real samples not found at {root}: tests/data/ is part of the repo")
     return root
 
 

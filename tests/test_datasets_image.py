@@ -18,7 +18,7 @@ import datasets
 from datasets import ImageRejected, preprocess_file, read_gray, resize_gray
 from dicom_util import write_dicom
 
-REAL_SIZES = {  # from shared/samples/README.md
+REAL_SIZES = {  # from tests/data/README.md
     "NORMAL/NORMAL2-IM-0736-0001.jpeg": (1432, 1184, "L"),
     "PNEUMONIA/person1763_bacteria_4606.jpeg": (483, 178, "RGB"),
     "PNEUMONIA/person471_virus_968.jpeg": (831, 603, "RGB"),
