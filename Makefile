@@ -10,15 +10,25 @@ PYTEST_ARGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install lock demo test test-slow test-all bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions every cluster node installs (Dockerfile, cluster.yaml); the
+# venv takes the same ones.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Re-resolve constraints.txt after a change to pyproject.toml's dependencies (needs the network):
+# Linux x86_64, Python 3.11, like Ray's cluster image; extras gpu and aws included.
+lock: $(STAMP)
+	$(BIN)/python -m pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --extra gpu --extra aws --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --annotation-style line \
+		--custom-compile-command 'make lock' -o constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/cxr demo --out $(DEMO_DIR) --overwrite

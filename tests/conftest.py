@@ -67,3 +67,13 @@ def prepared_small(synth_source, ray_session, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     datasets.prepare(synth_source, out, image_size=32, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real multi-node Ray on this machine (tests/ray_cluster.py): a head with no CPUs and the
+    dashboard, two 1-CPU worker nodes; every node stopped by process id after the module."""
+    from ray_cluster import ray_cluster as start_cluster
+
+    with start_cluster(workers=2, cpus_per_worker=1) as cluster:
+        yield cluster

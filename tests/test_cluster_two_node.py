@@ -1,121 +1,29 @@
-"""`cxr search --address` on a real two-node Ray cluster (two raylets on this machine, 1 CPU each),
-with the driver in a subprocess: trials run on both nodes; and a driver killed with SIGKILL
-mid-sweep is resumed with --resume, reaching the requested trial count without rerunning the
-trials that had finished.
-
-The cluster is started with `ray start --block` under a private temp dir and torn down by the ids
-of the processes this module started (never `ray stop`, which would stop every Ray on the machine).
+"""`cxr search --address` on a real multi-node Ray cluster (tests/ray_cluster.py: a head with no
+CPUs and two 1-CPU worker nodes on this machine), with the driver in a subprocess: trials run on
+both workers; and a driver killed with SIGKILL mid-sweep is resumed with --resume, reaching the
+requested trial count without rerunning the trials that had finished.
 """
 from __future__ import annotations
 
 import glob
 import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray_cluster import cluster_env
 
 TEST_SPACE = ("head_layers: 1\nhead_units: {low: 8, high: 32, log: true}\nbatch_size: 32\n"
               "trainable_blocks: {choices: [0, 1]}\nlr: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
 
 
-# ----------------------------------------------------------------------------- the cluster
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_ports() -> list[str]:
-    # Ports that default to fixed numbers: two raylets here, and other Ray instances on this
-    # shared machine, must not collide on them.
-    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-             "--metrics-export-port")
-    return [arg for flag in flags for arg in (flag, str(_free_port()))]
-
-
-def cluster_env(**extra: str) -> dict[str, str]:
-    """The environment of every process of, or connecting to, the test cluster. Token auth is
-    off for all of them explicitly: left to Ray, a head finds ~/.ray/auth_token and turns it on
-    while a joining node may not (it depends on whether this process ran `ray.init` before)."""
-    return dict(os.environ, RAY_AUTH_MODE="disabled", **extra)
-
-
-def _ray_start(args: list[str], log: Path) -> subprocess.Popen:
-    ray = str(Path(sys.executable).with_name("ray"))
-    return subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", "--num-cpus", "1", *_node_ports(),
-                             *args],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env=cluster_env())
-
-
-def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    raise TimeoutError(f"no {text!r} in {log} after {timeout} s")
-
-
-def _pids_using(marker: str) -> list[int]:
-    """Processes of this cluster: their command lines name its private temp dir."""
-    pids = []
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            if marker in Path(cmdline).read_bytes().decode(errors="replace"):
-                pids.append(int(cmdline.split("/")[2]))
-        except OSError:
-            continue
-    return [p for p in pids if p != os.getpid()]
-
-
-def _stop(nodes: list[subprocess.Popen], temp_dir: str) -> None:
-    for proc in nodes:  # worker first, then head: `ray start --block` stops its node on SIGTERM
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
-    for pid in _pids_using(temp_dir):  # anything that outlived its raylet
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture(scope="module")
-def cluster():
-    # Short private temp dir: Ray's socket paths live under it and must stay under 108 characters.
-    temp_dir = tempfile.mkdtemp(prefix="cxr2n-", dir="/tmp")
-    port = _free_port()
-    nodes: list[subprocess.Popen] = []
-    try:
-        head_log = Path(temp_dir) / "head.log"
-        nodes.append(_ray_start(["--head", "--port", str(port), "--temp-dir", temp_dir, "--include-dashboard",
-                                 "false", "--dashboard-port", str(_free_port()),
-                                 "--ray-client-server-port", str(_free_port())], head_log))
-        _wait_for_line(nodes[0], head_log, "Ray runtime started")
-        worker_log = Path(temp_dir) / "worker.log"
-        nodes.insert(0, _ray_start(["--address", f"127.0.0.1:{port}"], worker_log))
-        _wait_for_line(nodes[0], worker_log, "Ray runtime started")
-        yield f"127.0.0.1:{port}"
-    finally:
-        _stop(nodes, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def cluster(ray_cluster) -> str:
+    return ray_cluster.address
 
 
 def _driver(args: list[str], log: Path, repo_root: Path) -> subprocess.Popen:
