@@ -275,3 +275,29 @@ def test_sbatch_outside_slurm_says_what_is_missing(repo_root):
                                    "submit with sbatch")
     done = dry_run(repo_root, [], SLURM_JOB_NUM_NODES="2", SLURM_CPUS_PER_TASK="4")
     assert done.returncode == 2 and "usage: sbatch cluster/slurm.sbatch PREPARED" in done.stderr
+
+
+# ----------------------------------------------------------------------------- AWS IAM
+
+
+def test_aws_iam_script_makes_the_profiles_cluster_yaml_names(repo_root):
+    import json
+
+    script = repo_root / "cluster" / "aws-iam.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script), "my-bucket"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "CXR_DRY_RUN": "1"})
+    assert done.returncode == 0, done.stderr
+    calls = [shlex.split(line) for line in done.stdout.splitlines()]
+    assert all(c[:2] == ["aws", "iam"] for c in calls)
+    profiles = {c[c.index("--instance-profile-name") + 1] for c in calls if c[2] == "create-instance-profile"}
+    config = yaml.safe_load((repo_root / "cluster.yaml").read_text())
+    named = {t["node_config"]["IamInstanceProfile"]["Name"] for t in config["available_node_types"].values()}
+    assert profiles == named == {"cxr-tune-head", "cxr-tune-worker"}
+    for call in calls:  # every policy document is valid JSON; the S3 one names the bucket only
+        if "--policy-document" in call:
+            policy = json.loads(call[call.index("--policy-document") + 1])
+            for statement in policy["Statement"]:
+                if "s3:PutObject" in statement["Action"]:
+                    assert statement["Resource"] == ["arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/*"]
+    assert subprocess.run(["bash", str(script)], capture_output=True, env={"PATH": "/usr/bin:/bin"}).returncode == 2
