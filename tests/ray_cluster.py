@@ -95,9 +95,10 @@ def _stop(nodes: list[subprocess.Popen], temp_dir: str) -> None:
                 proc.terminate()
         for proc in group:
             try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # its own process group (start_new_session)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     for pid in pids_using(temp_dir):  # anything that outlived its raylet
         try:
             os.kill(pid, signal.SIGKILL)
