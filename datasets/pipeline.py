@@ -35,7 +35,7 @@ import pandas as pd
 from . import splits as split_rules
 from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
 from .decode import LocalRay, decode_files
-from .discover import Discovery, discover
+from .discover import Discovery, discover, patient_id_rules
 from .eda import write_eda
 from .errors import CxrError
 from .shards import (MANIFEST, manifest_totals, write_manifest, write_parquet_shards,
@@ -261,6 +261,7 @@ def _manifest(source: Path, cfg: PrepareConfig, found: Discovery, table: pd.Data
                   "dtype": "uint8", "encoding": "raw row-major bytes"},
         "discovery": found.summary(),
         "patients_not_from_name": int((~rows["patient_from_name"]).sum()),
+        "patient_id_rule": patient_id_rules(f.rel_path for f in found.files),
         "rejected": sorted(rejected, key=lambda r: r["path"]),
         "duplicates": report["duplicates"],
         "patient_overlap": report["patient_overlap"],
