@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from .config import CLASS_NAMES, IMAGE_EXTENSIONS, SPLITS
 from .errors import CxrError
+from .storage import Location, list_files
 
 _IGNORED_DIRS = {"__macosx"}
 
@@ -107,16 +108,21 @@ class _Candidate:
     root: tuple[str, ...]  # the folders above the split (or class) folder
     key: tuple[str, ...]  # the path below the root, lower-cased: equal keys are mirror copies
     reason: str | None = None
+    size: int | None = None  # known from a URI listing; local files are asked when needed
 
 
-def discover(source: str | os.PathLike) -> Discovery:
-    """Every image file under `source` with its label, split and patient; raises CxrError if none."""
-    source = Path(source)
-    if not source.exists():
-        raise CxrError(f"source folder not found: {source}")
-    if not source.is_dir():
-        raise CxrError(f"source is not a folder: {source}")
-    candidates, ignored = _walk(source)
+def discover(source: str | os.PathLike | Location) -> Discovery:
+    """Every image file under `source` (a folder or a pyarrow.fs URI) with its label, split and
+    patient; raises CxrError if none. A file's `path` is what the decode tasks open: an absolute
+    local path, or the path inside the URI's file system."""
+    loc = source if isinstance(source, Location) else Location.of(source)
+    kind = loc.kind()
+    if kind == "missing":
+        raise CxrError(f"source folder not found: {loc}")
+    if kind != "dir":
+        raise CxrError(f"source is not a folder: {loc}")
+    candidates, ignored = _walk(loc.local) if loc.local else _walk_uri(loc)
+    source = loc.uri
     if not candidates:
         raise CxrError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {source}")
     kept, skipped, mirror_roots = _drop_mirror_copies([c for c in candidates if c.reason is None])
@@ -180,6 +186,23 @@ def patient_id_rules(names) -> dict:
         counts[scheme] = counts.get(scheme, 0) + 1
     return {scheme: {**PATIENT_ID_RULES[scheme], "files": n} for scheme, n in sorted(counts.items())}
 
+def _walk_uri(loc: Location) -> tuple[list[_Candidate], int]:
+    """`_walk` over a pyarrow file system's listing."""
+    candidates, ignored = [], 0
+    for rel, size, is_dir in list_files(loc):
+        parts = rel.split("/")
+        if not all(enter_folder(part) for part in parts[:-1]):
+            continue
+        if is_dir and not is_image_name(parts[-1]):
+            continue
+        if not is_image_name(parts[-1]):
+            ignored += 1
+            continue
+        cand = _classify_rel(PurePosixPath(rel), loc.child(rel).path)
+        candidates.append(replace(cand, size=-1 if is_dir else size))
+    return candidates, ignored
+
+
 def _walk(source: Path) -> tuple[list[_Candidate], int]:
     candidates, ignored = [], 0
     for dirpath, dirnames, filenames in os.walk(source):
@@ -211,16 +234,19 @@ def is_image_name(name: str) -> bool:
 
 
 def _classify(source: Path, path: Path) -> _Candidate:
-    rel = PurePosixPath(path.relative_to(source).as_posix())
+    return _classify_rel(PurePosixPath(path.relative_to(source).as_posix()), str(path))
+
+
+def _classify_rel(rel: PurePosixPath, path: str) -> _Candidate:
     folders = rel.parts[:-1]
     upper = [f.upper() for f in folders]
     label_at = max((i for i, f in enumerate(upper) if f in CLASS_NAMES), default=None)
     if label_at is None:
-        return _Candidate(str(path), rel, None, None, (), (), reason=_no_label_reason(folders))
+        return _Candidate(path, rel, None, None, (), (), reason=_no_label_reason(folders))
     split_at = max((i for i in range(label_at) if folders[i].lower() in SPLITS), default=None)
     root_end = label_at if split_at is None else split_at
     return _Candidate(
-        path=str(path),
+        path=path,
         rel=rel,
         label=CLASS_NAMES.index(upper[label_at]),
         split=None if split_at is None else folders[split_at].lower(),
@@ -262,6 +288,8 @@ def _encloses(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
 
 
 def _same_size(a: _Candidate, b: _Candidate) -> bool:
+    if a.size is not None and b.size is not None:
+        return a.size == b.size >= 0
     try:
         return os.path.getsize(a.path) == os.path.getsize(b.path)
     except OSError:
