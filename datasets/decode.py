@@ -83,13 +83,19 @@ def write_shards(rows: pd.DataFrame, pixels: list, out, cfg: PrepareConfig) -> l
     task = ray.remote(num_cpus=1, max_retries=1)(write_shard)
     columns = [name for name in PARQUET_SCHEMA.names if name != "image"]
     formats = ["parquet", "tfrecord"] if cfg.format == "both" else [cfg.format]
-    refs = []
+    # At most two shards per CPU in flight: each submitted shard's row table is serialised in the
+    # driver until its task ends, so submitting all at once would grow the driver with the data.
+    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    refs: list = []
+    in_flight: list = []
     for split in SPLITS:
         part = rows[rows["split"] == split]
         if len(part):
             out.child(split).mkdir()
         for fmt in formats:
             for number, begin in enumerate(range(0, len(part), cfg.rows_per_shard)):
+                if len(in_flight) >= window:
+                    _, in_flight = ray.wait(in_flight, num_returns=1)
                 shard = part.iloc[begin:begin + cfg.rows_per_shard]
                 needed = sorted(set(shard["chunk"]))
                 local = {chunk: i for i, chunk in enumerate(needed)}
@@ -97,6 +103,8 @@ def write_shards(rows: pd.DataFrame, pixels: list, out, cfg: PrepareConfig) -> l
                                              _pos=shard["pos"].to_numpy())
                 rel = f"{split}/part-{number:05d}.{fmt}"
                 refs.append(task.remote(spec, out, rel, split, fmt, *[pixels[c] for c in needed]))
+                in_flight.append(refs[-1])
+                del spec, shard
     return ray.get(refs)
 
 

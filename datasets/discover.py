@@ -69,7 +69,7 @@ PATIENT_ID_RULES: dict[str, dict] = {
         "status": "guess", "evidence": "nothing in the name links images of one patient"},
 }
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceFile:
     path: str  # absolute path, as found (symlinks not resolved)
     rel_path: str  # relative to SOURCE, POSIX separators: what the manifest and shards record

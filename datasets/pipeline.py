@@ -22,6 +22,7 @@ writer threads finish, may leave `.OUT.partial-*` behind, which is safe to delet
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import sys
@@ -38,7 +39,7 @@ import pandas as pd
 from . import splits as split_rules
 from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
 from .decode import LocalRay, decode_files, fetch_images, write_shards
-from .discover import Discovery, discover, patient_id_rules
+from .discover import Discovery, SourceFile, discover, patient_id_rules
 from .eda import sample_rows, write_eda
 from .errors import CxrError
 from .shards import MANIFEST, manifest_totals, write_manifest
@@ -178,7 +179,8 @@ def staging(out: Location) -> Iterator[Location]:
 def _decode(found: Discovery, cfg: PrepareConfig, fs, verbose: bool) -> tuple[pd.DataFrame, list]:
     """File metadata joined with the decode results (one row per discovered file), and the refs
     of the decoded pixels."""
-    files = pd.DataFrame([f.__dict__ for f in found.files])
+    files = pd.DataFrame({field.name: [getattr(f, field.name) for f in found.files]
+                          for field in dataclasses.fields(SourceFile)})
     results, pixels = decode_files(files["path"].tolist(), cfg, fs=fs, verbose=verbose)
     return pd.concat([files, results.drop(columns="idx")], axis=1), pixels
 
