@@ -1,4 +1,4 @@
-"""cxr-tune's data stage: chest X-ray folder -> patient-split, verified shards (Ray Data).
+"""cxr-tune's data stage: chest X-ray folder -> patient-split, verified shards (Ray tasks).
 
     import datasets
     datasets.synth("data/synth", n=600)                        # a synthetic Kaggle-layout folder

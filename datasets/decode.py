@@ -1,24 +1,27 @@
-"""Parallel decode + grayscale + resize of many files with Ray Data.
+"""The Ray side of `cxr prepare`: a pool of plain Ray tasks that decode files, then write shards.
 
-One Ray task handles a block of `files_per_task` paths (a single Ray task costs milliseconds;
-an image costs ~5-30 ms, so a few dozen per task keep the overhead near 1%). Each task reads the
-file, hashes it (duplicate detection), and runs `image.preprocess_bytes`, the same function
-`cxr predict` uses. A file that cannot be used comes back as a row with `reason` set: errors are
-caught inside the task and never fail the dataset.
+Decode: one task per chunk of `files_per_task` paths (a Ray task costs ~1 ms; an image 5-30 ms),
+and at least 4 chunks per CPU so that no core idles while the last chunk finishes. Each task reads
+its files, hashes them (duplicate detection) and runs `image.preprocess_bytes`, the same function
+`cxr predict` uses; a file that cannot be used comes back as a row with `reason` set and the node
+that tried it. Plain tasks rather than Ray Data: on 2 CPUs Ray Data's executor start and its
+scheduling cost ~2 s and a fifth of the decode rate (see the profile in README.md), and this is
+one map over a list with no operator to stream into.
 
-`decode_files` runs on the Ray instance the caller has: `LocalRay` (what `prepare` uses) joins the
-running one (a cluster, a test session, the search driver) or starts a local one for the command.
-On a multi-node cluster, SOURCE must be on storage every node can read (the tasks open the paths
-themselves).
+The pixels stay where they were decoded: each decode task returns its metadata (to the driver)
+and its images as one array that remains in Ray's object store (see workers.py). When the rules
+have seen every file, one task per shard gathers its rows' images and writes the shard to OUT
+itself. The driver holds metadata only, so its memory does not grow with the images.
 
-The decoded images (S*S bytes each: ~300 MB for the real set at 224 px) come back to the driver,
-which needs them all anyway to apply the duplicate and split rules and write sorted shards.
+`LocalRay` (what `prepare` uses) joins the running Ray (a cluster, a test session, the search
+driver) or starts a local one for the command. On a multi-node cluster the tasks open SOURCE and
+write OUT themselves: both must be on storage that every node sees (a shared file system or a
+pyarrow.fs URI such as s3://).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import logging
 import math
 import os
@@ -29,94 +32,104 @@ from collections.abc import Iterator
 
 import pandas as pd
 
-from .config import PrepareConfig
-from .errors import ImageRejected
-from .image import preprocess_bytes, read_file_bytes
-
-RESULT_COLUMNS = ("idx", "reason", "sha256", "image", "orig_width", "orig_height", "orig_mode")
+from .config import SPLITS, PrepareConfig
+from .workers import META_COLUMNS, decode_chunk, pick_images, write_shard
 
 
-def decode_files(paths: list[str], cfg: PrepareConfig, verbose: bool = True) -> pd.DataFrame:
-    """One row per path, in input order: idx, reason (None = accepted), sha256, image (raw uint8
-    bytes of [S, S], None if rejected), orig_width, orig_height, orig_mode. Needs a running Ray
-    (see `LocalRay`)."""
+def decode_files(paths: list[str], cfg: PrepareConfig, fs=None,
+                 verbose: bool = True) -> tuple[pd.DataFrame, list]:
+    """(one metadata row per path, in input order: META_COLUMNS plus `chunk`; the object refs of
+    the decoded chunks). An accepted row's image is row `pos` of chunk `chunk`. Needs a running
+    Ray (see `LocalRay`)."""
     import ray
 
-    items = [{"idx": i, "path": p} for i, p in enumerate(paths)]
-    with decoding_data_context():
-        blocks = _block_count(len(items), cfg.files_per_task, ray.cluster_resources().get("CPU", 1))
-        dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            decode_batch,
-            batch_size=None,  # a whole block per call: one task per `files_per_task` files
-            batch_format="pandas",
-            fn_kwargs=_decode_kwargs(cfg),
-        )
-        progress = Progress("decoding", len(items), enabled=verbose)
-        parts = []
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
-            parts.append(batch)
-            progress.update(len(batch))
-        progress.done()
-    results = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=RESULT_COLUMNS)
-    results = _owned(results.sort_values("idx").reset_index(drop=True))
-    if not results["idx"].astype(int).tolist() == list(range(len(paths))):
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = _chunk_size(len(paths), cfg.files_per_task, cpus)
+    task = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(decode_chunk)
+    metas, pixels = [], []
+    for start in range(0, len(paths), size):
+        items = [(i, paths[i]) for i in range(start, min(start + size, len(paths)))]
+        meta, images = task.remote(items, fs, cfg.image_size, cfg.resize, cfg.max_pixels,
+                                   cfg.min_size)
+        metas.append(meta)
+        pixels.append(images)
+    chunk_of = {ref: number for number, ref in enumerate(metas)}
+    progress = Progress("decoding", len(paths), enabled=verbose)
+    rows, pending = [], list(metas)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=None)
+        for ref in done:
+            part = ray.get(ref)
+            rows += [(*row, chunk_of[ref]) for row in part]
+            progress.update(len(part))
+    progress.done()
+    table = pd.DataFrame(rows, columns=[*META_COLUMNS, "chunk"]).sort_values("idx") \
+        .reset_index(drop=True)
+    if table["idx"].tolist() != list(range(len(paths))):
         # Callers join results to their file list by position: never let a lost or repeated row
         # shift every label after it.
-        raise RuntimeError(f"decoding returned {len(results)} rows for {len(paths)} files")
-    return results
+        raise RuntimeError(f"decoding returned {len(table)} rows for {len(paths)} files")
+    return table, pixels
 
 
-def _owned(results: pd.DataFrame) -> pd.DataFrame:
-    """The same rows in this process's own memory. Ray Data hands back Arrow-backed columns whose
-    buffers lie in Ray's shared-memory object store, and pandas' copies of them stay views (Arrow
-    arrays are immutable); that memory belongs to a Ray instance we may shut down next. Each
-    column is rebuilt from Python objects (pandas may store text columns as Arrow strings again,
-    now in this process's memory): ~6,000 rows cost milliseconds. Missing values are None/NaN;
-    `orig_width`/`orig_height` may come back as floats and are cast where rows are selected."""
-    return pd.DataFrame({
-        name: results[name].to_numpy(dtype=object, na_value=None) if name != "idx"
-        else results[name].to_numpy(dtype="int64", copy=True)
-        for name in RESULT_COLUMNS
-    })
+def write_shards(rows: pd.DataFrame, pixels: list, out, cfg: PrepareConfig) -> list[dict]:
+    """One Ray task per shard writes OUT/<split>/part-NNNNN.<format> (`out`: a storage.Location);
+    returns the shards' manifest entries in split, format and shard order. `rows`: the shard
+    columns but `image`, plus `chunk` and `pos` (where each row's image lies in `pixels`)."""
+    import ray
+
+    from .shards import PARQUET_SCHEMA
+
+    task = ray.remote(num_cpus=1, max_retries=1)(write_shard)
+    columns = [name for name in PARQUET_SCHEMA.names if name != "image"]
+    formats = ["parquet", "tfrecord"] if cfg.format == "both" else [cfg.format]
+    # At most two shards per CPU in flight: each submitted shard's row table is serialised in the
+    # driver until its task ends, so submitting all at once would grow the driver with the data.
+    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    refs: list = []
+    in_flight: list = []
+    for split in SPLITS:
+        part = rows[rows["split"] == split]
+        if len(part):
+            out.child(split).mkdir()
+        for fmt in formats:
+            for number, begin in enumerate(range(0, len(part), cfg.rows_per_shard)):
+                if len(in_flight) >= window:
+                    _, in_flight = ray.wait(in_flight, num_returns=1)
+                shard = part.iloc[begin:begin + cfg.rows_per_shard]
+                needed = sorted(set(shard["chunk"]))
+                local = {chunk: i for i, chunk in enumerate(needed)}
+                spec = shard[columns].assign(_chunk=shard["chunk"].map(local).to_numpy(),
+                                             _pos=shard["pos"].to_numpy())
+                rel = f"{split}/part-{number:05d}.{fmt}"
+                refs.append(task.remote(spec, out, rel, split, fmt, *[pixels[c] for c in needed]))
+                in_flight.append(refs[-1])
+                del spec, shard
+    return ray.get(refs)
 
 
-def _block_count(n_files: int, files_per_task: int, cpus: float) -> int:
-    """Enough tasks to amortise their overhead, and at least 4 per CPU so that no core idles
-    while the last slow block finishes."""
-    return max(1, min(n_files, max(math.ceil(n_files / files_per_task), 4 * int(cpus))))
+def fetch_images(rows: pd.DataFrame, pixels: list) -> list[bytes]:
+    """The images of a few rows (columns `chunk`, `pos`), in row order: a small task per chunk
+    hands back only those images, never a whole chunk."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(pick_images)
+    wanted = {}
+    for order, (chunk, pos) in enumerate(zip(rows["chunk"], rows["pos"])):
+        wanted.setdefault(int(chunk), []).append((order, int(pos)))
+    calls = {chunk: task.remote([p for _, p in items], pixels[chunk])
+             for chunk, items in wanted.items()}
+    images: list[bytes] = [b""] * len(rows)
+    for chunk, items in wanted.items():
+        for (order, _), data in zip(items, ray.get(calls[chunk])):
+            images[order] = data
+    return images
 
 
-def decode_batch(
-    batch: pd.DataFrame, image_size: int, resize: str, max_pixels: int, min_size: int
-) -> pd.DataFrame:
-    """Ray task body: decode every file of the batch; a failure becomes that row's `reason`."""
-    rows = [
-        _decode_one(idx, path, image_size, resize, max_pixels, min_size)
-        for idx, path in zip(batch["idx"], batch["path"])
-    ]
-    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-
-
-def _decode_one(idx, path, image_size, resize, max_pixels, min_size) -> tuple:
-    sha = None
-    try:
-        data = read_file_bytes(path)
-        sha = hashlib.sha256(data).hexdigest()
-        image, meta = preprocess_bytes(
-            data, image_size, resize, name=path, max_pixels=max_pixels, min_size=min_size
-        )
-    except ImageRejected as exc:
-        return (int(idx), exc.reason, sha, None, None, None, None)
-    except Exception as exc:  # a bug or a library surprise must not lose the other files
-        reason = f"unexpected error: {type(exc).__name__}: {exc}"[:300]
-        return (int(idx), reason, sha, None, None, None, None)
-    return (int(idx), None, sha, image.tobytes(), meta["orig_width"], meta["orig_height"],
-            meta["orig_mode"])
-
-
-def _decode_kwargs(cfg: PrepareConfig) -> dict:
-    return {"image_size": cfg.image_size, "resize": cfg.resize, "max_pixels": cfg.max_pixels,
-            "min_size": cfg.min_size}
+def _chunk_size(n_files: int, files_per_task: int, cpus: int) -> int:
+    """Enough files per task to amortise its overhead, and at least 4 tasks per CPU so that no
+    core idles while the last slow chunk finishes."""
+    return max(1, min(files_per_task, math.ceil(n_files / (4 * max(cpus, 1)))))
 
 
 class LocalRay:
@@ -208,34 +221,6 @@ def _logger_level(name: str, level: int) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(saved)
-
-
-@contextlib.contextmanager
-def decoding_data_context() -> Iterator[None]:
-    """Ray Data settings for the decode, restored afterwards.
-
-    - Progress bars and start-of-execution lines off: they flood non-interactive logs (one line
-      per refresh in CI); we print our own rate-limited progress instead.
-    - Operator resource reservation off: it holds back part of the CPUs for operators downstream
-      of the current one, and this pipeline has a single CPU-bound operator. With it on, decoding
-      1,000 1-3 MP JPEGs on 2 CPUs ran at ~274 img/s; off, ~370 img/s (plain Ray tasks: ~470).
-    """
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved = {name: getattr(ctx, name) for name in
-             ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start",
-              "op_resource_reservation_enabled")}
-    for name in saved:
-        setattr(ctx, name, False)
-    try:
-        # INFO lines per execution, and a warning that the bars are off (we know).
-        with _logger_level("ray.data", logging.WARNING), \
-                _logger_level("ray.data._internal.progress", logging.ERROR):
-            yield
-    finally:
-        for name, value in saved.items():
-            setattr(ctx, name, value)
 
 
 class Progress:

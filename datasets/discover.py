@@ -15,24 +15,61 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from .config import CLASS_NAMES, IMAGE_EXTENSIONS, SPLITS
 from .errors import CxrError
+from .storage import Location, list_files
 
 _IGNORED_DIRS = {"__macosx"}
-# person<PID>_<bacteria|virus>_<n>: n is a running index over the data set, not per patient.
-_PERSON = re.compile(r"^person(\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE)
-# IM-<PID>-<seq> and NORMAL2-IM-<PID>-<seq> are two numbering schemes: same digits, different people.
+
+# Patient ids from the file names of the Kermany et al. data set. Evidence for each rule, checked
+# on the real file names of the Kaggle split (tests/data/kaggle_chest_xray_names.csv: 5,216 train
+# and 624 test names; tests/test_datasets_layout.py repeats the counts below):
+#
+# person<N>_<bacteria|virus>_<k> (Kaggle PNEUMONIA): the patient is (type, N), not N. Person
+#   numbers count separately per diagnosis type. Read as one child per N, 808 of the 1,635 train
+#   numbers would have both a bacterial and a viral pneumonia (in test: 1 of 202), and 170 numbers
+#   would be in both train and test while not one (type, N) pair is: e.g. train holds only
+#   person1_bacteria_{1,2}, test only person1_virus_{6..13}. k is one running index per type over
+#   the whole set (2,772 bacteria indices, all distinct), not per patient. Taking N alone removed
+#   453 train images (8.7%) as "test patients" that were not.
+# IM-<N>-<k> and NORMAL2-IM-<N>-<k> (Kaggle NORMAL): two numbering schemes (the same N in both is
+#   not the same child); no id of either is in both train and test.
+# NORMAL-<id>-<k>, BACTERIA-<id>-<k>, VIRUS-<id>-<k> (the Mendeley release, "CellData/chest_xray"):
+#   the release describes its names as (disease)-(randomized patient ID)-(image number of that
+#   patient), stated for the OCT half of the same release; no list of its chest X-ray names was
+#   available here to check it against. So the id rule is a guess, and the manifest says so: <id>
+#   is taken as the patient whatever the diagnosis word (randomized 7-digit ids of different
+#   children rarely collide, and grouping too much never leaks, grouping too little does).
+_PERSON = re.compile(r"^person(\d+)_(bacteria|virus)_\d+", re.IGNORECASE)
 _IM = re.compile(r"^(NORMAL2-)?IM-(\d+)-\d+", re.IGNORECASE)
-# The Mendeley release of the same study ("CellData/chest_xray"): NORMAL-<PID>-<seq>,
-# BACTERIA-<PID>-<seq>, VIRUS-<PID>-<seq>. PID is the patient whatever the diagnosis word, so a
-# patient's bacterial and viral films stay together (grouping too much never leaks; too little does).
 _MENDELEY = re.compile(r"^(?:NORMAL|BACTERIA|VIRUS)-(\d+)-\d+", re.IGNORECASE)
 
+# naming scheme -> how its patient id is read, and whether that rule was checked (manifest:
+# `patient_id_rule`, for the schemes a source uses).
+PATIENT_ID_RULES: dict[str, dict] = {
+    "kaggle_person": {
+        "pattern": "person<N>_<bacteria|virus>_<k>", "patient": "(type, N): person<N>_<type>",
+        "status": "checked", "evidence": "the real Kaggle train/test names: 0 (type, N) pairs in "
+        "both splits, while 170 bare N are; N counts per diagnosis type"},
+    "kaggle_im": {
+        "pattern": "IM-<N>-<k>", "patient": "IM-<N>", "status": "checked",
+        "evidence": "the real Kaggle train/test names: no id in both splits"},
+    "kaggle_normal2": {
+        "pattern": "NORMAL2-IM-<N>-<k>", "patient": "NORMAL2-IM-<N>", "status": "checked",
+        "evidence": "the real Kaggle train/test names: no id in both splits"},
+    "mendeley": {
+        "pattern": "<NORMAL|BACTERIA|VIRUS>-<id>-<k>", "patient": "patient<id>, whatever the "
+        "diagnosis word", "status": "guess", "evidence": "the release's description of its "
+        "names ((disease)-(randomized patient ID)-(image number)); not checked on a name list"},
+    "unknown": {
+        "pattern": "any other name", "patient": "file:<path>: each file its own patient",
+        "status": "guess", "evidence": "nothing in the name links images of one patient"},
+}
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceFile:
     path: str  # absolute path, as found (symlinks not resolved)
     rel_path: str  # relative to SOURCE, POSIX separators: what the manifest and shards record
@@ -71,16 +108,21 @@ class _Candidate:
     root: tuple[str, ...]  # the folders above the split (or class) folder
     key: tuple[str, ...]  # the path below the root, lower-cased: equal keys are mirror copies
     reason: str | None = None
+    size: int | None = None  # known from a URI listing; local files are asked when needed
 
 
-def discover(source: str | os.PathLike) -> Discovery:
-    """Every image file under `source` with its label, split and patient; raises CxrError if none."""
-    source = Path(source)
-    if not source.exists():
-        raise CxrError(f"source folder not found: {source}")
-    if not source.is_dir():
-        raise CxrError(f"source is not a folder: {source}")
-    candidates, ignored = _walk(source)
+def discover(source: str | os.PathLike | Location) -> Discovery:
+    """Every image file under `source` (a folder or a pyarrow.fs URI) with its label, split and
+    patient; raises CxrError if none. A file's `path` is what the decode tasks open: an absolute
+    local path, or the path inside the URI's file system."""
+    loc = source if isinstance(source, Location) else Location.of(source)
+    kind = loc.kind()
+    if kind == "missing":
+        raise CxrError(f"source folder not found: {loc}")
+    if kind != "dir":
+        raise CxrError(f"source is not a folder: {loc}")
+    candidates, ignored = _walk(loc.local) if loc.local else _walk_uri(loc)
+    source = loc.uri
     if not candidates:
         raise CxrError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {source}")
     kept, skipped, mirror_roots = _drop_mirror_copies([c for c in candidates if c.reason is None])
@@ -109,22 +151,56 @@ def discover(source: str | os.PathLike) -> Discovery:
 
 def patient_id(file_name: str) -> str | None:
     """Patient id from a Kermany et al. file name (Kaggle or Mendeley release), or None if the name
-    follows no known scheme.
+    follows no known scheme (see PATIENT_ID_RULES for the rules and their evidence).
 
     >>> patient_id("person1763_bacteria_4606.jpeg"), patient_id("NORMAL2-IM-0736-0001.jpeg")
-    ('person1763', 'NORMAL2-IM-0736')
+    ('person1763_bacteria', 'NORMAL2-IM-0736')
     >>> patient_id("BACTERIA-1351146-0002.jpeg")
     'patient1351146'
     """
+    return _parse(file_name)[1]
+
+
+def naming_scheme(file_name: str) -> str:
+    """The key of PATIENT_ID_RULES that `patient_id` used for this name ("unknown" if none)."""
+    return _parse(file_name)[0]
+
+
+def _parse(file_name: str) -> tuple[str, str | None]:
     stem = Path(file_name).name
     if match := _PERSON.match(stem):
-        return f"person{int(match.group(1))}"
+        return "kaggle_person", f"person{int(match.group(1))}_{match.group(2).lower()}"
     if match := _IM.match(stem):
-        prefix = "NORMAL2-IM" if match.group(1) else "IM"
-        return f"{prefix}-{int(match.group(2)):04d}"  # 4 digits as in the data set; 0042 == 42
+        scheme, prefix = ("kaggle_normal2", "NORMAL2-IM") if match.group(1) else ("kaggle_im", "IM")
+        return scheme, f"{prefix}-{int(match.group(2)):04d}"  # 4 digits as in the data set; 0042 == 42
     if match := _MENDELEY.match(stem):
-        return f"patient{int(match.group(1))}"
-    return None
+        return "mendeley", f"patient{int(match.group(1))}"
+    return "unknown", None
+
+
+def patient_id_rules(names) -> dict:
+    """{scheme: rule} for the naming schemes among `names`, with the number of files of each."""
+    counts: dict[str, int] = {}
+    for name in names:
+        scheme = naming_scheme(name)
+        counts[scheme] = counts.get(scheme, 0) + 1
+    return {scheme: {**PATIENT_ID_RULES[scheme], "files": n} for scheme, n in sorted(counts.items())}
+
+def _walk_uri(loc: Location) -> tuple[list[_Candidate], int]:
+    """`_walk` over a pyarrow file system's listing."""
+    candidates, ignored = [], 0
+    for rel, size, is_dir in list_files(loc):
+        parts = rel.split("/")
+        if not all(enter_folder(part) for part in parts[:-1]):
+            continue
+        if is_dir and not is_image_name(parts[-1]):
+            continue
+        if not is_image_name(parts[-1]):
+            ignored += 1
+            continue
+        cand = _classify_rel(PurePosixPath(rel), loc.child(rel).path)
+        candidates.append(replace(cand, size=-1 if is_dir else size))
+    return candidates, ignored
 
 
 def _walk(source: Path) -> tuple[list[_Candidate], int]:
@@ -158,16 +234,19 @@ def is_image_name(name: str) -> bool:
 
 
 def _classify(source: Path, path: Path) -> _Candidate:
-    rel = PurePosixPath(path.relative_to(source).as_posix())
+    return _classify_rel(PurePosixPath(path.relative_to(source).as_posix()), str(path))
+
+
+def _classify_rel(rel: PurePosixPath, path: str) -> _Candidate:
     folders = rel.parts[:-1]
     upper = [f.upper() for f in folders]
     label_at = max((i for i, f in enumerate(upper) if f in CLASS_NAMES), default=None)
     if label_at is None:
-        return _Candidate(str(path), rel, None, None, (), (), reason=_no_label_reason(folders))
+        return _Candidate(path, rel, None, None, (), (), reason=_no_label_reason(folders))
     split_at = max((i for i in range(label_at) if folders[i].lower() in SPLITS), default=None)
     root_end = label_at if split_at is None else split_at
     return _Candidate(
-        path=str(path),
+        path=path,
         rel=rel,
         label=CLASS_NAMES.index(upper[label_at]),
         split=None if split_at is None else folders[split_at].lower(),
@@ -209,6 +288,8 @@ def _encloses(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
 
 
 def _same_size(a: _Candidate, b: _Candidate) -> bool:
+    if a.size is not None and b.size is not None:
+        return a.size == b.size >= 0
     try:
         return os.path.getsize(a.path) == os.path.getsize(b.path)
     except OSError:

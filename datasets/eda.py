@@ -25,15 +25,19 @@ SAMPLES_PER_CLASS = 8
 _PALETTE = {"NORMAL": "#4C72B0", "PNEUMONIA": "#DD8452"}
 
 
-def write_eda(eda_dir: Path, table: pd.DataFrame, manifest: dict, seed: int = 0) -> list[str]:
-    """Plots and summary.md for `table` (accepted rows: split, label_name, orig_*, image bytes,
-    height, width). Returns the written file names."""
+def write_eda(eda_dir: Path, table: pd.DataFrame, manifest: dict, seed: int = 0,
+              samples: pd.DataFrame | None = None) -> list[str]:
+    """Plots and summary.md for `table` (accepted rows: split, label_name, orig_*, height, width).
+    `samples`: `sample_rows(table, seed)` with an `image` column (raw bytes) added; by default
+    taken from `table`, which then needs the `image` column. Returns the written file names."""
     eda_dir.mkdir(parents=True, exist_ok=True)
+    if samples is None:
+        samples = sample_rows(table, seed)
     written = [
         _save(_class_balance(table), eda_dir / "class_balance.png"),
         _save(_sizes(table), eda_dir / "sizes.png"),
         _save(_modes(table), eda_dir / "modes.png"),
-        _save(_samples(table, seed), eda_dir / "samples.png"),
+        _save(_samples(samples), eda_dir / "samples.png"),
     ]
     (eda_dir / "summary.md").write_text(summary_markdown(table, manifest))
     return written + ["summary.md"]
@@ -150,15 +154,23 @@ def _modes(table: pd.DataFrame):
     return fig
 
 
-def _samples(table: pd.DataFrame, seed: int):
-    """Preprocessed train images (seeded choice), one row per class."""
+def sample_rows(table: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The training rows the sample grid shows: up to SAMPLES_PER_CLASS per class, seeded."""
     pool = table[table["split"] == "train"]
+    rng = np.random.default_rng(seed)
+    picks = []
+    for name in CLASS_NAMES:
+        rows = pool[pool["label_name"] == name]
+        picks.append(rows.iloc[rng.permutation(len(rows))[:SAMPLES_PER_CLASS]])
+    return pd.concat(picks)
+
+
+def _samples(samples: pd.DataFrame):
+    """Preprocessed train images, one row per class."""
     fig = _figure(SAMPLES_PER_CLASS * 1.3, len(CLASS_NAMES) * 1.5)
     axes = fig.subplots(len(CLASS_NAMES), SAMPLES_PER_CLASS, squeeze=False)
-    rng = np.random.default_rng(seed)
     for row, name in enumerate(CLASS_NAMES):
-        rows = pool[pool["label_name"] == name]
-        picks = rows.iloc[rng.permutation(len(rows))[:SAMPLES_PER_CLASS]]
+        picks = samples[samples["label_name"] == name]
         for col, ax in enumerate(axes[row]):
             ax.set_axis_off()
             if col < len(picks):

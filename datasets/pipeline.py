@@ -3,14 +3,17 @@
     cxr prepare data/chest_xray runs/prepared --image-size 224
     datasets.prepare("data/chest_xray", "runs/prepared", image_size=224)   # returns the manifest
 
-Steps: discover files (labels, official splits, patients) -> decode, grayscale, resize and hash in
-parallel with Ray Data -> drop exact duplicates and test-patient leakage -> patient-grouped,
-stratified splits -> Parquet (and/or TFRecord) shards, EDA plots, manifest.json.
+    cxr prepare s3://bucket/chest_xray s3://bucket/prepared         # any pyarrow.fs URI
 
-Only the decode needs Ray. A Ray instance that `prepare` started itself shuts down in the
-background while the shards (a pool of threads) and the EDA plots (one more thread) are written,
-so its ~1.3 s shut-down and the single-threaded plotting overlap the shard writing instead of
-following it (the manifest's `ray_stop_wait` is whatever of the shut-down was left to wait for).
+Steps: discover files (labels, official splits, patients) -> decode, grayscale, resize and hash in
+a pool of Ray tasks -> drop exact duplicates and test-patient leakage -> patient-grouped,
+stratified splits -> shards written by Ray tasks (Parquet and/or TFRecord), EDA plots,
+manifest.json. The pixels stay in Ray's object store between the decode and the shard tasks:
+the driver holds metadata only, and the rules see every file before any shard is written.
+
+A Ray instance that `prepare` started itself shuts down in the background once the shards are
+written, while the EDA plots (a thread, started with the shard tasks) finish and the manifest is
+written (the manifest's `ray_stop_wait` is whatever of the ~1.3 s shut-down was left to wait for).
 
 Everything is written to a hidden folder beside OUT and renamed into place at the end, so an
 interrupted run never leaves a half-written OUT (a killed run, or one interrupted twice while its
@@ -19,10 +22,11 @@ writer threads finish, may leave `.OUT.partial-*` behind, which is safe to delet
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
-import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,12 +38,12 @@ import pandas as pd
 
 from . import splits as split_rules
 from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
-from .decode import LocalRay, decode_files
-from .discover import Discovery, discover
-from .eda import write_eda
+from .decode import LocalRay, decode_files, fetch_images, write_shards
+from .discover import Discovery, SourceFile, discover, patient_id_rules
+from .eda import sample_rows, write_eda
 from .errors import CxrError
-from .shards import (MANIFEST, manifest_totals, write_manifest, write_parquet_shards,
-                     write_tfrecord_shards)
+from .shards import MANIFEST, manifest_totals, write_manifest
+from .storage import Location, list_files
 
 
 def prepare(
@@ -71,9 +75,10 @@ def prepare(
 
 def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
         overwrite: bool = False, verbose: bool = True) -> dict:
-    """`prepare` with a ready-made config (what the CLI calls)."""
+    """`prepare` with a ready-made config (what the CLI calls). SOURCE and OUT: folders or
+    pyarrow.fs URIs (s3://, gs://, file://, ...)."""
     clock = StageClock()
-    source, out = Path(source).absolute(), Path(out).absolute()
+    source, out = Location.of(source), Location.of(out)
     check_output(source, out, overwrite)
     with clock("discover"):
         found = discover(source)
@@ -84,28 +89,25 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
     try:
         with clock("ray_start"):
             local_ray.start()
-        try:
-            with clock("decode"):
-                table = _decode(found, cfg, verbose)
-        finally:
-            # Everything below runs in this process only, so Ray (if we started it) shuts down
-            # in the background meanwhile instead of adding its ~1.3 s to the wall time.
-            local_ray.stop()
+        with clock("decode"):
+            table, pixels = _decode(found, cfg, None if source.local else source.fs, verbose)
         with clock("select"):
             accepted, report = _select(table, found, cfg)
         with staging(out) as tmp:
             manifest = _manifest(source, cfg, found, table, accepted, report)
             with clock("write_and_eda"):
-                manifest["shards"] = _write_outputs(accepted, tmp, cfg, manifest)
+                manifest["shards"] = _write_outputs(accepted, pixels, tmp, cfg, manifest,
+                                                    local_ray)
             with clock("ray_stop_wait"):
                 local_ray.join()
             manifest.update(_timing(len(table), clock))
             write_manifest(tmp, manifest)
     finally:
+        local_ray.stop()
         local_ray.join()
     if verbose:
         print(summary_line(manifest, out), flush=True)
-        _say(verbose, f"details: {out / MANIFEST}, plots and summary: {out / 'eda'}/")
+        _say(verbose, f"details: {out.child(MANIFEST)}, plots and summary: {out.child('eda')}/")
     return manifest
 
 
@@ -139,49 +141,54 @@ def summary_line(manifest: dict, out: str | os.PathLike) -> str:
             f"{manifest['images_per_s']:.0f} img/s")
 
 
-def check_output(source: Path, out: Path, overwrite: bool) -> None:
+def check_output(source: Location, out: Location, overwrite: bool) -> None:
     """Refuse to clobber: an existing OUT needs --overwrite and must look like a prepared folder."""
-    if out == source or source.is_relative_to(out):
+    if source.is_inside(out):
         raise CxrError(f"output {out} would contain the source {source}; choose another OUT")
-    if out.is_relative_to(source):
+    if out.is_inside(source):
         raise CxrError(f"output {out} is inside the source {source}; its files would be read as "
                        "input next time: choose an OUT outside SOURCE")
-    if not out.exists():
+    kind = out.kind()
+    if kind == "missing":
         return
     if not overwrite:
         raise CxrError(f"output {out} already exists; pass --overwrite to replace it")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+    if kind != "dir" or (list_files(out) and out.child(MANIFEST).kind() != "file"):
         raise CxrError(f"refusing to replace {out}: it is not a prepared folder (no {MANIFEST})")
 
 
 @contextlib.contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A hidden sibling folder that becomes OUT only if the block finishes without an error."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+def staging(out: Location) -> Iterator[Location]:
+    """A hidden sibling folder that becomes OUT only if the block finishes without an error
+    (a rename: atomic on a local or shared file system; on an object store a copy, after which
+    OUT is complete or absent, never mixed)."""
+    tmp = out.sibling(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.remove_tree()
         raise
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        os.replace(out, old)  # OUT is briefly absent, never half-written
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    old = out.sibling(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    if out.kind() != "missing":
+        out.fs.move(out.path, old.path)  # OUT is briefly absent, never half-written
+    out.fs.move(tmp.path, out.path)
+    old.remove_tree()
 
 
-def _decode(found: Discovery, cfg: PrepareConfig, verbose: bool) -> pd.DataFrame:
-    """File metadata joined with the decode results (one row per discovered file)."""
-    files = pd.DataFrame([f.__dict__ for f in found.files])
-    results = decode_files(files["path"].tolist(), cfg, verbose=verbose)
-    return pd.concat([files, results.drop(columns="idx")], axis=1)
+def _decode(found: Discovery, cfg: PrepareConfig, fs, verbose: bool) -> tuple[pd.DataFrame, list]:
+    """File metadata joined with the decode results (one row per discovered file), and the refs
+    of the decoded pixels."""
+    files = pd.DataFrame({field.name: [getattr(f, field.name) for f in found.files]
+                          for field in dataclasses.fields(SourceFile)})
+    results, pixels = decode_files(files["path"].tolist(), cfg, fs=fs, verbose=verbose)
+    return pd.concat([files, results.drop(columns="idx")], axis=1), pixels
 
 
 def _select(table: pd.DataFrame, found: Discovery, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict]:
     """Accepted, de-duplicated rows with their split; and what the rules removed."""
     mode = "official" if (cfg.split == "official" and found.layout == "official") else "random"
+    check_rejections(table, found.layout)
     usable = table[table["reason"].isna()]
     usable, duplicates = split_rules.drop_duplicates(usable, official=mode == "official")
     overlap = None
@@ -195,9 +202,32 @@ def _select(table: pd.DataFrame, found: Discovery, cfg: PrepareConfig) -> tuple[
     return rows, {"mode": mode, "duplicates": duplicates, "patient_overlap": overlap}
 
 
+UNREADABLE_HINT = "SOURCE must be on storage that every node sees: a shared file system or s3://"
+
+
+def check_rejections(table: pd.DataFrame, layout: str) -> None:
+    """One clear line when every file of a split (or of a flat source) was rejected: saying why,
+    and where the files were unreadable, which node could not read them."""
+    groups = table.groupby("official_split") if layout == "official" else [("", table)]
+    for split, rows in groups:
+        if not len(rows) or rows["reason"].isna().any():
+            continue
+        what = f"all {len(rows)} {split + ' ' if split else ''}images"
+        unreadable = rows["reason"].str.startswith("unreadable")
+        if unreadable.all():
+            nodes = ", ".join(sorted(set(rows["node"])))
+            raise CxrError(f"{what} were unreadable on node {nodes} (e.g. {rows['rel_path'].iloc[0]}: "
+                           f"{rows['reason'].iloc[0]}): {UNREADABLE_HINT}")
+        common = rows["reason"].value_counts().index[0]
+        example = rows.loc[rows["reason"] == common, "rel_path"].iloc[0]
+        raise CxrError(f"{what} were rejected ({rows['reason'].nunique()} reasons; most often "
+                       f"'{common}', e.g. {example}); the manifest of a run lists each file")
+
+
 def _shard_rows(usable: pd.DataFrame, image_size: int) -> pd.DataFrame:
     """The shard columns in the shard schema's types (decoding leaves object columns with None for
-    rejected rows; these rows are accepted ones, so the casts are safe)."""
+    rejected rows; these rows are accepted ones, so the casts are safe), and where each image
+    lies (`chunk`, `pos`)."""
     rows = usable.assign(
         height=image_size,
         width=image_size,
@@ -207,45 +237,44 @@ def _shard_rows(usable: pd.DataFrame, image_size: int) -> pd.DataFrame:
         orig_width=usable["orig_width"].astype("int64"),
         orig_height=usable["orig_height"].astype("int64"),
         orig_mode=usable["orig_mode"].astype(str),
+        chunk=usable["chunk"].astype("int64"),
+        pos=usable["pos"].astype("int64"),
     )
     order = rows["split"].map(SPLITS.index)
     return rows.assign(_order=order).sort_values(["_order", "source_path"]).drop(columns="_order") \
         .reset_index(drop=True)
 
 
-def _write_outputs(rows: pd.DataFrame, out: Path, cfg: PrepareConfig, manifest: dict) -> list[dict]:
-    """Shards (written concurrently by a pool of threads) and the EDA plots (drawn meanwhile in
-    another thread); returns the shards' manifest entries in a fixed order."""
+def _write_outputs(rows: pd.DataFrame, pixels: list, out: Location, cfg: PrepareConfig,
+                   manifest: dict, local_ray: LocalRay) -> list[dict]:
+    """Shards (one Ray task each, on the nodes) and the EDA plots (drawn meanwhile in a thread
+    here); returns the shards' manifest entries in a fixed order. Ray (if this command started
+    it) starts shutting down as soon as the shards are written."""
+    samples = sample_rows(rows, cfg.seed)
+    samples = samples.assign(image=fetch_images(samples, pixels))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eda") as eda, \
-            ThreadPoolExecutor(max_workers=_writer_threads(cfg), thread_name_prefix="shard") as pool:
-        plots = eda.submit(write_eda, out / "eda", rows, manifest, seed=cfg.seed)
-        shards = []
-        for split in SPLITS:
-            part = rows[rows["split"] == split]
-            if cfg.format in ("parquet", "both"):
-                shards += write_parquet_shards(part, split, out, cfg.rows_per_shard, pool)
-            if cfg.format in ("tfrecord", "both"):
-                shards += write_tfrecord_shards(part, split, out, cfg.rows_per_shard, pool)
-        plots.result()  # re-raises a plotting error here
+            contextlib.ExitStack() as cleanup:
+        eda_dir = out.local / "eda" if out.local else \
+            Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cxr-eda-")))
+        plots = eda.submit(write_eda, eda_dir, rows, manifest, seed=cfg.seed, samples=samples)
+        shards = write_shards(rows, pixels, out, cfg)
+        pixels.clear()  # the last references to the decoded images: Ray may free them now
+        local_ray.stop()
+        written = plots.result()  # re-raises a plotting error here
+        if not out.local:
+            out.child("eda").mkdir()
+            for name in written:
+                out.child("eda", name).write_bytes((eda_dir / name).read_bytes())
     return shards
 
 
-def _writer_threads(cfg: PrepareConfig) -> int:
-    """--num-cpus if given, else the CPUs this process may run on (a container's limit included)."""
-    if cfg.num_cpus:
-        return cfg.num_cpus
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 2
-
-
-def _manifest(source: Path, cfg: PrepareConfig, found: Discovery, table: pd.DataFrame,
+def _manifest(source: Location, cfg: PrepareConfig, found: Discovery, table: pd.DataFrame,
               rows: pd.DataFrame, report: dict) -> dict:
     """Everything but `shards` (added once they are written) and the timing."""
     counts = split_rules.split_counts(rows)
     rejected = found.rejected + [
-        {"path": r.rel_path, "reason": r.reason} for r in table[table["reason"].notna()].itertuples()
+        {"path": r.rel_path, "reason": r.reason, "node": r.node}
+        for r in table[table["reason"].notna()].itertuples()
     ]
     return {
         "schema_version": SCHEMA_VERSION,
@@ -261,6 +290,7 @@ def _manifest(source: Path, cfg: PrepareConfig, found: Discovery, table: pd.Data
                   "dtype": "uint8", "encoding": "raw row-major bytes"},
         "discovery": found.summary(),
         "patients_not_from_name": int((~rows["patient_from_name"]).sum()),
+        "patient_id_rule": patient_id_rules(f.rel_path for f in found.files),
         "rejected": sorted(rejected, key=lambda r: r["path"]),
         "duplicates": report["duplicates"],
         "patient_overlap": report["patient_overlap"],

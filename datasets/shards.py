@@ -80,21 +80,46 @@ def _write_chunks(write_one, rows, split, out, rows_per_shard, executor) -> list
 
 def _write_parquet_shard(chunk: pd.DataFrame, out: Path, split: str, stem: Path) -> dict:
     path = stem.with_suffix(".parquet")
-    # No pandas metadata: readers get the Arrow types above, not the writer's pandas dtypes.
-    table = pa.Table.from_pandas(chunk[PARQUET_SCHEMA.names], schema=PARQUET_SCHEMA,
-                                 preserve_index=False).replace_schema_metadata()
-    pq.write_table(table, path, compression="zstd")
+    path.write_bytes(parquet_bytes(chunk))
     return _shard_entry(path, out, split, len(chunk), "parquet")
 
 
 def _write_tfrecord_shard(chunk: pd.DataFrame, out: Path, split: str, stem: Path) -> dict:
+    path = stem.with_suffix(".tfrecord")
+    path.write_bytes(tfrecord_bytes(chunk))
+    return _shard_entry(path, out, split, len(chunk), "tfrecord")
+
+
+def parquet_bytes(chunk: pd.DataFrame) -> bytes:
+    """One Parquet shard (PARQUET_SCHEMA columns of `chunk`) as bytes: the writer hashes exactly
+    what it stores, on any file system."""
+    # No pandas metadata: readers get the Arrow types above, not the writer's pandas dtypes.
+    table = pa.Table.from_pandas(chunk[PARQUET_SCHEMA.names], schema=PARQUET_SCHEMA,
+                                 preserve_index=False).replace_schema_metadata()
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def tfrecord_bytes(chunk: pd.DataFrame) -> bytes:
+    """One TFRecord shard as bytes (TensorFlow's writer needs a path: a private temporary file)."""
+    import tempfile
+
     import tensorflow as tf
 
-    path = stem.with_suffix(".tfrecord")
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for row in chunk.itertuples(index=False):
-            writer.write(_example(tf, row).SerializeToString())
-    return _shard_entry(path, out, split, len(chunk), "tfrecord")
+    with tempfile.TemporaryDirectory(prefix="cxr-tfrecord-") as tmp:
+        path = os.path.join(tmp, "part.tfrecord")
+        with tf.io.TFRecordWriter(path) as writer:
+            for row in chunk.itertuples(index=False):
+                writer.write(_example(tf, row).SerializeToString())
+        with open(path, "rb") as handle:
+            return handle.read()
+
+
+def shard_entry(rel_path: str, split: str, rows: int, fmt: str, data: bytes) -> dict:
+    """The manifest's record of one shard."""
+    return {"path": rel_path, "split": split, "format": fmt, "rows": rows, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def tfrecord_feature_spec() -> dict:
@@ -112,8 +137,13 @@ def tfrecord_feature_spec() -> dict:
     }
 
 
-def write_manifest(out: Path, manifest: dict) -> None:
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+def write_manifest(out, manifest: dict) -> None:
+    """OUT/manifest.json; `out` is a folder or a `storage.Location`."""
+    text = json.dumps(manifest, indent=2) + "\n"
+    if isinstance(out, (str, os.PathLike)):
+        (Path(out) / MANIFEST).write_text(text)
+    else:
+        out.child(MANIFEST).write_bytes(text.encode())
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from datasets import CxrError, patient_id
-from datasets.discover import discover
+from datasets.discover import discover, patient_id_rules
 from datasets.splits import assign_splits, check_splits, drop_duplicates, drop_test_patients_from_train
 
 
@@ -18,9 +18,10 @@ def touch(root, *rels, content=b"x"):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("person1763_bacteria_4606.jpeg", "person1763"),
-    ("person1763_virus_12.jpeg", "person1763"),  # same patient whatever the running index
-    ("PERSON7_Bacteria_1.JPG", "person7"),
+    ("person1763_bacteria_4606.jpeg", "person1763_bacteria"),
+    ("person1763_bacteria_12.jpeg", "person1763_bacteria"),  # same patient whatever the running index
+    ("person1763_virus_12.jpeg", "person1763_virus"),  # person numbers count per diagnosis type
+    ("PERSON7_Bacteria_1.JPG", "person7_bacteria"),
     ("IM-0206-0001.jpeg", "IM-0206"),
     ("NORMAL2-IM-0736-0001.jpeg", "NORMAL2-IM-0736"),
     ("NORMAL2-IM-0246-0001-0002.jpeg", "NORMAL2-IM-0246"),
@@ -39,9 +40,59 @@ def test_real_sample_names_parse(samples_dir):
     found = discover(samples_dir)
     assert found.layout == "official" and len(found.files) == 10
     assert all(f.patient_from_name for f in found.files)
-    assert {f.patient_id for f in found.files} >= {"NORMAL2-IM-0736", "IM-0206", "person1763"}
+    assert {f.patient_id for f in found.files} >= {"NORMAL2-IM-0736", "IM-0206", "person1763_bacteria"}
     assert {f.label for f in found.files if "PNEUMONIA" in f.rel_path} == {1}
     assert {f.label for f in found.files if "/NORMAL/" in f.rel_path} == {0}
+
+
+def test_real_kaggle_names_share_no_patient_between_train_and_test(tmp_path):
+    """The real split's 5,840 file names (tests/data/kaggle_chest_xray_names.csv): no patient is in
+    both train and test, so the leakage rule drops nothing from train."""
+    import csv
+    from pathlib import Path
+
+    names = Path(__file__).parent / "data" / "kaggle_chest_xray_names.csv"
+    with names.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 5840
+    table = pd.DataFrame({
+        "rel_path": [f"{r['split']}/{r['label']}/{r['file']}" for r in rows],
+        "label": [0 if r["label"] == "NORMAL" else 1 for r in rows],
+        "official_split": [r["split"] for r in rows],
+        "patient_id": [patient_id(r["file"]) for r in rows],
+    })
+    assert table["patient_id"].notna().all()  # every real name follows a known scheme
+    train = set(table.loc[table["official_split"] == "train", "patient_id"])
+    test = set(table.loc[table["official_split"] == "test", "patient_id"])
+    assert len(train & test) == 0
+    kept, overlap = drop_test_patients_from_train(table)
+    assert len(kept) == len(table) and overlap["images_removed_from_train"] == 0
+    # The evidence in datasets/discover.py: the bare person number would be in both splits.
+    bare = table["patient_id"].str.replace(r"_(bacteria|virus)$", "", regex=True)
+    assert len(set(bare[table["official_split"] == "train"]) & set(bare[table["official_split"] == "test"])) == 170
+    typed = table[table["patient_id"].str.startswith("person")]["patient_id"]
+    both = typed.str.extract(r"person(\d+)_(\w+)").groupby(0)[1].nunique()
+    assert int((both > 1).sum()) > 800  # one child per number would mean hundreds with both diagnoses
+
+
+def test_patient_id_rules_say_which_are_guesses():
+    rules = patient_id_rules(["person1_virus_2.jpeg", "IM-0001-0001.jpeg", "BACTERIA-1-0001.jpeg",
+                              "x.png", "person3_bacteria_4.jpeg"])
+    assert set(rules) == {"kaggle_person", "kaggle_im", "mendeley", "unknown"}
+    assert rules["kaggle_person"]["status"] == "checked" and rules["kaggle_person"]["files"] == 2
+    assert rules["mendeley"]["status"] == "guess" and rules["unknown"]["status"] == "guess"
+
+
+def test_a_true_overlap_is_still_removed_from_train():
+    table = pd.DataFrame({
+        "rel_path": ["train/P/person5_virus_1.jpeg", "train/P/person5_bacteria_2.jpeg",
+                     "test/P/person5_virus_9.jpeg"],
+        "label": [1, 1, 1], "official_split": ["train", "train", "test"]})
+    table["patient_id"] = table["rel_path"].map(patient_id)
+    kept, overlap = drop_test_patients_from_train(table)
+    assert overlap == {"patients": 1, "images_removed_from_train": 1,
+                       "paths": ["train/P/person5_virus_1.jpeg"]}
+    assert kept["rel_path"].tolist() == ["train/P/person5_bacteria_2.jpeg", "test/P/person5_virus_9.jpeg"]
 
 
 def test_kaggle_zip_layout_counts_each_image_once_and_skips_junk(tmp_path):

@@ -1,0 +1,95 @@
+"""Where the data lives: files a Ray worker cannot read, and SOURCE/OUT as pyarrow.fs URIs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import datasets
+import datasets.pipeline as pipeline
+from datasets import CxrError
+
+SIZE = 32
+
+
+def _vanishing(monkeypatch, pattern: str) -> list[Path]:
+    """Discovery sees every file; then the files matching `pattern` disappear before the decode
+    tasks open them: what a worker node without SOURCE's storage sees. Returns the removed files."""
+    real_discover = pipeline.discover
+    removed: list[Path] = []
+
+    def discover_then_lose(source):
+        found = real_discover(source)
+        for entry in found.files:
+            if Path(entry.path).match(pattern):
+                Path(entry.path).unlink()
+                removed.append(Path(entry.path))
+        return found
+
+    monkeypatch.setattr(pipeline, "discover", discover_then_lose)
+    return removed
+
+
+def test_a_split_no_worker_can_read_is_one_line_naming_the_node(synth_source, ray_session,
+                                                                tmp_path, monkeypatch):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    removed = _vanishing(monkeypatch, "*/test/*/*.jpeg")
+    with pytest.raises(CxrError) as info:
+        datasets.prepare(source, tmp_path / "out", image_size=SIZE, verbose=False)
+    message = str(info.value)
+    node = ray_session.util.get_node_ip_address()
+    assert message.startswith(f"all {len(removed)} test images were unreadable on node {node}")
+    assert "file not found" in message and "shared file system or s3://" in message
+    assert "\n" not in message and "no test/ folder" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_file_is_rejected_with_reason_node_and_path(synth_source, ray_session,
+                                                                  tmp_path, monkeypatch):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    removed = _vanishing(monkeypatch, "*/train/PNEUMONIA/person1*.jpeg")
+    manifest = datasets.prepare(source, tmp_path / "out", image_size=SIZE, verbose=False)
+    assert removed
+    node = ray_session.util.get_node_ip_address()
+    rejected = {r["path"]: r for r in manifest["rejected"]}
+    for path in removed:
+        entry = rejected[path.relative_to(source).as_posix()]
+        assert entry["reason"] == "unreadable: file not found" and entry["node"] == node
+    n_files = len(list(synth_source.rglob("*.jpeg")))
+    accepted = sum(sum(c.values()) for c in manifest["counts"].values())
+    assert accepted + len(manifest["rejected"]) == n_files  # nothing lost: accepted or reported
+
+
+def test_file_uri_source_and_out_give_the_same_shards(synth_source, prepared_small, ray_session,
+                                                      tmp_path):
+    """The pyarrow.fs path (listing, reading in the tasks, writing shards and the staged rename)
+    on file:// URIs: byte-identical shards to the plain-path run, OUT replaced only whole."""
+    out_uri = f"file://{tmp_path}/prepared"
+    manifest = datasets.prepare(f"file://{synth_source}", out_uri, image_size=SIZE, seed=0,
+                                verbose=False)
+    local = datasets.read_manifest(prepared_small)
+    assert manifest["source"] == f"file://{synth_source}"
+    assert manifest["counts"] == local["counts"] and manifest["rejected"] == []
+    assert [(s["path"], s["sha256"]) for s in manifest["shards"]] == \
+        [(s["path"], s["sha256"]) for s in local["shards"]]
+    out = tmp_path / "prepared"
+    assert json.loads((out / "manifest.json").read_text())["shards"] == manifest["shards"]
+    assert sorted(p.name for p in (out / "eda").iterdir()) == sorted(
+        p.name for p in (prepared_small / "eda").iterdir())
+    x, y, _ = datasets.load(out, "train")
+    assert x.shape == (len(y), SIZE, SIZE, 1)
+    with pytest.raises(CxrError, match="already exists"):
+        datasets.prepare(f"file://{synth_source}", out_uri, image_size=SIZE, verbose=False)
+    datasets.prepare(f"file://{synth_source}", out_uri, image_size=SIZE, seed=1, overwrite=True,
+                     verbose=False)
+    assert datasets.read_manifest(out)["options"]["seed"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no staging folder left
+
+
+def test_a_missing_uri_source_is_one_line(tmp_path):
+    with pytest.raises(CxrError, match="source folder not found: file://"):
+        datasets.prepare(f"file://{tmp_path}/missing", tmp_path / "out", verbose=False)
