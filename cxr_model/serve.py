@@ -268,9 +268,12 @@ def start(cfg: ServeConfig):
 
 
 def stop() -> None:
+    """Shut down Ray Serve and the Ray connection (a local Ray started by `start` stops with it)."""
     import ray
     from ray import serve
 
+    if not ray.is_initialized():
+        return
     try:
         serve.shutdown()
     finally:
@@ -279,6 +282,9 @@ def stop() -> None:
 
 def serve_forever(cfg: ServeConfig) -> int:
     """`cxr serve`: start, print where it listens, block until Ctrl-C / SIGTERM, shut down."""
+    from cxr_model.export import read_card
+
+    read_card(cfg.model_dir)  # not an export folder: one line, before Ray starts
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
