@@ -26,6 +26,7 @@ _EXPORTS = {
     "FeatureCache": "features",
     "ClassAUC": "model", "VGGPreprocess": "model", "build_base": "model", "build_head": "model",
     "build_model": "model", "compile_model": "model", "feature_extractor": "model",
+    "inference_model": "model",
     "predict_proba": "model",
     "fit": "train",
 }

@@ -33,9 +33,12 @@ as `cxr prepare` did for training. A file that cannot be read gets a row with it
 
 
 def register(subparsers) -> None:
+    from cxr_model.serve import register as add_serve  # `cxr serve` lives with its server
+
     _add_train(subparsers)
     _add_evaluate(subparsers)
     _add_predict(subparsers)
+    add_serve(subparsers)
 
 
 # ----------------------------------------------------------------------------- parsers

@@ -5,12 +5,18 @@
     model, card = load_model("runs/model")      # keras.saving.load_model(..., safe_mode=True)
 
 An export folder holds:
-    model.keras        the full model: raw uint8 grayscale [S, S, 1] in, softmax [P(NORMAL), P(PNEUMONIA)] out
-    saved_model/       the same as a TF SavedModel for TF Serving (only when Keras runs on TensorFlow)
+    model.keras        the inference graph: raw uint8 grayscale [S, S, 1] in, softmax [P(NORMAL),
+                       P(PNEUMONIA)] out; built-in Keras layers only, so plain Keras 3 loads it in
+                       safe mode on any backend without cxr-tune installed
+    saved_model/       the same as a TF SavedModel (TF Serving; `serve` endpoint), from either backend
+    model.onnx         the same as ONNX (onnxruntime; input "image" uint8 NHWC)
     model_card.json    config, threshold and how it was chosen, metrics with 95% intervals, class names,
                        input spec, the data manifest's hash, package versions, creation time
     metrics.json       the full metrics (ROC points included) and the training history
-    plots/*.png        learning curves, confusion matrices and ROC curves per evaluated split
+    plots/*.png        learning curves, confusion matrices, ROC, PR and reliability curves per split
+
+The card lists every model file with its sha256 (`files.artifacts`); `model_sha256` is that of
+model.keras, the identity `cxr serve` reports.
 
 Everything is written into a hidden sibling folder first and renamed into place at the end, so a
 crash never leaves a half-written export and an existing one is replaced whole or not at all.
@@ -32,8 +38,11 @@ CARD_FILE = "model_card.json"
 MODEL_FILE = "model.keras"
 METRICS_FILE = "metrics.json"
 SAVED_MODEL_DIR = "saved_model"
+ONNX_FILE = "model.onnx"
 PLOTS_DIR = "plots"
-CARD_SCHEMA_VERSION = 1
+CARD_SCHEMA_VERSION = 2  # 2: portable model.keras, ONNX, sha256 of every model file
+# The name of the exported graph's input in every format (Keras Input, SavedModel, ONNX).
+INPUT_NAME = "image"
 # Distributions whose versions go into the card (those installed; none is imported for this).
 _VERSIONED = ("cxr-tune", "keras", "tensorflow", "jax", "jaxlib", "numpy", "ray", "optuna", "pillow", "pydicom")
 
@@ -53,10 +62,10 @@ def export(model, run_dir, *, train_cfg, threshold: float, metrics: dict, manife
     staging = run_dir.parent / f".{run_dir.name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        saved_model = _save_model(model, staging)
+        artifacts = _save_model(model, staging)
         plot_files = _write_plots(staging / PLOTS_DIR, metrics, history)
         card = _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, threshold_method,
-                           target_sensitivity, resize, saved_model, plot_files)
+                           target_sensitivity, resize, artifacts, plot_files)
         _write_json(staging / CARD_FILE, card)
         _write_json(staging / METRICS_FILE, {"metrics": metrics, "history": _history_dict(history)})
         _move_into_place(staging, run_dir)
@@ -117,15 +126,86 @@ def _by_split(metrics: dict) -> dict:
     return dict(metrics)
 
 
-def _save_model(model, folder: Path) -> str | None:
-    """model.keras always; a SavedModel too under TensorFlow. Returns the SavedModel's name or None."""
+def _save_model(model, folder: Path) -> list[dict]:
+    """model.keras, saved_model/ and model.onnx of the portable inference graph; their card entries.
+
+    The inference graph (see `cxr_model.model.inference_model`) holds built-in layers only and no
+    compile state, so loading it needs neither cxr-tune nor its custom metric. On TensorFlow the
+    SavedModel and ONNX come from Keras's own `model.export` (ONNX through tf2onnx). On another
+    backend (JAX) the just-written model.keras is loaded by plain Keras on TensorFlow in a child
+    process that exports both: Keras's JAX path to ONNX needs jax2onnx and its large dependency
+    tree, and a TensorFlow-native SavedModel serves in TF Serving without JAX's XlaCallModule.
+    """
     import keras
 
-    model.save(folder / MODEL_FILE)
-    if keras.backend.backend() != "tensorflow":
-        return None  # model.export() to a SavedModel needs TensorFlow as the backend
-    model.export(str(folder / SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
-    return SAVED_MODEL_DIR
+    from cxr_model.model import inference_model
+
+    graph = inference_model(model)
+    graph.save(folder / MODEL_FILE)
+    if keras.backend.backend() == "tensorflow":
+        export_formats(graph, folder)
+    else:
+        _export_formats_on_tensorflow(folder)
+    return [
+        _artifact(folder, MODEL_FILE, "keras", "keras.saving.load_model(path, safe_mode=True)"),
+        *[_artifact(folder, str(p.relative_to(folder)), "tf_saved_model",
+                    "tf.saved_model.load(dir).serve(images)")
+          for p in sorted((folder / SAVED_MODEL_DIR).rglob("*")) if p.is_file()],
+        _artifact(folder, ONNX_FILE, "onnx", "onnxruntime.InferenceSession(path).run(None, {'image': images})"),
+    ]
+
+
+def export_formats(graph, folder) -> None:
+    """saved_model/ and model.onnx of a Keras model on the TensorFlow backend."""
+    import warnings
+
+    folder = Path(folder)
+    graph.export(str(folder / SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
+    with warnings.catch_warnings():  # tf2onnx pokes at numpy attributes that numpy 2 deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        graph.export(str(folder / ONNX_FILE), format="onnx", verbose=False)
+
+
+# Run by a child Python with KERAS_BACKEND=tensorflow; it imports Keras only (no project code).
+_TF_EXPORT_SCRIPT = """
+import sys, warnings, keras
+folder = sys.argv[1]
+graph = keras.saving.load_model(folder + "/model.keras", safe_mode=True, compile=False)
+graph.export(folder + "/saved_model", format="tf_saved_model", verbose=False)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    graph.export(folder + "/model.onnx", format="onnx", verbose=False)
+"""
+
+
+def _export_formats_on_tensorflow(folder: Path) -> None:
+    import subprocess
+    import sys
+
+    from datasets.errors import CxrError
+
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-I", "-c", _TF_EXPORT_SCRIPT, str(folder)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no error output"]
+        raise CxrError(f"exporting the SavedModel and ONNX on TensorFlow failed: {tail[0]}")
+
+
+def _artifact(folder: Path, name: str, fmt: str, loads_with: str) -> dict:
+    path = folder / name
+    return {"path": name, "format": fmt, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+            "loads_with": loads_with}
+
+
+def sha256_file(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_plots(folder: Path, metrics: dict, history) -> list[str]:
@@ -139,11 +219,16 @@ def _write_plots(folder: Path, metrics: dict, history) -> list[str]:
                                                  title=f"Confusion matrix ({split}, n={m['n']})"))
         if "roc" in m:
             files.append(plots.plot_roc(m, folder / f"roc_{split}.png", title=f"ROC ({split}, n={m['n']})"))
+        if "pr" in m:
+            files.append(plots.plot_pr(m, folder / f"pr_{split}.png", title=f"Precision-recall ({split}, n={m['n']})"))
+        if "calibration" in m:
+            files.append(plots.plot_reliability(m, folder / f"reliability_{split}.png",
+                                                title=f"Reliability ({split}, n={m['n']})"))
     return [f"{PLOTS_DIR}/{Path(f).name}" for f in files]
 
 
 def _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, threshold_method,
-                target_sensitivity, resize, saved_model, plot_files) -> dict:
+                target_sensitivity, resize, artifacts, plot_files) -> dict:
     import keras
 
     config = train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else dict(train_cfg)
@@ -156,21 +241,38 @@ def _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, thre
         "positive_class": CLASS_NAMES[1],
         "input": {"shape": shape, "dtype": "uint8", "image_size": shape[0], "resize": resize,
                   "grayscale": True, "preprocess": "datasets.preprocess_file"},
+        "input_spec": {"name": INPUT_NAME, "shape": [None, *shape], "dtype": "uint8", "layout": "NHWC",
+                       "values": "gray levels 0-255 as `cxr prepare` writes them (no scaling)"},
         "output": "softmax [P(NORMAL), P(PNEUMONIA)], float32",
+        "output_spec": {"shape": [None, 2], "dtype": "float32", "columns": list(CLASS_NAMES)},
         "threshold": float(threshold),
         "decision_rule": "PNEUMONIA if P(PNEUMONIA) >= threshold",
         "threshold_selection": {"method": threshold_method, "target_sensitivity": target_sensitivity,
                                 "split": "val"},
         "config": config,
-        # ROC points stay in metrics.json; the card keeps the numbers a reader compares.
-        "metrics": {split: {k: v for k, v in m.items() if k != "roc"} for split, m in metrics.items()},
+        # ROC/PR points and calibration bins stay in metrics.json; the card keeps the numbers a
+        # reader compares.
+        "metrics": {split: {k: v for k, v in m.items() if k not in _CURVE_KEYS} for split, m in metrics.items()},
+        "operating_points": _operating_points(metrics),
         "data": {"manifest_hash": manifest_hash},
         "backend": keras.backend.backend(),
         "versions": _versions(),
-        "files": {"model": MODEL_FILE, "saved_model": saved_model, "metrics": METRICS_FILE,
-                  "plots": plot_files},
+        "model_sha256": next(a["sha256"] for a in artifacts if a["path"] == MODEL_FILE),
+        "files": {"model": MODEL_FILE, "saved_model": SAVED_MODEL_DIR, "onnx": ONNX_FILE,
+                  "metrics": METRICS_FILE, "plots": plot_files, "artifacts": artifacts},
         "extra": extra or {},
     }
+
+
+_CURVE_KEYS = ("roc", "pr", "calibration")
+
+
+def _operating_points(metrics: dict) -> list[dict]:
+    """The operating points (chosen on validation) with their thresholds, as the card lists them."""
+    for m in metrics.values():
+        if m.get("operating_points"):
+            return [{k: op[k] for k in ("name", "method", "target", "threshold")} for op in m["operating_points"]]
+    return []
 
 
 def _versions() -> dict:

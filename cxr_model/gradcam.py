@@ -74,6 +74,15 @@ def write_overlays(images, heatmaps, paths) -> list[Path]:
     return written
 
 
+def overlay_png(image, heatmap) -> bytes:
+    """The overlay of `write_overlays` for one uint8 image [S, S, 1] and its heatmap, as PNG bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    _overlay_image(np.asarray(image)[..., 0], heatmap).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 # ----------------------------------------------------------------------------- internals
 
 

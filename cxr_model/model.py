@@ -13,6 +13,10 @@ Layers of the full model (names are stable; Grad-CAM and the exporter rely on th
     "head"            nested model: pooling, [Dense+ReLU, Dropout] per head_units, "probs"
                       Dense(2, softmax, float32)
 Preprocessing lives in the model so an exported model takes the same raw input as training.
+
+`inference_model(model)` is the graph that is exported: the same base and head (shared weights) behind
+a preprocessing block of built-in Keras layers, and no augmentation (a no-op at inference). It loads
+with plain Keras 3 in safe mode, on any backend, in a Python that has never seen this project.
 The base and head are nested models so that `build_base` (for the feature cache) and `build_head`
 (trained on cached features) are the very functions used inside the full model: a head trained on
 features drops into the full model unchanged.
@@ -95,6 +99,35 @@ def build_model(cfg: ModelConfig, *, seed: int = 0) -> keras.Model:
     features = base(x, training=False)  # no BN in VGG16, but keeps the keras-io contract
     head = build_head(cfg, tuple(features.shape[1:]), seed=seed)
     return keras.Model(image, head(features), name="cxr_vgg16")
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The portable inference graph of a full model: uint8 [S, S, 1] -> softmax [2], built-in layers only.
+
+    Shares the base and head layers (and so the weights) of `model`; the augmentation layer is left
+    out (it is the identity outside training) and VGGPreprocess is replaced by `builtin_preprocess`,
+    which computes the very same float32 values. Used by the exporter, so model.keras needs no
+    cxr-tune code to load.
+    """
+    size = model.input_shape[1]
+    image = keras.Input((size, size, 1), dtype="uint8", name="image")
+    x = builtin_preprocess(size)(image)
+    features = model.get_layer("vgg16")(x, training=False)
+    probs = model.get_layer("head")(features, training=False)
+    return keras.Model(image, probs, name="cxr_vgg16_inference")
+
+
+def builtin_preprocess(size: int) -> keras.Model:
+    """VGGPreprocess as a nested model of built-in layers, named "vgg_preprocess" like it.
+
+    Concatenate repeats the gray channel three times (uint8, exact); Rescaling(1, offset=-mean)
+    casts to the compute dtype and adds the negated BGR means: x * 1 + (-m) is bit-identical to
+    VGGPreprocess's x - m.
+    """
+    gray = keras.Input((size, size, 1), dtype="uint8", name="gray")
+    three = keras.layers.Concatenate(axis=-1, name="gray_to_3ch")([gray, gray, gray])
+    centred = keras.layers.Rescaling(1.0, offset=[-m for m in VGG16_BGR_MEAN], name="bgr_mean")(three)
+    return keras.Model(gray, centred, name="vgg_preprocess")
 
 
 def build_base(cfg: ModelConfig, *, seed: int = 0) -> keras.Model:

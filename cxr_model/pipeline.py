@@ -40,24 +40,28 @@ def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
     """Threshold on validation, metrics on validation and test at that threshold, export.
 
     1. P(PNEUMONIA) on the validation split (`val` = (images, labels), else loaded from prepared_dir)
-    2. the threshold from validation alone (choose_threshold)
+    2. the threshold and the fixed operating points from validation alone (choose_threshold,
+       choose_operating_points)
     3. validation metrics at that threshold
     4. the test split is loaded and scored once, at the same threshold
     5. export, with both splits' metrics in the model card
     Returns {"model_dir", "threshold", "threshold_method", "metrics": {"val", "test"}}.
     """
     from cxr_model import predict_proba
-    from cxr_model.evaluate import choose_threshold, evaluate, metrics_from_probs
+    from cxr_model.evaluate import choose_operating_points, choose_threshold, evaluate, metrics_from_probs
     from cxr_model.export import export
     from datasets import manifest_hash, read_manifest
 
     x_val, y_val = val if val is not None else load_split(prepared_dir, "val")
     val_probs = predict_proba(model, x_val)
     threshold = choose_threshold(y_val, val_probs, method=threshold_method, target=target_sensitivity)
+    points = choose_operating_points(y_val, val_probs)
     seed = train_cfg.seed
-    metrics = {"val": metrics_from_probs(y_val, val_probs, threshold=threshold, n_boot=n_boot, seed=seed)}
+    metrics = {"val": metrics_from_probs(y_val, val_probs, threshold=threshold, n_boot=n_boot, seed=seed,
+                                         operating_points=points)}
     x_test, y_test = load_split(prepared_dir, "test")
-    metrics["test"] = evaluate(model, x_test, y_test, threshold=threshold, n_boot=n_boot, seed=seed)
+    metrics["test"] = evaluate(model, x_test, y_test, threshold=threshold, n_boot=n_boot, seed=seed,
+                               operating_points=points)
     run_dir = export(
         model, out_dir, train_cfg=train_cfg, threshold=threshold, metrics=metrics,
         manifest_hash=manifest_hash(prepared_dir), history=history, extra=extra,
@@ -88,7 +92,8 @@ def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = 
                        f"model takes {spec['image_size']} px ({spec['resize']}): prepare it with "
                        f"--image-size {spec['image_size']} --resize {spec['resize']}")
     images, labels = load_split(prepared_dir, split)
-    metrics = evaluate(model, images, labels, threshold=float(card["threshold"]), n_boot=n_boot, seed=seed)
+    metrics = evaluate(model, images, labels, threshold=float(card["threshold"]), n_boot=n_boot, seed=seed,
+                       operating_points=card.get("operating_points") or None)
     same = card.get("data", {}).get("manifest_hash") == manifest_hash(prepared_dir)
     return {"metrics": metrics, "card": card, "same_data": same}
 

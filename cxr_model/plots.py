@@ -1,9 +1,12 @@
-"""Evaluation plots written as PNG files: learning curves, confusion matrix, ROC with operating point.
+"""Evaluation plots written as PNG files: learning curves, confusion matrix, ROC with operating point,
+precision-recall curve, reliability diagram.
 
     from cxr_model import plots
     plots.plot_history(history, "run/plots/curves.png")
     plots.plot_confusion_matrix(metrics["confusion_matrix"], "run/plots/confusion_test.png")
     plots.plot_roc(metrics, "run/plots/roc_test.png")
+    plots.plot_pr(metrics, "run/plots/pr_test.png")
+    plots.plot_reliability(metrics, "run/plots/reliability_test.png")
 
 Figures are built with `matplotlib.figure.Figure` and its Agg canvas, never `pyplot`: no global
 figure state, no display needed, safe in Ray workers and threads. Each function returns the path.
@@ -86,6 +89,53 @@ def plot_roc(metrics: dict, path, title: str = "ROC") -> Path:
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_pr(metrics: dict, path, title: str = "Precision-recall") -> Path:
+    """PR curve from `metrics["pr"]` (step-wise, as average precision integrates it), the
+    prevalence as the chance level, and the operating point at `metrics["threshold"]` marked."""
+    pr = metrics["pr"]
+    recall, precision = np.asarray(pr["recall"], float), np.asarray(pr["precision"], float)
+    auprc = metrics["auprc"]
+    sens, prec = metrics["sensitivity"]["value"], metrics["precision"]["value"]
+    fig = _figure(width=4.6, height=4.4)
+    ax = fig.subplots()
+    ax.step(recall, precision, where="pre", lw=2,  # the precision of point k spans recall k-1..k
+            label=f"AUPRC {auprc['value']:.3f} [{auprc['ci_low']:.3f}, {auprc['ci_high']:.3f}]")
+    ax.axhline(metrics["prevalence"], ls="--", color="grey", lw=1,
+               label=f"chance (prevalence {metrics['prevalence']:.2f})")
+    ax.plot([sens], [prec], "o", color="crimson", markersize=9,
+            label=f"threshold {metrics['threshold']:.3f}\nrecall {sens:.2f}, precision {prec:.2f}")
+    ax.set(title=title, xlabel="recall (sensitivity)", ylabel="precision (PPV)",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reliability(metrics: dict, path, title: str = "Reliability") -> Path:
+    """Reliability diagram from `metrics["calibration"]`: observed PNEUMONIA share against mean
+    P(PNEUMONIA) per bin (marker area ~ cases in the bin), the diagonal, and a count histogram."""
+    cal = metrics["calibration"]
+    count = np.asarray(cal["count"], float)
+    filled = count > 0
+    mean_p = np.asarray([np.nan if v is None else v for v in cal["mean_predicted"]], float)
+    frac = np.asarray([np.nan if v is None else v for v in cal["fraction_positive"]], float)
+    edges = np.asarray(cal["edges"], float)
+    fig = _figure(width=4.6, height=5.2)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    top.plot(mean_p[filled], frac[filled], "-o", lw=1.5, markersize=4,
+             label=f"ECE {metrics['ece']:.3f}, Brier {metrics['brier']['value']:.3f}")
+    top.scatter(mean_p[filled], frac[filled], s=20 + 200 * count[filled] / count.max(), alpha=0.3)
+    top.set(title=title, ylabel="observed share of PNEUMONIA", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(edges[:-1], count, width=np.diff(edges), align="edge", color="tab:blue", alpha=0.6)
+    bottom.set(xlabel="predicted P(PNEUMONIA)", ylabel="cases")
+    bottom.grid(alpha=0.3)
     return _save(fig, path)
 
 

@@ -45,6 +45,13 @@ def write_report(cfg: SearchConfig, table: pd.DataFrame, best: dict[str, Any], *
         f"![confusion matrix]({_rel(cfg, best['model_dir'] / 'plots' / 'confusion_test.png')}) "
         f"![ROC]({_rel(cfg, best['model_dir'] / 'plots' / 'roc_test.png')})",
         "",
+        "## Calibration and operating points",
+        "",
+        _calibration_section(best["metrics"]),
+        "",
+        f"![precision-recall]({_rel(cfg, best['model_dir'] / 'plots' / 'pr_test.png')}) "
+        f"![reliability]({_rel(cfg, best['model_dir'] / 'plots' / 'reliability_test.png')})",
+        "",
         "## Trials",
         "",
         _trials_table(table),
@@ -97,6 +104,34 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     (tn, fp), (fn, tp) = metrics["test"]["confusion_matrix"]
     lines.append(f"\nTest n = {metrics['test']['n']}: TN {tn}, FP {fp}, FN {fn}, TP {tp}.")
     return "\n".join(lines)
+
+
+def _calibration_section(metrics: dict[str, Any]) -> str:
+    """Threshold-free scores (AUPRC, Brier, ECE, AUC with DeLong's interval) and sensitivity /
+    specificity at the operating points chosen on validation, for test and validation."""
+    test, val = metrics["test"], metrics["val"]
+    lines = ["| score | test | 95% CI | validation |", "|---|---|---|---|"]
+    for label, key in (("ROC AUC (DeLong CI)", "roc_auc_delong"), ("AUPRC (average precision)", "auprc"),
+                       ("Brier score (lower is better)", "brier")):
+        t = test[key]
+        lines.append(f"| {label} | {_fmt(t['value'])} | {_fmt(t['ci_low'])} - {_fmt(t['ci_high'])} "
+                     f"| {_fmt(val[key]['value'])} |")
+    lines.append(f"| ECE, 10 bins (lower is better) | {_fmt(test['ece'])} | | {_fmt(val['ece'])} |")
+    points = test.get("operating_points") or []
+    if points:
+        lines += ["", "Operating points (threshold chosen on validation, applied unchanged to test; "
+                  "Wilson 95% intervals):", "",
+                  "| operating point | threshold | test sensitivity | test specificity | val sensitivity | val specificity |",
+                  "|---|---|---|---|---|---|"]
+        for t_op, v_op in zip(points, val.get("operating_points") or points):
+            lines.append(f"| {t_op['name']} | {_fmt(t_op['threshold'])} | {_ci(t_op['sensitivity'])} "
+                         f"| {_ci(t_op['specificity'])} | {_fmt(v_op['sensitivity']['value'])} "
+                         f"| {_fmt(v_op['specificity']['value'])} |")
+    return "\n".join(lines)
+
+
+def _ci(m: dict[str, Any]) -> str:
+    return f"{_fmt(m['value'])} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
 
 
 def _trials_table(table: pd.DataFrame) -> str:

@@ -38,7 +38,9 @@ def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_smal
     result = finalize(build_model(cfg.model, seed=0), cfg, prepared_small, tmp_path / "model", n_boot=200)
 
     assert loads == ["val", "test"]  # test is read after the threshold exists, and only once
-    assert len(chosen_on) == 1 and np.array_equal(chosen_on[0], y_val)
+    # the decision threshold and each fixed operating point: all chosen on validation labels
+    assert len(chosen_on) == 1 + len(evaluate_module.OPERATING_POINTS)
+    assert all(np.array_equal(labels, y_val) for labels in chosen_on)
     assert len(scored) == 1 and np.array_equal(scored[0][0], y_test)
     assert scored[0][1] == result["threshold"]
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
@@ -68,6 +70,16 @@ def test_cxr_train_then_evaluate_end_to_end(prepared_small, tmp_path, capsys):
     printed = capsys.readouterr().out
     auc = card["metrics"]["test"]["roc_auc"]
     assert f"{auc['value']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]" in printed
+    # calibration, PR and the operating points chosen on validation (thresholds from the card)
+    test = card["metrics"]["test"]
+    for key in ("auprc", "brier", "roc_auc_delong"):
+        m = test[key]
+        assert f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" in printed, key
+    assert f"ece (10 bins)" in printed and f"{test['ece']:.3f}" in printed
+    for op in card["operating_points"]:
+        sens = next(o for o in test["operating_points"] if o["name"] == op["name"])["sensitivity"]
+        assert f"{op['name']} (t={op['threshold']:.3f}): sens  " in printed
+        assert f"{sens['value']:.3f} [{sens['ci_low']:.3f}, {sens['ci_high']:.3f}]" in printed
 
     # An existing export is refused before any training happens.
     assert main(["train", str(prepared_small), "--out", str(out), "--weights", "none"]) == 2

@@ -39,3 +39,13 @@ def test_history_plot_accepts_a_keras_history_object(tmp_path):
 
     width, height = _png_size(plots.plot_history(History(), tmp_path / "h.png"))
     assert width > 1.5 * height  # loss and AUC panels
+
+
+def test_pr_and_reliability_plots_are_written(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 200)
+    probs = np.clip(rng.random(200) * 0.6 + 0.35 * labels, 0, 1)
+    metrics = metrics_from_probs(labels, probs, threshold=0.45, n_boot=100)
+    for path in (plots.plot_pr(metrics, tmp_path / "pr.png"), plots.plot_reliability(metrics, tmp_path / "rel.png")):
+        width, height = _png_size(path)
+        assert 300 < width < 1000 and 300 < height < 1000

@@ -51,7 +51,7 @@ def exported(tiny, tmp_path_factory):
 
 def test_export_writes_model_card_metrics_and_plots(exported, tiny):
     names = sorted(p.name for p in exported.iterdir())
-    assert names == ["metrics.json", "model.keras", "model_card.json", "plots", "saved_model"]
+    assert names == ["metrics.json", "model.keras", "model.onnx", "model_card.json", "plots", "saved_model"]
     card = json.loads((exported / "model_card.json").read_text())
     assert card["threshold"] == 0.42 and card["threshold_selection"]["method"] == "youden"
     assert card["class_names"] == ["NORMAL", "PNEUMONIA"]
@@ -62,14 +62,14 @@ def test_export_writes_model_card_metrics_and_plots(exported, tiny):
     assert {"keras", "numpy", "python"} <= set(card["versions"])
     auc = card["metrics"]["test"]["roc_auc"]
     assert auc["ci_low"] <= auc["value"] <= auc["ci_high"]
-    assert "roc" not in card["metrics"]["test"]  # ROC points live in metrics.json only
+    assert not {"roc", "pr", "calibration"} & set(card["metrics"]["test"])  # curves: metrics.json only
     metrics = json.loads((exported / "metrics.json").read_text())
     assert len(metrics["metrics"]["val"]["roc"]["fpr"]) > 2 and metrics["history"]["loss"] == [0.7, 0.6]
     plots = sorted(p.name for p in (exported / "plots").iterdir())
-    assert plots == ["confusion_test.png", "confusion_val.png", "curves.png", "roc_test.png", "roc_val.png"]
-    assert card["files"]["plots"] == [f"plots/{n}" for n in
-                                      ["curves.png", "confusion_val.png", "roc_val.png",
-                                       "confusion_test.png", "roc_test.png"]]
+    per_split = ["confusion_{}.png", "roc_{}.png", "pr_{}.png", "reliability_{}.png"]
+    listed = ["curves.png"] + [n.format(s) for s in ("val", "test") for n in per_split]
+    assert plots == sorted(listed)
+    assert card["files"]["plots"] == [f"plots/{n}" for n in listed]
 
 
 def test_undefined_metrics_become_null_in_strict_json(tiny, tmp_path):

@@ -145,7 +145,7 @@ def test_jax_backend_loads_the_export_predicts_and_gives_the_same_gradcam(model_
         x = np.stack([preprocess_file(p, image_size={SIZE}) for p in files])[..., None]
         model, card = load_model({str(model_dir)!r})
         np.save({str(tmp_path / "heat.npy")!r}, gradcam_heatmaps(model, x))
-        from cxr_model import TrainConfig, export  # exporting under JAX: no SavedModel, the rest the same
+        from cxr_model import TrainConfig, export  # exporting under JAX: every file, SavedModel and ONNX too
         out = export(model, {str(tmp_path / "jax_export")!r}, train_cfg=TrainConfig.from_dict(card["config"]),
                      threshold=card["threshold"], metrics=card["metrics"])
         print(json.dumps(sorted(p.name for p in out.iterdir())))
@@ -155,7 +155,8 @@ def test_jax_backend_loads_the_export_predicts_and_gives_the_same_gradcam(model_
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     *_, listing, probs = done.stdout.strip().splitlines()
-    assert json.loads(listing) == ["metrics.json", "model.keras", "model_card.json", "plots"]
+    assert json.loads(listing) == ["metrics.json", "model.keras", "model.onnx", "model_card.json", "plots",
+                                   "saved_model"]
     assert json.loads((tmp_path / "jax_export" / "model_card.json").read_text())["backend"] == "jax"
     probs_jax = json.loads(probs)
     np.testing.assert_allclose(probs_jax, expected["p_pneumonia"], atol=1e-5)

@@ -128,13 +128,14 @@ def test_best_trial_is_exported_evaluated_once_and_reloads(sweep, prepared_small
 def test_report_has_tables_metrics_and_plots(sweep):
     cfg, summary = sweep
     text = summary["report"].read_text()
-    for needle in ("## Best trial", "## Test metrics", "roc_auc", "95% CI", "## Trials", summary["best"]["trial_id"]):
+    for needle in ("## Best trial", "## Test metrics", "roc_auc", "95% CI", "## Trials", summary["best"]["trial_id"],
+                   "## Calibration and operating points", "AUPRC", "Brier", "ECE", "DeLong", "| sens>=0.95 |"):
         assert needle in text
     for name in ("learning_curves.png", "params_vs_val_auc.png", "param_importances.png"):
         path = cfg.run_dir / "plots" / name
         assert path.stat().st_size > 10_000, name
         assert f"plots/{name}" in text
-    for name in ("confusion_test.png", "roc_test.png"):
+    for name in ("confusion_test.png", "roc_test.png", "pr_test.png", "reliability_test.png"):
         assert (cfg.run_dir / "best" / "plots" / name).is_file() and f"best/plots/{name}" in text
     saved = json.loads((cfg.run_dir / "search_config.json").read_text())
     assert saved["trials"] == TRIALS and saved["space"]["head_layers"] == 1

@@ -1,0 +1,189 @@
+"""`cxr serve`: the real command, a real Ray Serve HTTP server on 127.0.0.1, real HTTP requests.
+
+The server runs as `cxr serve` in its own process (its own local Ray instance, apart from the test
+session's), is stopped with SIGINT like a user's Ctrl-C, and must exit cleanly.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from dicom_util import write_dicom
+from PIL import Image
+
+SIZE = 64
+MAX_UPLOAD_MB = 1  # the real samples are 0.2-0.3 MB
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An exported 64-px model (random seeded weights, threshold 0.5)."""
+    from cxr_model import ModelConfig, TrainConfig, build_model, export
+    from cxr_model.evaluate import metrics_from_probs
+
+    cfg = TrainConfig(model=ModelConfig(image_size=SIZE, weights=None, head_units=(8,), aug_strength=0.1))
+    metrics = metrics_from_probs([0, 1, 0, 1], [0.2, 0.6, 0.4, 0.9], threshold=0.5, n_boot=50)
+    return export(build_model(cfg.model, seed=0), tmp_path_factory.mktemp("m") / "model", train_cfg=cfg,
+                  threshold=0.5, metrics=metrics, threshold_method="youden", resize="pad")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """(base URL, process) of `cxr serve` on a free 127.0.0.1 port; SIGINT and a clean exit after."""
+    import httpx
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    cmd = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", "serve",
+           str(model_dir), "--port", str(port), "--max-batch-size", "8", "--batch-wait-ms", "50",
+           "--max-upload-mb", str(MAX_UPLOAD_MB)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not become healthy:\n" + log.read_text()[-3000:]
+            time.sleep(1)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        assert code == 0, log.read_text()[-3000:]
+        assert "shutting down Ray Serve and Ray" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir, samples_dir):
+    """`cxr predict`'s P(PNEUMONIA) for each real sample file."""
+    from cxr_model.predict import predict_paths
+
+    table = predict_paths(model_dir, [samples_dir])
+    return dict(zip(table["path"], table["p_pneumonia"]))
+
+
+def _post(url, data=None, files=None, params=None, headers=None):
+    import httpx
+
+    return httpx.post(f"{url}/predict", content=data, files=files, params=params, headers=headers, timeout=120)
+
+
+@pytest.mark.timeout(600)
+def test_healthz_and_model_report_the_card(server, model_dir):
+    import httpx
+
+    url, _ = server
+    sha = hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest()
+    health = httpx.get(f"{url}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["model_sha256"] == sha
+    info = httpx.get(f"{url}/model", timeout=30).json()
+    assert info["model_sha256"] == sha and info["threshold"] == 0.5
+    assert info["input_spec"]["shape"] == [None, SIZE, SIZE, 1] and info["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert {f["path"] for f in info["files"]} >= {"model.keras", "model.onnx"}
+
+
+@pytest.mark.timeout(600)
+def test_raw_jpeg_bodies_give_cxr_predicts_numbers(server, expected):
+    url, _ = server
+    for path, p in expected.items():
+        reply = _post(url, data=open(path, "rb").read())
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["p_pneumonia"] == pytest.approx(p, abs=1e-5), path
+        assert body["label"] == ("PNEUMONIA" if body["p_pneumonia"] >= 0.5 else "NORMAL")
+        assert body["threshold"] == 0.5 and len(body["model_sha256"]) == 64
+
+
+@pytest.mark.timeout(600)
+def test_multipart_png_and_dicom_uploads(server, model_dir, samples_dir, tmp_path):
+    from cxr_model.predict import predict_paths
+
+    url, _ = server
+    jpeg = sorted(samples_dir.rglob("*.jpeg"))[0]
+    png = tmp_path / "scan.png"
+    Image.open(jpeg).convert("L").save(png)
+    pixels = np.asarray(Image.open(jpeg).convert("L").resize((300, 260)), dtype=np.uint16) * 16
+    dcm = write_dicom(tmp_path / "scan.dcm", pixels, bits_stored=12)
+    want = predict_paths(model_dir, [png, dcm]).set_index("path")["p_pneumonia"]
+    reply = _post(url, files={"file": ("scan.png", png.read_bytes(), "image/png")})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["p_pneumonia"] == pytest.approx(want[str(png)], abs=1e-5)
+    assert reply.json()["filename"] == "scan.png"
+    reply = _post(url, files={"image": ("scan.dcm", dcm.read_bytes(), "application/dicom")})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["p_pneumonia"] == pytest.approx(want[str(dcm)], abs=1e-5)
+    reply = _post(url, data=dcm.read_bytes(), headers={"content-type": "application/dicom"})  # raw DICOM body
+    assert reply.json()["p_pneumonia"] == pytest.approx(want[str(dcm)], abs=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_gradcam_adds_a_png_overlay(server, samples_dir):
+    url, _ = server
+    jpeg = sorted(samples_dir.rglob("*.jpeg"))[-1]
+    reply = _post(url, data=jpeg.read_bytes(), params={"gradcam": "1"})
+    assert reply.status_code == 200, reply.text
+    overlay = Image.open(io.BytesIO(base64.b64decode(reply.json()["gradcam_png"])))
+    assert overlay.format == "PNG" and overlay.width == 2 * overlay.height  # [image | heatmap over image]
+    assert "gradcam_png" not in _post(url, data=jpeg.read_bytes()).json()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", ["empty", "not_an_image", "truncated", "too_large", "multipart_without_file"])
+def test_bad_input_is_a_4xx_json_reason_and_the_next_request_succeeds(server, samples_dir, case):
+    url, _ = server
+    jpeg = sorted(samples_dir.rglob("*.jpeg"))[0].read_bytes()
+    status, reply = {
+        "empty": (400, lambda: _post(url, data=b"")),
+        "not_an_image": (422, lambda: _post(url, data=b"%PDF-1.4 this is not an x-ray" * 20)),
+        "truncated": (422, lambda: _post(url, data=jpeg[: len(jpeg) // 3])),
+        "too_large": (413, lambda: _post(url, data=os.urandom(MAX_UPLOAD_MB * 2**20 + 1))),
+        "multipart_without_file": (400, lambda: _post(url, files={"note": (None, "no file here")})),
+    }[case]
+    response = reply()
+    assert response.status_code == status, response.text
+    reason = response.json()["error"]
+    assert isinstance(reason, str) and len(reason) > 5
+    if case == "truncated":
+        assert "truncated" in reason or "corrupt" in reason
+    if case == "not_an_image":
+        assert "not an image" in reason
+    ok = _post(url, data=jpeg)
+    assert ok.status_code == 200 and 0 <= ok.json()["p_pneumonia"] <= 1
+
+
+@pytest.mark.timeout(600)
+def test_concurrent_requests_are_batched_and_keep_their_own_answers(server, expected):
+    url, _ = server
+    items = list(expected.items()) * 3
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda item: _post(url, data=open(item[0], "rb").read()).json(), items))
+    for (path, p), body in zip(items, replies):
+        assert body["p_pneumonia"] == pytest.approx(p, abs=1e-5), path
+    assert max(body["batch_size"] for body in replies) > 1  # @serve.batch joined requests
