@@ -17,6 +17,16 @@ import os
 import sys
 from typing import Any
 
+# How long a reused worker waits for the previous trial's training thread to end before it takes
+# the next trial. Tune stops a trial (ASHA, or its last epoch) by raising SystemExit inside that
+# trial's `tune.report`, but only when the worker is handed its next trial
+# (FunctionTrainable.reset_config). The exception then unwinds through Keras' fit and frees the
+# model, its optimizer and compiled functions; on a busy node that takes more than Ray's default
+# of 2 s, reset_config returns False, and Tune fails the NEXT trial, one that never ran, with
+# "Trainable runner reuse requires reset_config() to be implemented and return True". Read by Ray
+# in this process at every reset, so setting it in the trial is enough.
+THREAD_JOIN_TIMEOUT_S = "120"
+
 # Per-process feature caches, keyed by cache folder. They outlive a trial on purpose: with
 # reuse_actors the next trial in this worker process reuses the features without touching disk.
 _FEATURE_CACHES: dict[str, Any] = {}
@@ -28,6 +38,8 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     data: a `cxr_model.Data` (train + validation only: the test split never reaches a trial).
     settings: the sweep-wide values from `trial_settings()` (image size, weights, budget, ...).
     """
+    # Before anything else: the worker's next reset reads it (see THREAD_JOIN_TIMEOUT_S).
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = THREAD_JOIN_TIMEOUT_S
     _configure_process(settings)
     import logging
 
