@@ -11,6 +11,7 @@ Where things go (storage = --storage, default: the run folder):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -97,8 +98,37 @@ def restored_tuner(cfg: SearchConfig, trainable):
     if not tune.Tuner.can_restore(cfg.experiment_path):
         raise CxrError(f"nothing to resume at {cfg.experiment_path}: run without --resume first")
     # The trainable is passed again: it carries this driver's object-store reference to the data.
-    return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True,
-                              resume_errored=True)
+    with _quiet_unreported_trials():
+        return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+
+
+class _DropUnreportedTrialWarning:
+    """Tuner.restore reads the results of every saved trial into an ExperimentAnalysis of the
+    interrupted state (fit() replaces it). A trial that had started but not reported when the
+    driver died has no result file yet, and Tune warns "Failed to fetch metrics ...
+    FileNotFoundError(... result.json and progress.csv were not found)" although nothing is lost:
+    the trial simply runs again. Only that warning is dropped, and only while restoring."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Failed to fetch metrics"):
+            return True
+        failures = message.splitlines()[1:]
+        return not failures or not all("FileNotFoundError(" in line for line in failures)
+
+
+@contextlib.contextmanager
+def _quiet_unreported_trials():
+    import logging
+
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    dropper = _DropUnreportedTrialWarning()
+    log.addFilter(dropper)
+    try:
+        yield
+    finally:
+        log.removeFilter(dropper)
 
 
 def sweep_finished(cfg: SearchConfig, grid) -> bool:
