@@ -40,8 +40,17 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
     if data is None:
         data = Data.from_prepared(cfg.prepared)  # train + val only; the test split stays on disk
     trainable = build_trainable(cfg, data)
-    tuner = restored_tuner(cfg, trainable) if resume else new_tuner(cfg, trainable, callbacks)
-    grid = _fit_keeping_sigint(tuner)
+    gpu_check = gpu_check_callback()
+    callbacks = [*callbacks, gpu_check]
+    tuner = restored_tuner(cfg, trainable, callbacks) if resume else new_tuner(cfg, trainable, callbacks)
+    try:
+        grid = _fit_keeping_sigint(tuner)
+    except Exception:
+        if gpu_check.line:  # the sweep was stopped on purpose: say why in one line
+            from datasets.errors import CxrError
+
+            raise CxrError(gpu_check.line) from None
+        raise
     if sweep_finished(cfg, grid):
         close_orphaned_optuna_trials(cfg)
     return grid
@@ -86,7 +95,7 @@ def new_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     return tune.Tuner(trainable, tune_config=build_tune_config(cfg), run_config=build_run_config(cfg, callbacks))
 
 
-def restored_tuner(cfg: SearchConfig, trainable):
+def restored_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     """The interrupted sweep, as Tune saved it: finished trials are kept as they are, interrupted
     ones continue from their checkpoints, errored ones get another chance (the cause may have been
     a lost node). The searcher (TPE and its trials so far) is restored with it, so the search goes
@@ -99,8 +108,13 @@ def restored_tuner(cfg: SearchConfig, trainable):
         raise CxrError(f"nothing to resume at {cfg.experiment_path}: run without --resume first")
     # The trainable is passed again: it carries this driver's object-store reference to the data.
     with _quiet_unreported_trials():
-        return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        tuner = tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    # Callbacks are not part of the saved state: this driver's own are given again.
+    local = getattr(tuner, "_local_tuner", None)  # None with Ray Client, where the tuner runs remotely
+    if local is not None:
+        local._run_config.callbacks = list(callbacks) or None
+    return tuner
 
 
 class _DropUnreportedTrialWarning:
@@ -129,6 +143,40 @@ def _quiet_unreported_trials():
         yield
     finally:
         log.removeFilter(dropper)
+
+
+def gpu_check_callback():
+    """A Tune callback that stops the sweep at the first trial failing the GPU check.
+
+    Such a failure is the node's software, not bad luck: a retry (max_failures) would fail the
+    same way, as would every later trial. Raising from the callback ends tuner.fit() at once with
+    the experiment state saved as after a killed driver, so `--resume` continues once the nodes
+    are fixed. The trial's line is kept in `.line` for the driver's error message.
+    """
+    from ray import tune
+
+    from search.trainable import GPU_CHECK_FAILED
+
+    class StopOnGpuCheck(tune.Callback):
+        line: str | None = None
+
+        def _check(self, trial) -> None:
+            # The driver's own copy of the error: the one in storage is only synced later.
+            path = trial.error_file
+            error = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
+            lines = [line.strip() for line in error.splitlines() if GPU_CHECK_FAILED in line]
+            if lines:
+                # "...GpuNotVisible: GPU check failed: ..." -> from the marker on
+                self.line = lines[-1][lines[-1].index(GPU_CHECK_FAILED):]
+                raise RuntimeError(self.line)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self._check(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._check(trial)
+
+    return StopOnGpuCheck()
 
 
 def sweep_finished(cfg: SearchConfig, grid) -> bool:

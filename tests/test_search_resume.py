@@ -275,3 +275,34 @@ def test_driver_killed_mid_trial_resumes_to_every_trial(prepared_small, tmp_path
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_driver_killed_at_each_point_resumes_to_every_trial(prepared_small, tmp_path, point, repetition):
     assert_resumed_cleanly(kill_and_resume(prepared_small, tmp_path, point))
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+@pytest.mark.parametrize("space", ["trainable_blocks: 0\naugment: false\n", "trainable_blocks: 1\naugment: false\n"],
+                         ids=["cached_features", "end_to_end"])
+def test_retried_trial_restores_optimizer_state(ray_session, prepared_small, tmp_path, space):
+    """A worker SIGKILLed after epoch 2 is retried from its checkpoint with the optimizer's state,
+    not only the weights: Adam's step count goes on from the checkpoint instead of restarting."""
+    from search.results import collect_results
+    from search.tuner import run_sweep
+    from test_search_sweep import KillWorkerOnce
+
+    cfg = small_config(prepared_small, tmp_path / "run", tmp_path, space, trials=1, max_epochs=3, max_failures=1)
+    cfg.save()
+    killer = KillWorkerOnce(at_epoch=2)
+    grid = run_sweep(cfg, callbacks=[killer])
+    assert killer.killed_pid is not None and grid.num_errors == 0
+    table, _ = collect_results(cfg)
+    row = table.iloc[0]
+    rows = _result_rows(Path(cfg.experiment_path) / f"trial_{row['trial_id']}")
+    assert row["attempts"] == 2
+    resumed = [r for r in rows if r["resumed_from_epoch"] > 0]
+    assert resumed and all(r["pid"] != killer.killed_pid for r in resumed)
+    steps = rows[0]["optimizer_steps"]
+    assert rows[0]["epoch"] == 1 and steps > 0
+    # every report, before and after the retry: the optimizer has taken one epoch of steps per epoch
+    assert [r["optimizer_steps"] for r in rows] == [r["epoch"] * steps for r in rows]
+    checkpoint = Path(row["checkpoint"])
+    assert (checkpoint / "optimizer.npz").is_file() and (checkpoint / "weights.npz").is_file()
