@@ -112,9 +112,7 @@ def config_from_args(args) -> tuple[SearchConfig, bool]:
     run_dir = Path(args.out)
     given = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name, None) is not None}
     if args.resume:
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise CxrError(f"nothing to resume: {run_dir / CONFIG_FILE} not found")
-        cfg = SearchConfig.load(run_dir)
+        cfg = _saved_config(run_dir, args.storage)
         ignored = sorted(k for k in given if k != "address" and given[k] != getattr(cfg, k))
         if ignored:
             print(f"cxr search: resuming with the sweep's saved settings; ignoring --{', --'.join(ignored)}"
@@ -132,6 +130,24 @@ def config_from_args(args) -> tuple[SearchConfig, bool]:
     cfg = SearchConfig(prepared=str(Path(args.prepared).resolve()), out=str(run_dir), space=space,
                        verbose=0 if args.quiet else 1, **values)
     return _checked(cfg), False
+
+
+def _saved_config(run_dir: Path, storage: str | None) -> SearchConfig:
+    """The sweep's saved config: from RUN, else from --storage (a new head, an empty RUN)."""
+    import dataclasses
+
+    from datasets.errors import CxrError
+
+    if (run_dir / CONFIG_FILE).is_file():
+        return SearchConfig.load(run_dir)
+    if storage:
+        cfg = SearchConfig.load_from_storage(storage)
+        if cfg is None:
+            raise CxrError(f"nothing to resume: no {CONFIG_FILE} in {storage}")
+        # this machine's run folder; the state (experiment, study, results) stays in the storage
+        return dataclasses.replace(cfg, out=str(run_dir))
+    raise CxrError(f"nothing to resume: {run_dir / CONFIG_FILE} not found (give --storage to resume "
+                   "a sweep from its storage)")
 
 
 # argparse dest -> SearchConfig field (the same names)

@@ -51,9 +51,47 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
 
             raise CxrError(gpu_check.line) from None
         raise
+    if not cfg.optuna_storage:
+        export_study(cfg)
     if sweep_finished(cfg, grid):
         close_orphaned_optuna_trials(cfg)
     return grid
+
+
+def export_study(cfg: SearchConfig) -> Path | None:
+    """Copy the study in Tune's newest searcher state to RUN/optuna.db (replaced whole, never
+    half-written) and, with a remote --storage, next to the experiment. None if no state yet."""
+    import pickle
+    import tempfile
+
+    import optuna
+    import pyarrow.fs
+
+    from search.config import write_to_storage
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(cfg.experiment_path))
+    states = [f for f in fs.get_file_info(pyarrow.fs.FileSelector(root))
+              if f.base_name.startswith("searcher-state-") and f.base_name.endswith(".pkl")]
+    if not states:
+        return None
+    newest = max(states, key=lambda f: f.base_name)  # named by the driver session's start time
+    with fs.open_input_stream(newest.path) as stream:
+        study = pickle.loads(stream.read())["_ot_study"]  # OptunaSearch.save pickles its __dict__
+    target = cfg.run_dir / "optuna.db"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".optuna-") as tmp:
+        staged = Path(tmp) / "optuna.db"
+        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                          to_storage=f"sqlite:///{staged}", to_study_name=cfg.study_name)
+        data = staged.read_bytes()
+        os.replace(staged, target)
+    if cfg.remote_storage:
+        write_to_storage(f"{cfg.storage_path}/optuna.db", data)
+    return target
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def check_weights(weights: str | None) -> None:
@@ -91,7 +129,8 @@ def new_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     if tune.Tuner.can_restore(cfg.experiment_path):
         raise CxrError(f"{cfg.experiment_path} already holds a sweep: add --resume to continue it, "
                        "or choose another --out/--storage")
-    _refuse_existing_study(cfg)
+    if cfg.optuna_storage:
+        _refuse_existing_study(cfg)
     return tune.Tuner(trainable, tune_config=build_tune_config(cfg), run_config=build_run_config(cfg, callbacks))
 
 
@@ -236,7 +275,13 @@ def build_searcher(cfg: SearchConfig):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    storage = optuna.storages.RDBStorage(cfg.optuna_url)
+    # No --optuna-storage: the study lives in memory inside the searcher, and Tune pickles the
+    # searcher into the experiment folder (searcher-state-*.pkl) with every experiment snapshot and
+    # syncs it to --storage with the trials' state. So it is wherever the storage is (a folder,
+    # NFS, s3://, gs://), a new head restores it with the sweep, and it always matches Tune's
+    # trials (a study in a separate file would run ahead of a killed driver's last snapshot).
+    # RUN/optuna.db is a SQLite copy for optuna-dashboard, written after the sweep (export_study).
+    storage = optuna.storages.RDBStorage(cfg.optuna_storage) if cfg.optuna_storage else None
     searcher = OptunaSearch(
         SpaceSampler(cfg.space), metric=METRIC, mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),

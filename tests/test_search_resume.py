@@ -213,6 +213,7 @@ def kill_and_resume(prepared: Path, tmp_path: Path, point: str) -> dict:
     space.write_text(TEST_SPACE + "trainable_blocks: 0\n")
     run = tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="cxr12-", dir="/tmp")  # short: Ray's socket paths have a limit
+    first = None
     try:
         first = Driver(_search_args(prepared, run, space), tmp_path, ray_tmp, "first")
         deadline = time.monotonic() + 240
@@ -229,6 +230,8 @@ def kill_and_resume(prepared: Path, tmp_path: Path, point: str) -> dict:
         rc = second.wait(timeout=400)
         return {"run": run, "rc": rc, "output": second.output(), "before": before, "kill_time": kill_time}
     finally:
+        if first is not None and first.proc.poll() is None:
+            first.kill_group()
         end_ray_processes(ray_tmp)
 
 
