@@ -16,6 +16,7 @@ from search.config import CONFIG_FILE, SearchConfig
 SEARCH_EPILOG = """examples:
   cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20
   cxr search runs/prepared --out runs/sweep --resume         # continue an interrupted sweep
+  cxr search runs/prepared --out runs/s1 --resume --storage s3://bucket/cxr/s1  # on a new head
   cxr search runs/prepared --out runs/smoke --smoke          # 2 tiny trials, random weights
   cxr search /data/prepared --out runs/s1 --address auto --storage s3://bucket/cxr/s1  # on a cluster
 
@@ -73,8 +74,9 @@ def _add_search(subparsers) -> None:
                        help="decision threshold chosen on validation (default: youden)")
     store = p.add_argument_group("storage")
     store.add_argument("--storage", metavar="PATH|s3://...", help="Tune state and checkpoints (default: RUN)")
-    store.add_argument("--optuna-storage", metavar="URL", help="Optuna study (default: sqlite:///RUN/optuna.db)")
-    store.add_argument("--resume", action="store_true", help="continue the interrupted sweep in RUN")
+    store.add_argument("--optuna-storage", metavar="URL", help="Optuna study in a database (default: saved with Tune's state in the storage; "
+                       "a SQLite copy in RUN/optuna.db)")
+    store.add_argument("--resume", action="store_true", help="continue the interrupted sweep in RUN, or the one in --storage (a new head, an empty RUN)")
     p.add_argument("--quiet", action="store_true", help="no live Tune status table")
     p.set_defaults(func=handle_search)
 
