@@ -1,13 +1,16 @@
-"""The sweep: Ray Tune's Tuner with Optuna's TPE (persisted in SQLite) under a concurrency limit,
-ASHA on epochs, one checkpoint per trial, and resume after an interrupted driver.
+"""The sweep: Ray Tune's Tuner with Optuna's TPE under a concurrency limit, ASHA on epochs, one
+checkpoint per trial, and resume after an interrupted driver, also on a new head from the storage.
 
     cfg = SearchConfig(prepared="runs/prepared", out="runs/sweep", trials=16, max_epochs=10)
     grid = run_sweep(cfg)                 # a fresh sweep
     grid = run_sweep(cfg, resume=True)    # continue runs/sweep after Ctrl-C or kill -9
 
 Where things go (storage = --storage, default: the run folder):
-    storage/tune/                 Tune's experiment state, searcher state, trial folders, checkpoints
-    RUN/optuna.db                 the Optuna study (`optuna-dashboard sqlite:///RUN/optuna.db`)
+    storage/tune/                 Tune's experiment state, the searcher with its Optuna study
+                                  (searcher-state-*.pkl), trial folders, checkpoints
+    storage/search_config.json    the sweep's settings (what `--resume --storage URI` starts from)
+    RUN/optuna.db                 a SQLite copy of the study (`optuna-dashboard sqlite:///RUN/optuna.db`),
+                                  also in storage/ when that is a URI; or --optuna-storage URL
 """
 from __future__ import annotations
 
