@@ -128,6 +128,7 @@ class FullModelView(keras.callbacks.Callback):
         super().__init__()
         self.callback, self.full, self.trained = callback, full, trained
         callback.set_model(full)
+        callback.trained = trained  # whose optimizer steps (a checkpointing callback saves its state)
         for name in self._HOOKS:
             if not _is_default_hook(getattr(callback, name)):
                 setattr(self, name, self._forwarder(name))

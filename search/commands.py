@@ -16,6 +16,7 @@ from search.config import CONFIG_FILE, SearchConfig
 SEARCH_EPILOG = """examples:
   cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20
   cxr search runs/prepared --out runs/sweep --resume         # continue an interrupted sweep
+  cxr search runs/prepared --out runs/s1 --resume --storage s3://bucket/cxr/s1  # on a new head
   cxr search runs/prepared --out runs/smoke --smoke          # 2 tiny trials, random weights
   cxr search /data/prepared --out runs/s1 --address auto --storage s3://bucket/cxr/s1  # on a cluster
 
@@ -73,8 +74,9 @@ def _add_search(subparsers) -> None:
                        help="decision threshold chosen on validation (default: youden)")
     store = p.add_argument_group("storage")
     store.add_argument("--storage", metavar="PATH|s3://...", help="Tune state and checkpoints (default: RUN)")
-    store.add_argument("--optuna-storage", metavar="URL", help="Optuna study (default: sqlite:///RUN/optuna.db)")
-    store.add_argument("--resume", action="store_true", help="continue the interrupted sweep in RUN")
+    store.add_argument("--optuna-storage", metavar="URL", help="Optuna study in a database (default: saved with Tune's state in the storage; "
+                       "a SQLite copy in RUN/optuna.db)")
+    store.add_argument("--resume", action="store_true", help="continue the interrupted sweep in RUN, or the one in --storage (a new head, an empty RUN)")
     p.add_argument("--quiet", action="store_true", help="no live Tune status table")
     p.set_defaults(func=handle_search)
 
@@ -112,9 +114,7 @@ def config_from_args(args) -> tuple[SearchConfig, bool]:
     run_dir = Path(args.out)
     given = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name, None) is not None}
     if args.resume:
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise CxrError(f"nothing to resume: {run_dir / CONFIG_FILE} not found")
-        cfg = SearchConfig.load(run_dir)
+        cfg = _saved_config(run_dir, args.storage)
         ignored = sorted(k for k in given if k != "address" and given[k] != getattr(cfg, k))
         if ignored:
             print(f"cxr search: resuming with the sweep's saved settings; ignoring --{', --'.join(ignored)}"
@@ -132,6 +132,24 @@ def config_from_args(args) -> tuple[SearchConfig, bool]:
     cfg = SearchConfig(prepared=str(Path(args.prepared).resolve()), out=str(run_dir), space=space,
                        verbose=0 if args.quiet else 1, **values)
     return _checked(cfg), False
+
+
+def _saved_config(run_dir: Path, storage: str | None) -> SearchConfig:
+    """The sweep's saved config: from RUN, else from --storage (a new head, an empty RUN)."""
+    import dataclasses
+
+    from datasets.errors import CxrError
+
+    if (run_dir / CONFIG_FILE).is_file():
+        return SearchConfig.load(run_dir)
+    if storage:
+        cfg = SearchConfig.load_from_storage(storage)
+        if cfg is None:
+            raise CxrError(f"nothing to resume: no {CONFIG_FILE} in {storage}")
+        # this machine's run folder; the state (experiment, study, results) stays in the storage
+        return dataclasses.replace(cfg, out=str(run_dir))
+    raise CxrError(f"nothing to resume: {run_dir / CONFIG_FILE} not found (give --storage to resume "
+                   "a sweep from its storage)")
 
 
 # argparse dest -> SearchConfig field (the same names)

@@ -29,7 +29,8 @@ class SearchConfig:
     weights: str | None = "imagenet"  # "imagenet" | None (random init; tests, demo) | path to weights
     address: str | None = None        # None: a local Ray; "auto" or ray://HOST:10001 for a cluster
     storage: str | None = None        # experiment state + checkpoints: a folder or s3:// / gs://; None: `out`
-    optuna_storage: str | None = None  # Optuna study URL; None: sqlite:///<out>/optuna.db
+    optuna_storage: str | None = None  # Optuna study URL (a database); None: in Tune's searcher state
+    study: str | None = None          # the Optuna study's name, fixed when the sweep starts
     max_failures: int = 2             # retries of a trial whose worker died, from its last checkpoint
     seed: int = 0                     # TPE's sampler and every trial's TrainConfig.seed
     patience: int = 5                 # fit's own early stopping (epochs without val AUC improvement)
@@ -72,18 +73,62 @@ class SearchConfig:
 
     @property
     def study_name(self) -> str:
-        # Named after the run folder, so sweeps sharing one PostgreSQL database stay apart.
-        return f"cxr-{self.run_dir.resolve().name}"
+        # Named after the run folder, so sweeps sharing one PostgreSQL database stay apart; saved
+        # once set, so a sweep resumed into another folder (a new head) keeps its study.
+        return self.study or f"cxr-{self.run_dir.resolve().name}"
 
     @property
     def optuna_url(self) -> str:
+        """The study's database: --optuna-storage, else the SQLite copy written to RUN/optuna.db
+        after the sweep (the live study is in Tune's searcher state, see search/tuner.py)."""
         return self.optuna_storage or f"sqlite:///{(self.run_dir / 'optuna.db').resolve()}"
+
+    @property
+    def remote_storage(self) -> bool:
+        """--storage is a URI (s3://, gs://, file://): the run's state also goes there."""
+        return bool(self.storage and "://" in self.storage)
 
     def save(self) -> Path:
         path = self.run_dir / CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        path.write_text(text)
+        if self.storage and Path(self.storage_path) != self.run_dir.resolve():
+            # The whole run's state lives in --storage: `--resume --storage URI` on another
+            # machine, in an empty folder, starts from this copy.
+            write_to_storage(f"{self.storage_path}/{CONFIG_FILE}", text.encode())
         return path
+
+    @classmethod
+    def load_from_storage(cls, storage: str) -> "SearchConfig | None":
+        """The config a sweep saved in `storage` (a folder or URI), or None when there is none."""
+        data = read_from_storage(f"{_storage_path(storage)}/{CONFIG_FILE}")
+        return None if data is None else cls.from_dict(json.loads(data))
+
+
+def _storage_path(storage: str) -> str:
+    return storage.rstrip("/") if "://" in storage else str(Path(storage).resolve())
+
+
+def write_to_storage(uri: str, data: bytes) -> str:
+    """Write `data` to a local path or a pyarrow URI (s3://, gs://, file://); returns `uri`."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+    return uri
+
+
+def read_from_storage(uri: str) -> bytes | None:
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "SearchConfig":

@@ -21,6 +21,7 @@ from search.space import METRIC
 # Weights as a plain .npz of model.get_weights(): no h5py needed (the JAX GPU machines lack it),
 # and the same architecture lists its weights in the same order in any process and backend.
 WEIGHTS_FILE = "weights.npz"
+OPTIMIZER_FILE = "optimizer.npz"  # the optimizer's variables: step count, Adam's moments
 STATE_FILE = "state.json"
 
 
@@ -33,6 +34,7 @@ class ResumeState:
     best_epoch: int = 0
     history: dict[str, list] = field(default_factory=dict)  # per-epoch logs of earlier attempts
     weights_path: str | None = None
+    optimizer_path: str | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint) -> "ResumeState":
@@ -40,8 +42,10 @@ class ResumeState:
             return cls()
         folder = Path(checkpoint.to_directory())  # a local copy, also when storage is s3://
         state = json.loads((folder / STATE_FILE).read_text())
+        optimizer = folder / OPTIMIZER_FILE
         return cls(epochs_done=state["epoch"], best_value=state["best_value"], best_epoch=state["best_epoch"],
-                   history=state["history"], weights_path=str(folder / WEIGHTS_FILE))
+                   history=state["history"], weights_path=str(folder / WEIGHTS_FILE),
+                   optimizer_path=str(optimizer) if optimizer.is_file() else None)
 
 
 def save_weights(model, path: Path) -> None:
@@ -55,6 +59,28 @@ def load_weights(model, path: Path | str) -> None:
 
     with np.load(path) as stored:
         model.set_weights([stored[f"arr_{i}"] for i in range(len(stored.files))])
+
+
+def save_optimizer(optimizer, path: Path) -> None:
+    import numpy as np
+
+    np.savez(path, *[keras.ops.convert_to_numpy(v.value) for v in optimizer.variables])
+
+
+def load_optimizer(optimizer, variables, path: Path | str) -> None:
+    """Restore the optimizer's variables (built first for `variables`: Keras builds it lazily)."""
+    import numpy as np
+
+    if not optimizer.built:
+        optimizer.build(variables)
+    with np.load(path) as stored:
+        values = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    targets = optimizer.variables
+    if [tuple(v.shape) for v in targets] != [tuple(v.shape) for v in values]:
+        raise ValueError(f"the checkpoint's optimizer state ({len(values)} variables) does not fit this "
+                         f"model's optimizer ({len(targets)} variables)")
+    for target, value in zip(targets, values):
+        target.assign(value)
 
 
 class ReportCallback(keras.callbacks.Callback):
@@ -82,12 +108,22 @@ class ReportCallback(keras.callbacks.Callback):
         self.history = {k: list(v) for k, v in resume.history.items()}
         self._epoch_start = time.perf_counter()
 
+    @property
+    def trained_model(self):
+        """The model whose optimizer steps: the head-on-features model while the head trains on
+        cached features (cxr_model's FullModelView tells us), else the full model itself."""
+        return getattr(self, "trained", None) or self.model
+
     def on_train_begin(self, logs=None):
         if self.resume.weights_path:
             # `self.model` is always the full model (cxr_model.fit shows callbacks the full model
             # also while it trains the head on cached features), so the checkpoint's weights fit.
-            # Adam's moments are not restored: a retried trial re-warms them within an epoch.
             load_weights(self.model, self.resume.weights_path)
+        if self.resume.optimizer_path:
+            # The optimizer too (step count, Adam's moments): a retried trial continues the run it
+            # would have had, instead of restarting Adam's bias correction and moment estimates.
+            trained = self.trained_model
+            load_optimizer(trained.optimizer, trained.trainable_variables, self.resume.optimizer_path)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -127,6 +163,7 @@ class ReportCallback(keras.callbacks.Callback):
             "epochs_since_best": epoch_number - self.best_epoch,
             "resumed_from_epoch": self.resume.epochs_done,
             "feature_cache": self.feature_cache,
+            "optimizer_steps": int(keras.ops.convert_to_numpy(self.trained_model.optimizer.iterations)),
             "epoch_time_s": time.perf_counter() - self._epoch_start,
             # Two raylets on one machine share an IP; the node id tells them apart.
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -135,6 +172,7 @@ class ReportCallback(keras.callbacks.Callback):
 
     def _write_checkpoint(self, folder: Path, epoch_number: int) -> None:
         save_weights(self.model, folder / WEIGHTS_FILE)
+        save_optimizer(self.trained_model.optimizer, folder / OPTIMIZER_FILE)
         state = {
             "epoch": epoch_number,
             "best_value": self.best_value,

@@ -8,10 +8,11 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Sequence
 
-from search.config import SearchConfig
+from search.config import CONFIG_FILE, SearchConfig
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -29,7 +30,10 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
     start = time.perf_counter()
     check_weights(cfg.weights)  # before cfg.save(): a failed start must not look like a sweep to resume
     if not resume:
+        cfg = dataclasses.replace(cfg, study=cfg.study_name)  # fixed now: the run folder may move
         cfg.save()
+    elif not (cfg.run_dir / CONFIG_FILE).is_file():
+        cfg.save()  # resumed from --storage into a new folder: keep the config here too
     # Loaded once: the trials train on it and the best trial's threshold is chosen on its val split.
     data = Data.from_prepared(cfg.prepared)  # train + val only; the test split stays on disk
     grid = run_sweep(cfg, resume=resume, callbacks=callbacks, data=data)

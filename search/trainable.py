@@ -17,6 +17,16 @@ import os
 import sys
 from typing import Any
 
+# How long a reused worker waits for the previous trial's training thread to end before it takes
+# the next trial. Tune stops a trial (ASHA, or its last epoch) by raising SystemExit inside that
+# trial's `tune.report`, but only when the worker is handed its next trial
+# (FunctionTrainable.reset_config). The exception then unwinds through Keras' fit and frees the
+# model, its optimizer and compiled functions; on a busy node that takes more than Ray's default
+# of 2 s, reset_config returns False, and Tune fails the NEXT trial, one that never ran, with
+# "Trainable runner reuse requires reset_config() to be implemented and return True". Read by Ray
+# in this process at every reset, so setting it in the trial is enough.
+THREAD_JOIN_TIMEOUT_S = "120"
+
 # Per-process feature caches, keyed by cache folder. They outlive a trial on purpose: with
 # reuse_actors the next trial in this worker process reuses the features without touching disk.
 _FEATURE_CACHES: dict[str, Any] = {}
@@ -28,7 +38,10 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     data: a `cxr_model.Data` (train + validation only: the test split never reaches a trial).
     settings: the sweep-wide values from `trial_settings()` (image size, weights, budget, ...).
     """
+    # Before anything else: the worker's next reset reads it (see THREAD_JOIN_TIMEOUT_S).
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = THREAD_JOIN_TIMEOUT_S
     _configure_process(settings)
+    check_gpu(settings)  # before any training: a trial that asked for a GPU never trains on the CPU
     import logging
 
     from ray import tune
@@ -52,6 +65,55 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     cache = _feature_cache(cache_dir) if on_features else None
     callback = ReportCallback(resume=resume, train_cfg=train_cfg, feature_cache=on_features)
     fit(train_cfg, data, callbacks=[callback], feature_cache=cache)
+
+
+# The start of the one line a trial fails with when it asked for a GPU and its backend sees none;
+# the driver looks for it to stop the sweep instead of retrying (search/tuner.py).
+GPU_CHECK_FAILED = "GPU check failed"
+
+
+class GpuNotVisible(RuntimeError):
+    pass
+
+
+def check_gpu(settings: dict[str, Any]) -> None:
+    """With a GPU share per trial, fail at once, in one line, when the Keras backend sees no GPU.
+
+    Ray gives the trial its GPU share and sets CUDA_VISIBLE_DEVICES, but whether the backend can
+    use it depends on the node's software (a CPU-only jax or tensorflow wheel, a driver mismatch):
+    without this check such a trial silently trains on the CPU, many times slower.
+    """
+    if not settings["gpus_per_trial"]:
+        return
+    backend = settings["keras_backend"]
+    devices = visible_devices(backend)
+    if any(kind == "gpu" for kind, _ in devices):
+        return
+    import platform
+
+    seen = ", ".join(name for _, name in devices) or "no devices"
+    raise GpuNotVisible(
+        f"{GPU_CHECK_FAILED}: --gpus-per-trial {settings['gpus_per_trial']:g}, but the {backend} backend on "
+        f"node {platform.node()} sees no GPU, only {seen} "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+        f"install the GPU build of {backend} on every GPU node, or run with --gpus-per-trial 0")
+
+
+def visible_devices(backend: str) -> list[tuple[str, str]]:
+    """[(kind, name)] of the devices `backend` can compute on; kind is "gpu", "cpu" or "tpu"."""
+    if backend == "jax":
+        import jax
+
+        return [("gpu" if d.platform in ("gpu", "cuda", "rocm") else d.platform, f"{d.platform}:{d.id}")
+                for d in jax.devices()]
+    if backend == "torch":
+        import torch
+
+        count = torch.cuda.device_count()
+        return [("gpu", f"cuda:{i}") for i in range(count)] or [("cpu", "cpu")]
+    import tensorflow as tf
+
+    return [(d.device_type.lower(), d.name.replace("/physical_device:", "")) for d in tf.config.list_physical_devices()]
 
 
 def trial_settings(*, image_size: int, weights: str | None, max_epochs: int, seed: int,

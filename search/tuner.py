@@ -1,16 +1,20 @@
-"""The sweep: Ray Tune's Tuner with Optuna's TPE (persisted in SQLite) under a concurrency limit,
-ASHA on epochs, one checkpoint per trial, and resume after an interrupted driver.
+"""The sweep: Ray Tune's Tuner with Optuna's TPE under a concurrency limit, ASHA on epochs, one
+checkpoint per trial, and resume after an interrupted driver, also on a new head from the storage.
 
     cfg = SearchConfig(prepared="runs/prepared", out="runs/sweep", trials=16, max_epochs=10)
     grid = run_sweep(cfg)                 # a fresh sweep
     grid = run_sweep(cfg, resume=True)    # continue runs/sweep after Ctrl-C or kill -9
 
 Where things go (storage = --storage, default: the run folder):
-    storage/tune/                 Tune's experiment state, searcher state, trial folders, checkpoints
-    RUN/optuna.db                 the Optuna study (`optuna-dashboard sqlite:///RUN/optuna.db`)
+    storage/tune/                 Tune's experiment state, the searcher with its Optuna study
+                                  (searcher-state-*.pkl), trial folders, checkpoints
+    storage/search_config.json    the sweep's settings (what `--resume --storage URI` starts from)
+    RUN/optuna.db                 a SQLite copy of the study (`optuna-dashboard sqlite:///RUN/optuna.db`),
+                                  also in storage/ when that is a URI; or --optuna-storage URL
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,11 +43,58 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
     if data is None:
         data = Data.from_prepared(cfg.prepared)  # train + val only; the test split stays on disk
     trainable = build_trainable(cfg, data)
-    tuner = restored_tuner(cfg, trainable) if resume else new_tuner(cfg, trainable, callbacks)
-    grid = _fit_keeping_sigint(tuner)
+    gpu_check = gpu_check_callback()
+    callbacks = [*callbacks, gpu_check]
+    tuner = restored_tuner(cfg, trainable, callbacks) if resume else new_tuner(cfg, trainable, callbacks)
+    try:
+        grid = _fit_keeping_sigint(tuner)
+    except Exception:
+        if gpu_check.line:  # the sweep was stopped on purpose: say why in one line
+            from datasets.errors import CxrError
+
+            raise CxrError(gpu_check.line) from None
+        raise
+    if not cfg.optuna_storage:
+        export_study(cfg)
     if sweep_finished(cfg, grid):
         close_orphaned_optuna_trials(cfg)
     return grid
+
+
+def export_study(cfg: SearchConfig) -> Path | None:
+    """Copy the study in Tune's newest searcher state to RUN/optuna.db (replaced whole, never
+    half-written) and, with a remote --storage, next to the experiment. None if no state yet."""
+    import pickle
+    import tempfile
+
+    import optuna
+    import pyarrow.fs
+
+    from search.config import write_to_storage
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(cfg.experiment_path))
+    states = [f for f in fs.get_file_info(pyarrow.fs.FileSelector(root))
+              if f.base_name.startswith("searcher-state-") and f.base_name.endswith(".pkl")]
+    if not states:
+        return None
+    newest = max(states, key=lambda f: f.base_name)  # named by the driver session's start time
+    with fs.open_input_stream(newest.path) as stream:
+        study = pickle.loads(stream.read())["_ot_study"]  # OptunaSearch.save pickles its __dict__
+    target = cfg.run_dir / "optuna.db"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".optuna-") as tmp:
+        staged = Path(tmp) / "optuna.db"
+        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                          to_storage=f"sqlite:///{staged}", to_study_name=cfg.study_name)
+        data = staged.read_bytes()
+        os.replace(staged, target)
+    if cfg.remote_storage:
+        write_to_storage(f"{cfg.storage_path}/optuna.db", data)
+    return target
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def check_weights(weights: str | None) -> None:
@@ -81,11 +132,12 @@ def new_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     if tune.Tuner.can_restore(cfg.experiment_path):
         raise CxrError(f"{cfg.experiment_path} already holds a sweep: add --resume to continue it, "
                        "or choose another --out/--storage")
-    _refuse_existing_study(cfg)
+    if cfg.optuna_storage:
+        _refuse_existing_study(cfg)
     return tune.Tuner(trainable, tune_config=build_tune_config(cfg), run_config=build_run_config(cfg, callbacks))
 
 
-def restored_tuner(cfg: SearchConfig, trainable):
+def restored_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     """The interrupted sweep, as Tune saved it: finished trials are kept as they are, interrupted
     ones continue from their checkpoints, errored ones get another chance (the cause may have been
     a lost node). The searcher (TPE and its trials so far) is restored with it, so the search goes
@@ -97,8 +149,76 @@ def restored_tuner(cfg: SearchConfig, trainable):
     if not tune.Tuner.can_restore(cfg.experiment_path):
         raise CxrError(f"nothing to resume at {cfg.experiment_path}: run without --resume first")
     # The trainable is passed again: it carries this driver's object-store reference to the data.
-    return tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True,
-                              resume_errored=True)
+    with _quiet_unreported_trials():
+        tuner = tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    # Callbacks are not part of the saved state: this driver's own are given again.
+    local = getattr(tuner, "_local_tuner", None)  # None with Ray Client, where the tuner runs remotely
+    if local is not None:
+        local._run_config.callbacks = list(callbacks) or None
+    return tuner
+
+
+class _DropUnreportedTrialWarning:
+    """Tuner.restore reads the results of every saved trial into an ExperimentAnalysis of the
+    interrupted state (fit() replaces it). A trial that had started but not reported when the
+    driver died has no result file yet, and Tune warns "Failed to fetch metrics ...
+    FileNotFoundError(... result.json and progress.csv were not found)" although nothing is lost:
+    the trial simply runs again. Only that warning is dropped, and only while restoring."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Failed to fetch metrics"):
+            return True
+        failures = message.splitlines()[1:]
+        return not failures or not all("FileNotFoundError(" in line for line in failures)
+
+
+@contextlib.contextmanager
+def _quiet_unreported_trials():
+    import logging
+
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    dropper = _DropUnreportedTrialWarning()
+    log.addFilter(dropper)
+    try:
+        yield
+    finally:
+        log.removeFilter(dropper)
+
+
+def gpu_check_callback():
+    """A Tune callback that stops the sweep at the first trial failing the GPU check.
+
+    Such a failure is the node's software, not bad luck: a retry (max_failures) would fail the
+    same way, as would every later trial. Raising from the callback ends tuner.fit() at once with
+    the experiment state saved as after a killed driver, so `--resume` continues once the nodes
+    are fixed. The trial's line is kept in `.line` for the driver's error message.
+    """
+    from ray import tune
+
+    from search.trainable import GPU_CHECK_FAILED
+
+    class StopOnGpuCheck(tune.Callback):
+        line: str | None = None
+
+        def _check(self, trial) -> None:
+            # The driver's own copy of the error: the one in storage is only synced later.
+            path = trial.error_file
+            error = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
+            lines = [line.strip() for line in error.splitlines() if GPU_CHECK_FAILED in line]
+            if lines:
+                # "...GpuNotVisible: GPU check failed: ..." -> from the marker on
+                self.line = lines[-1][lines[-1].index(GPU_CHECK_FAILED):]
+                raise RuntimeError(self.line)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self._check(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._check(trial)
+
+    return StopOnGpuCheck()
 
 
 def sweep_finished(cfg: SearchConfig, grid) -> bool:
@@ -158,7 +278,13 @@ def build_searcher(cfg: SearchConfig):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    storage = optuna.storages.RDBStorage(cfg.optuna_url)
+    # No --optuna-storage: the study lives in memory inside the searcher, and Tune pickles the
+    # searcher into the experiment folder (searcher-state-*.pkl) with every experiment snapshot and
+    # syncs it to --storage with the trials' state. So it is wherever the storage is (a folder,
+    # NFS, s3://, gs://), a new head restores it with the sweep, and it always matches Tune's
+    # trials (a study in a separate file would run ahead of a killed driver's last snapshot).
+    # RUN/optuna.db is a SQLite copy for optuna-dashboard, written after the sweep (export_study).
+    storage = optuna.storages.RDBStorage(cfg.optuna_storage) if cfg.optuna_storage else None
     searcher = OptunaSearch(
         SpaceSampler(cfg.space), metric=METRIC, mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
