@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import EvalConfig
+
 METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1")
 # The order summaries show them in (`cxr search`, RUN/report.md): the ranking metric first.
 DISPLAY_ORDER = ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
@@ -24,7 +26,7 @@ CI_LEVEL = 0.95
 _MAX_CELLS_PER_CHUNK = 4_000_000
 
 
-def evaluate(model, images, labels, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict:
+def evaluate(model, images, labels, threshold: float = 0.5, n_boot: int = EvalConfig.n_boot, seed: int = 0) -> dict:
     """Metrics of `model` on (images, labels) at a FIXED threshold (chosen beforehand on validation)."""
     from cxr_model import predict_proba  # the model helper's one prediction function
 
@@ -32,7 +34,7 @@ def evaluate(model, images, labels, threshold: float = 0.5, n_boot: int = 1000, 
     return metrics_from_probs(labels, probs, threshold=threshold, n_boot=n_boot, seed=seed)
 
 
-def metrics_from_probs(labels, probs, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict:
+def metrics_from_probs(labels, probs, threshold: float = 0.5, n_boot: int = EvalConfig.n_boot, seed: int = 0) -> dict:
     """Point metrics plus 95% percentile-bootstrap intervals, from labels and P(PNEUMONIA).
 
     Returns {metric: {"value", "ci_low", "ci_high"}} for each of METRICS, plus confusion_matrix

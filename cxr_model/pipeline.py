@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-THRESHOLD_METHODS = ("youden", "sensitivity")
+from .config import THRESHOLD_METHODS, EvalConfig  # noqa: F401  (THRESHOLD_METHODS: re-exported)
+
+_EVAL = EvalConfig()  # the defaults below are EvalConfig's
 
 
-def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str = "youden",
-                     target_sensitivity: float = 0.95, n_boot: int = 1000, overwrite: bool = False,
+def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str = _EVAL.threshold_method,
+                     target_sensitivity: float = _EVAL.target_sensitivity, n_boot: int = _EVAL.n_boot,
+                     overwrite: bool = False,
                      callbacks=(), feature_cache=None, data=None, extra: dict | None = None) -> dict:
     """Train `train_cfg` on the prepared data and export it to `out_dir`; returns finalize()'s dict.
 
@@ -35,8 +38,8 @@ def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str 
 
 
 def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
-             threshold_method: str = "youden", target_sensitivity: float = 0.95, n_boot: int = 1000,
-             overwrite: bool = False, extra: dict | None = None) -> dict:
+             threshold_method: str = _EVAL.threshold_method, target_sensitivity: float = _EVAL.target_sensitivity,
+             n_boot: int = _EVAL.n_boot, overwrite: bool = False, extra: dict | None = None) -> dict:
     """Threshold on validation, metrics on validation and test at that threshold, export.
 
     1. P(PNEUMONIA) on the validation split (`val` = (images, labels), else loaded from prepared_dir)
@@ -69,7 +72,7 @@ def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
             "metrics": metrics}
 
 
-def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = 1000, seed: int = 0) -> dict:
+def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = _EVAL.n_boot, seed: int = 0) -> dict:
     """Metrics of an exported model on a prepared split, at the threshold in its model card.
 
     Returns {"metrics", "card", "same_data"}; same_data tells whether the prepared data's manifest

@@ -6,23 +6,23 @@
 
 Steps of one fit:
 1. Seed everything (Keras, numpy, Python; weights and dropout are also seeded per layer).
-2. Build the full model and compile it (Adam, cross-entropy, accuracy, AUC of P(PNEUMONIA)).
+2. Build the full model and compile it (Adam, cross-entropy with the config's label smoothing,
+   accuracy, AUC of P(PNEUMONIA)).
 3. If the base is a fixed function (frozen, no augmentation) and the config allows it, train
    only the head, on VGG16 features from the FeatureCache; the head's layers ARE the full
    model's head, so the full model is trained when the head is. Otherwise train end to end.
-4. Either way: class-weighted loss, the same seeded batch order, early stopping on val_auc
+4. Either way: class-weighted loss, the same seeded batch order, early stopping on METRIC
    (best weights restored); callbacks see loss, accuracy, auc and val_* after every epoch.
 """
 from __future__ import annotations
 
 import keras
 
-from .config import TrainConfig
+from .config import METRIC, MODE, TrainConfig
 from .data import BatchStream, Data, one_hot, tfrecord_dataset
 from .features import FeatureCache
 from .model import build_model, compile_model, feature_extractor
 
-MONITOR = "val_auc"  # the metric early stopping and the search maximise
 VAL_BATCH = 128      # evaluation has no gradients: larger batches are cheaper
 
 
@@ -30,7 +30,7 @@ def fit(cfg: TrainConfig, data: Data, callbacks=(), feature_cache: FeatureCache 
         verbose: int = 0) -> keras.callbacks.History:
     """Train one configuration; `history.model` is always the full raw-image model."""
     keras.utils.set_random_seed(cfg.seed)
-    model = compile_model(build_model(cfg.model, seed=cfg.seed), cfg.lr)
+    model = compile_model(build_model(cfg.model, seed=cfg.seed), cfg)
     if uses_feature_cache(cfg):
         cache = feature_cache if feature_cache is not None else FeatureCache()
         return _fit_head_on_features(model, cfg, data, list(callbacks), cache, verbose)
@@ -50,7 +50,7 @@ def _fit_head_on_features(model, cfg: TrainConfig, data: Data, callbacks, cache,
     extractor = feature_extractor(model)  # shares the full model's base: same function as keyed
     f_train = cache.features(cfg.model, data.x_train, seed=cfg.seed, extractor=extractor)
     f_val = cache.features(cfg.model, data.x_val, seed=cfg.seed, extractor=extractor)
-    trainer = compile_model(_head_on_features(model.get_layer("head")), cfg.lr)
+    trainer = compile_model(_head_on_features(model.get_layer("head")), cfg)
     train = _train_input(cfg, data, f_train, tfrecords_allowed=False)
     views = [FullModelView(cb, full=model, trained=trainer) for cb in callbacks]
     history = _run_fit(trainer, train, (f_val, one_hot(data.y_val)), cfg, views, verbose)
@@ -98,7 +98,7 @@ def _train_input(cfg: TrainConfig, data: Data, x, tfrecords_allowed: bool):
 
 def _run_fit(model, train, validation, cfg: TrainConfig, callbacks, verbose):
     batches, steps, stop = train
-    early_stop = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience,
+    early_stop = keras.callbacks.EarlyStopping(monitor=METRIC, mode=MODE, patience=cfg.patience,
                                                restore_best_weights=True)
     try:
         return model.fit(batches, steps_per_epoch=steps, epochs=cfg.epochs,

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from search.config import SearchConfig
-from search.space import METRIC, MODE
+from search.space import METRIC, MODE, result_params
 
 BEST_DIR = "best"
 
@@ -64,7 +64,7 @@ def _model_with_weights(train_cfg, weights_path: Path):
 def export_best(cfg: SearchConfig, table: pd.DataFrame, data=None) -> dict[str, Any]:
     """Evaluate the best trial once on test (threshold from validation) and export RUN/best/.
 
-    Returns pipeline.finalize()'s dict plus the trial's id, parameters and validation AUC.
+    Returns pipeline.finalize()'s dict plus the trial's id, parameters and METRIC in the sweep.
     """
     from cxr_model.pipeline import finalize
 
@@ -77,19 +77,17 @@ def export_best(cfg: SearchConfig, table: pd.DataFrame, data=None) -> dict[str, 
         model, train_cfg, cfg.prepared, cfg.run_dir / BEST_DIR, history=state["history"], val=val,
         threshold_method=cfg.threshold_method, n_boot=cfg.n_boot, overwrite=True,
         extra={"search": {"run_dir": str(cfg.run_dir), "trial_id": row["trial_id"],
-                          "val_auc_in_sweep": float(row[METRIC]), "best_epoch": int(state["best_epoch"]),
+                          f"{METRIC}_in_sweep": float(row[METRIC]), "best_epoch": int(state["best_epoch"]),
                           "trials": int(len(table))}},
     )
-    result.update(trial_id=row["trial_id"], val_auc=float(row[METRIC]), params=_params(row),
-                  best_epoch=int(state["best_epoch"]))
+    result.update({"trial_id": row["trial_id"], METRIC: float(row[METRIC]), "params": _params(row),
+                   "best_epoch": int(state["best_epoch"])})
     return result
 
 
 def _params(row: pd.Series) -> dict[str, Any]:
-    from search.results import PARAM_ORDER
-
     out = {}
-    for name in PARAM_ORDER:
+    for name in result_params():
         value = row.get(name)
         if isinstance(value, float) and math.isnan(value):
             value = None

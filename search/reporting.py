@@ -16,7 +16,8 @@ from typing import Any
 
 import keras
 
-from search.space import METRIC
+from cxr_model.config import WORST, improves
+from search.space import EPOCH_METRIC, METRIC
 
 # Weights as a plain .npz of model.get_weights(): no h5py needed (the JAX GPU machines lack it),
 # and the same architecture lists its weights in the same order in any process and backend.
@@ -29,7 +30,7 @@ class ResumeState:
     """What a retried trial carries over from its last checkpoint (nothing for a fresh trial)."""
 
     epochs_done: int = 0
-    best_value: float = float("-inf")
+    best_value: float = WORST
     best_epoch: int = 0
     history: dict[str, list] = field(default_factory=dict)  # per-epoch logs of earlier attempts
     weights_path: str | None = None
@@ -60,12 +61,12 @@ def load_weights(model, path: Path | str) -> None:
 class ReportCallback(keras.callbacks.Callback):
     """After every epoch: `tune.report` the metrics; when validation AUC improved, with a checkpoint.
 
-    The optimised value (`val_auc`) is the BEST validation AUC so far in the trial, not the last
+    The optimised value (METRIC, `val_auc`) is the BEST validation AUC so far in the trial, not the last
     epoch's. ASHA stops trials at different budgets, and Ray's OptunaSearch tells Optuna the last
     reported value of a stopped trial as a COMPLETE result, so TPE compares a trial stopped after 2
     epochs with one that ran 20. Best-so-far is what the trial would deliver if we kept its best
     epoch (we do: its checkpoint), it never falls when a trial overfits, and at any fixed budget
-    ASHA's rung comparisons rank trials the same way. The raw value is reported as `epoch_val_auc`.
+    ASHA's rung comparisons rank trials the same way. The raw value is reported as EPOCH_METRIC.
 
     Only improving epochs are checkpointed, so with `num_to_keep=1` Tune holds exactly one
     checkpoint per trial: its best one, which is both what a retried trial resumes from and what
@@ -98,7 +99,7 @@ class ReportCallback(keras.callbacks.Callback):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         epoch_number = self.resume.epochs_done + epoch + 1  # 1-based, counting earlier attempts
         value = logs.get(METRIC, float("nan"))
-        improved = value > self.best_value  # NaN never improves
+        improved = improves(value, self.best_value)  # NaN never improves
         if improved:
             self.best_value, self.best_epoch = value, epoch_number
         for key, v in logs.items():
@@ -117,7 +118,7 @@ class ReportCallback(keras.callbacks.Callback):
         # The first four keys are the columns of Tune's live status table.
         metrics = {
             METRIC: self.best_value if self.best_epoch else float("nan"),
-            "epoch_val_auc": logs.get(METRIC, float("nan")),
+            EPOCH_METRIC: logs.get(METRIC, float("nan")),
             "epoch": epoch_number,
             "val_loss": logs.get("val_loss", float("nan")),
         }
