@@ -39,7 +39,7 @@ def load_checkpoint(checkpoint_path: str) -> tuple[Any, dict, Any]:
     from ray import tune
 
     from cxr_model import TrainConfig
-    from search.reporting import STATE_FILE, WEIGHTS_FILE
+    from search.trial_reporter import STATE_FILE, WEIGHTS_FILE
 
     folder = Path(tune.Checkpoint(checkpoint_path).to_directory())
     state = json.loads((folder / STATE_FILE).read_text())
@@ -54,7 +54,7 @@ def _model_with_weights(train_cfg, weights_path: Path):
 
     # Trials checkpoint the full model, also when they trained the head on cached features. The
     # seed matters with weights=None: it fixes the random base the head was trained on.
-    from search.reporting import load_weights
+    from search.trial_reporter import load_weights
 
     model = build_model(train_cfg.model, seed=train_cfg.seed)
     load_weights(model, weights_path)

@@ -4,7 +4,7 @@
     summary = run_search(SearchConfig(prepared="runs/prepared", out="runs/sweep", trials=16))
     summary["best"]["metrics"]["test"]["roc_auc"]
 
-`cxr search` and `cxr demo` call this; the steps live in tuner.py, results.py, best.py, report.py.
+`cxr search` and `cxr demo` call this; the steps live in tuner.py, results.py, best.py, sweep_report.py.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
     """
     from cxr_model import Data
     from search.best import export_best
-    from search.report import write_report
+    from search.sweep_report import write_report
     from search.results import collect_results, write_results
     from search.tuner import check_weights, run_sweep, sweep_finished
 

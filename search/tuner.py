@@ -200,7 +200,7 @@ def build_run_config(cfg: SearchConfig, callbacks: Sequence[Any] = ()):
         storage_path=cfg.storage_path,
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         # One checkpoint per trial: trials only checkpoint when val AUC improved (see
-        # search/reporting.py), so the one kept is the trial's best.
+        # search/trial_reporter.py), so the one kept is the trial's best.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         verbose=cfg.verbose,
