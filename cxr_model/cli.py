@@ -13,6 +13,9 @@ import argparse
 import sys
 
 from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
+from cxr_model.evaluate import format_metrics
+from cxr_model.pipeline import evaluate_export, train_and_export
+from cxr_model.predict import predict_paths
 from datasets import read_manifest
 from datasets.cli import given, with_default
 
@@ -115,9 +118,6 @@ def _add_predict(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from cxr_model.evaluate import format_metrics
-    from cxr_model.pipeline import train_and_export
-
     cfg = _train_config(args)
     ev = EvalConfig(**given(args, EvalConfig))
     result = train_and_export(cfg, args.prepared, args.out, threshold_method=ev.threshold_method,
@@ -130,9 +130,6 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from cxr_model.evaluate import format_metrics
-    from cxr_model.pipeline import evaluate_export
-
     result = evaluate_export(args.model_dir, args.prepared, split=args.split,
                              n_boot=EvalConfig(**given(args, EvalConfig)).n_boot)
     print(format_metrics({args.split: result["metrics"]}))
@@ -143,8 +140,6 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from cxr_model.predict import predict_paths
-
     table = predict_paths(args.model_dir, args.paths, batch_size=args.batch_size, gradcam_dir=args.gradcam)
     if args.out:
         table.to_csv(args.out, index=False)

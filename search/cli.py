@@ -15,14 +15,15 @@ import argparse
 import os
 import sys
 
+from cxr_model import cli as model_cli
+from datasets import cli as data_cli
+from datasets.errors import CxrError
+from search import commands as search_cli
+
 EXAMPLES = __doc__.split("\n\n")[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxr_model import cli as model_cli
-    from datasets import cli as data_cli
-    from search import commands as search_cli
-
     parser = argparse.ArgumentParser(
         prog="cxr",
         description="Distributed hyperparameter search for pneumonia classification on chest X-rays.",
@@ -40,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     # Quiets TensorFlow's C++ logging once it is set up. (TF 2.21 still prints a few lines at
     # import, before absl's logging is initialised; no environment variable silences those.)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from datasets.errors import CxrError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -11,7 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+from cxr_model import Data
+from search.best import export_best
 from search.config import SearchConfig
+from search.results import collect_results, write_results
+from search.sweep_report import write_report
+from search.tuner import check_weights, run_sweep, sweep_finished
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -20,12 +25,6 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
     When the sweep was interrupted (Ctrl-C), only the results so far are written and "finished"
     is False: the best trial is not evaluated on test until the sweep is complete.
     """
-    from cxr_model import Data
-    from search.best import export_best
-    from search.sweep_report import write_report
-    from search.results import collect_results, write_results
-    from search.tuner import check_weights, run_sweep, sweep_finished
-
     start = time.perf_counter()
     check_weights(cfg.weights)  # before cfg.save(): a failed start must not look like a sweep to resume
     if not resume:

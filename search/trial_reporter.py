@@ -10,53 +10,18 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
+import ray
+from ray import tune
 
-from cxr_model.config import WORST, improves
+from cxr_model.config import improves
+from search.checkpoint import STATE_FILE, WEIGHTS_FILE, ResumeState, load_weights, save_weights
 from search.space import EPOCH_METRIC, METRIC
 
-# Weights as a plain .npz of model.get_weights(): no h5py needed (the JAX GPU machines lack it),
-# and the same architecture lists its weights in the same order in any process and backend.
-WEIGHTS_FILE = "weights.npz"
-STATE_FILE = "state.json"
-
-
-@dataclass
-class ResumeState:
-    """What a retried trial carries over from its last checkpoint (nothing for a fresh trial)."""
-
-    epochs_done: int = 0
-    best_value: float = WORST
-    best_epoch: int = 0
-    history: dict[str, list] = field(default_factory=dict)  # per-epoch logs of earlier attempts
-    weights_path: str | None = None
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint) -> "ResumeState":
-        if checkpoint is None:
-            return cls()
-        folder = Path(checkpoint.to_directory())  # a local copy, also when storage is s3://
-        state = json.loads((folder / STATE_FILE).read_text())
-        return cls(epochs_done=state["epoch"], best_value=state["best_value"], best_epoch=state["best_epoch"],
-                   history=state["history"], weights_path=str(folder / WEIGHTS_FILE))
-
-
-def save_weights(model, path: Path) -> None:
-    import numpy as np
-
-    np.savez(path, *model.get_weights())
-
-
-def load_weights(model, path: Path | str) -> None:
-    import numpy as np
-
-    with np.load(path) as stored:
-        model.set_weights([stored[f"arr_{i}"] for i in range(len(stored.files))])
-
+__all__ = ["ReportCallback", "ResumeState"]  # ResumeState: where trainable.py has always found it
 
 class ReportCallback(keras.callbacks.Callback):
     """After every epoch: `tune.report` the metrics; when validation AUC improved, with a checkpoint.
@@ -94,8 +59,6 @@ class ReportCallback(keras.callbacks.Callback):
         self._epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        from ray import tune
-
         logs = {k: float(v) for k, v in (logs or {}).items()}
         epoch_number = self.resume.epochs_done + epoch + 1  # 1-based, counting earlier attempts
         value = logs.get(METRIC, float("nan"))
@@ -113,8 +76,6 @@ class ReportCallback(keras.callbacks.Callback):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     def _metrics(self, logs: dict[str, float], epoch_number: int) -> dict[str, Any]:
-        import ray
-
         # The first four keys are the columns of Tune's live status table.
         metrics = {
             METRIC: self.best_value if self.best_epoch else float("nan"),

@@ -32,8 +32,9 @@ def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_smal
         return real_evaluate(model, images, labels, **kwargs)
 
     monkeypatch.setattr(datasets, "load", load_spy)
-    monkeypatch.setattr(evaluate_module, "choose_threshold", choose_spy)
-    monkeypatch.setattr(evaluate_module, "evaluate", evaluate_spy)
+    pipeline_module = importlib.import_module("cxr_model.pipeline")  # what finalize calls
+    monkeypatch.setattr(pipeline_module, "choose_threshold", choose_spy)
+    monkeypatch.setattr(pipeline_module, "evaluate", evaluate_spy)
     cfg = TrainConfig(model=ModelConfig(image_size=32, weights=None, head_units=(8,), aug_strength=0.0))
     result = finalize(build_model(cfg.model, seed=0), cfg, prepared_small, tmp_path / "model", n_boot=200)
 
