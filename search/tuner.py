@@ -19,7 +19,7 @@ from search.config import SearchConfig
 from search.space import METRIC, MODE, SpaceSampler
 
 # Fraction of a GPU per trial when the cluster has GPUs and --gpus-per-trial is not given: a
-# frozen-base VGG16 trial uses a fraction of an H100, so four share one (shared/gpu/README.md).
+# frozen-base VGG16 trial uses a fraction of an H100, so four share one.
 DEFAULT_GPU_SHARE = 0.25
 
 
