@@ -10,6 +10,8 @@ in `cxr_model.pipeline` and `cxr_model.predict`, so the search reuses it instead
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 
 from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
@@ -79,6 +81,7 @@ def _add_train(subparsers) -> None:
     e = p.add_argument_group("threshold and export")
     _add_eval_options(e, threshold=True)
     e.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=_train)
 
 
@@ -100,6 +103,9 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default: test)")
     _add_eval_options(p, threshold=False)
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics as JSON (value, ci_low, ci_high per metric; n, threshold, "
+                        "confusion_matrix) instead of a table")
     p.set_defaults(func=_evaluate)
 
 
@@ -118,11 +124,14 @@ def _add_predict(subparsers) -> None:
 
 
 def _train(args) -> int:
+    from cxr_model.train import EpochProgress  # Keras: loaded here, as the training needs it anyway
+
     cfg = _train_config(args)
     ev = EvalConfig(**given(args, EvalConfig))
+    progress = [] if args.quiet else [EpochProgress(cfg.epochs)]
     result = train_and_export(cfg, args.prepared, args.out, threshold_method=ev.threshold_method,
                               target_sensitivity=ev.target_sensitivity, n_boot=ev.n_boot,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, callbacks=progress)
     print(format_metrics(result["metrics"]))
     print(f"threshold {result['threshold']:.4f} ({ev.threshold_method}, chosen on val); "
           f"exported to {result['model_dir']}")
@@ -132,7 +141,10 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     result = evaluate_export(args.model_dir, args.prepared, split=args.split,
                              n_boot=EvalConfig(**given(args, EvalConfig)).n_boot)
-    print(format_metrics({args.split: result["metrics"]}))
+    if args.json:
+        print(json.dumps({args.split: _json_safe(result["metrics"])}, indent=2))
+    else:
+        print(format_metrics({args.split: result["metrics"]}))
     if not result["same_data"]:
         print(f"note: {args.prepared} is not the prepared data this model was exported with "
               "(manifest hash differs)", file=sys.stderr)
@@ -149,6 +161,18 @@ def _predict(args) -> int:
     where = f" -> {args.out}" if args.out else ""
     print(f"{len(table) - n_bad} predicted, {n_bad} unreadable{where}", file=sys.stderr)
     return 0
+
+
+def _json_safe(obj):
+    """NaN (an undefined metric) as null, numpy scalars and arrays as plain JSON values."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or hasattr(obj, "tolist"):
+        obj = obj.tolist() if hasattr(obj, "tolist") else obj
+        return [_json_safe(v) for v in obj] if isinstance(obj, list) else _json_safe(obj)
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
 
 
 def _train_config(args) -> TrainConfig:

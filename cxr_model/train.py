@@ -16,6 +16,9 @@ Steps of one fit:
 """
 from __future__ import annotations
 
+import sys
+import time
+
 import keras
 
 from .config import METRIC, MODE, TrainConfig
@@ -155,3 +158,37 @@ class FullModelView(keras.callbacks.Callback):
 def _is_default_hook(method) -> bool:
     return getattr(method, "_is_default", False)
 
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """One line per epoch on stderr: epoch, loss, METRIC, the epoch's time and an ETA.
+
+    The ETA is the mean epoch time so far times the epochs left; early stopping (patience) may
+    end the fit sooner, so it is an upper bound. `cxr train` shows it unless --quiet.
+    """
+
+    def __init__(self, epochs: int, stream=None):
+        super().__init__()
+        self.epochs, self.stream = epochs, stream
+        self._start = self._epoch_start = 0.0
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        now = time.perf_counter()
+        done = epoch + 1
+        eta = (now - self._start) / done * (self.epochs - done)
+        print(f"epoch {done}/{self.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
+              f"{METRIC} {logs.get(METRIC, float('nan')):.4f}  {now - self._epoch_start:.1f} s"
+              + (f"  ETA <= {_duration(eta)}" if done < self.epochs else ""),
+              file=self.stream or sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"

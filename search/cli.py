@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import metadata
 
 from cxr_model import cli as model_cli
 from datasets import cli as data_cli
@@ -30,11 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data_cli.register(sub)
     model_cli.register(sub)
     search_cli.register(sub)
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("cxr-tune")
+    except metadata.PackageNotFoundError:  # run from a checkout that was not pip-installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,3 +189,14 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, prepare
     assert resumed["resumed_from_epoch"].iloc[0] in (1, 2)
     assert epochs["epoch"].tolist() == [1, 2, 3]
     assert row["val_auc"] == pytest.approx(max(row[f"val_auc_e{e}"] for e in (1, 2, 3)))
+
+
+def test_tune_writes_tensorboard_logs_for_every_trial(sweep):
+    """README, "Experiment tracking": `tensorboard --logdir RUN/tune` shows every trial's curves."""
+    from search.space import METRIC
+
+    cfg, summary = sweep
+    files = sorted(Path(cfg.experiment_path).glob("trial_*/events.out.tfevents.*"))
+    assert len(files) == TRIALS
+    for path in files:
+        assert f"ray/tune/{METRIC}".encode() in path.read_bytes(), path
