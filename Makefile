@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 		|| { echo "$(NEED_PY)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,mlflow]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -20,6 +20,7 @@ from cxr_model.pipeline import evaluate_export, train_and_export
 from cxr_model.predict import predict_paths
 from datasets import read_manifest
 from datasets.cli import given, with_default
+from datasets.errors import CxrError
 
 TRAIN_EPILOG = """example:
   cxr train runs/prepared --out runs/model --head-units 512,128 --dropout 0.3 --epochs 10
@@ -36,7 +37,15 @@ PREDICT_EPILOG = """example:
   cxr predict runs/model scans/ extra.dcm --out preds.csv --gradcam heatmaps/
 
 Folders are searched recursively for .jpeg .jpg .png .dcm files. Each file is preprocessed exactly
-as `cxr prepare` did for training. A file that cannot be read gets a row with its error (exit 0)."""
+as `cxr prepare` did for training. CSV columns, one row per file:
+  path         the file
+  p_pneumonia  P(PNEUMONIA) from the model, in [0, 1] (empty when the file could not be read)
+  label        PNEUMONIA when p_pneumonia >= threshold, else NORMAL
+  threshold    the model card's decision threshold (chosen on validation at export)
+  error        why the file could not be read (empty when it was)
+  gradcam      the heatmap overlay PNG (with --gradcam only)
+A file that cannot be read gets a row with its error and the others go on (exit 0); when no file
+could be read at all, the table is still written and the exit code is 2."""
 
 
 def register(subparsers) -> None:
@@ -159,6 +168,8 @@ def _predict(args) -> int:
         table.to_csv(sys.stdout, index=False)
     n_bad = int(table["error"].notna().sum())
     where = f" -> {args.out}" if args.out else ""
+    if len(table) and n_bad == len(table):
+        raise CxrError(f"none of the {n_bad} input file(s) could be read (see the error column{where})")
     print(f"{len(table) - n_bad} predicted, {n_bad} unreadable{where}", file=sys.stderr)
     return 0
 

@@ -48,6 +48,7 @@ class SearchConfig:
     feature_cache: bool = True        # frozen, unaugmented trials train on cached VGG16 features
     asha: bool = True                 # early stopping by ASHA; False runs every trial to max_epochs
     verbose: int = 1                  # Tune's console output: 0 silent, 1 status table, 2 per result
+    mlflow: str | None = None         # MLflow tracking URI: one MLflow run per trial (pip install 'cxr-tune[mlflow]')
 
     def __post_init__(self):
         # "none", "null" and "" (flags, JSON) mean random init, as in ModelConfig

@@ -204,7 +204,7 @@ def build_run_config(cfg: SearchConfig, callbacks: Sequence[Any] = ()):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         verbose=cfg.verbose,
-        callbacks=list(callbacks) or None,
+        callbacks=[*callbacks, *mlflow_callbacks(cfg)] or None,
     )
 
 
@@ -239,3 +239,18 @@ def close_orphaned_optuna_trials(cfg: SearchConfig) -> int:
     for trial in orphans:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(orphans)
+
+
+def mlflow_callbacks(cfg: SearchConfig) -> list:
+    """Ray Tune's MLflow logger (one MLflow run per trial: its config as params, every reported
+    value as metrics) when `cfg.mlflow` names a tracking URI; the experiment is the study's name."""
+    if not cfg.mlflow:
+        return []
+    from datasets.errors import CxrError
+
+    try:
+        import mlflow  # noqa: F401  the optional extra: checked here for a clear message
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+    except ImportError:
+        raise CxrError("--mlflow needs MLflow: pip install 'cxr-tune[mlflow]'") from None
+    return [MLflowLoggerCallback(tracking_uri=cfg.mlflow, experiment_name=cfg.study_name, save_artifact=False)]

@@ -1,5 +1,5 @@
 """What a new user sees first: `cxr --version`, per-epoch progress of `cxr train` (and --quiet),
-and `cxr evaluate --json`."""
+`cxr evaluate --json`, and `cxr predict` failing clearly when no input could be read."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,17 @@ def test_train_shows_each_epoch_and_evaluate_prints_json(prepared_small, tmp_pat
     assert test["n"] == card["metrics"]["test"]["n"]
     assert test["roc_auc"]["value"] == pytest.approx(card["metrics"]["test"]["roc_auc"]["value"])
     assert {"value", "ci_low", "ci_high"} <= set(test["sensitivity"]) and "confusion_matrix" in test
+
+    # predict: when not one input can be read, the table is still written and the exit code says so
+    bad = tmp_path / "incoming"
+    bad.mkdir()
+    (bad / "empty.jpeg").write_bytes(b"")
+    (bad / "text.png").write_text("not an image")
+    csv = tmp_path / "preds.csv"
+    assert main(["predict", str(out), str(bad), "--out", str(csv)]) == 2
+    assert "none of the 2 input file(s) could be read" in capsys.readouterr().err
+    assert csv.read_text().splitlines()[0] == "path,p_pneumonia,label,threshold,error"
+    assert len(csv.read_text().splitlines()) == 3
 
 
 def test_train_quiet_prints_no_progress(prepared_small, tmp_path, capsys):

@@ -3,6 +3,7 @@ the results table, ASHA's early stops, one checkpoint per trial, the Optuna stud
 exported and reloadable, and the report with its plots. And a trial whose worker is killed."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -41,7 +42,9 @@ def sweep(ray_session, prepared_small, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sweep")
     # concurrency 1: trials reach ASHA's rung one after another, so the early stops do not depend on timing
-    cfg = small_config(prepared_small, tmp / "run", tmp)
+    # MLflow (the optional extra `make test` installs) logs to a local file store when present.
+    mlflow = (tmp / "mlruns").as_uri() if importlib.util.find_spec("mlflow") else None
+    cfg = small_config(prepared_small, tmp / "run", tmp, mlflow=mlflow)
     summary = run_search(cfg)
     return cfg, summary
 
@@ -200,3 +203,20 @@ def test_tune_writes_tensorboard_logs_for_every_trial(sweep):
     assert len(files) == TRIALS
     for path in files:
         assert f"ray/tune/{METRIC}".encode() in path.read_bytes(), path
+
+
+def test_mlflow_gets_one_run_per_trial_with_params_and_metrics(sweep):
+    """--mlflow URI: Ray Tune's MLflow logger, here against a local file-based tracking store."""
+    mlflow = pytest.importorskip("mlflow", reason="the optional extra cxr-tune[mlflow] is not installed")
+    from search.space import METRIC
+
+    cfg, summary = sweep
+    client = mlflow.tracking.MlflowClient(tracking_uri=cfg.mlflow)
+    experiment = client.get_experiment_by_name(cfg.study_name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == TRIALS
+    table = summary["table"].set_index("trial_id")
+    for run in runs:
+        trial_id = run.data.tags["trial_name"].rsplit("_", 1)[-1]
+        assert run.data.metrics[METRIC] == pytest.approx(table.loc[trial_id, METRIC])
+        assert float(run.data.params["lr"]) == pytest.approx(table.loc[trial_id, "lr"])
