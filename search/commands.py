@@ -83,7 +83,7 @@ def _add_search(subparsers) -> None:
     store.add_argument("--optuna-storage", metavar="URL", help="Optuna study (default: sqlite:///RUN/optuna.db)")
     store.add_argument("--resume", action="store_true", help="continue the interrupted sweep in RUN")
     store.add_argument("--mlflow", metavar="URI", help="also log every trial to this MLflow tracking URI, e.g. "
-                       "file:///abs/mlruns or http://host:5000 (needs pip install 'cxr-tune[mlflow]')")
+                       "sqlite:///abs/mlflow.db or http://host:5000 (needs pip install 'cxr-tune[mlflow]')")
     p.add_argument("--quiet", action="store_true", help="no live Tune status table")
     p.set_defaults(func=handle_search)
 

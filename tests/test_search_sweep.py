@@ -42,8 +42,8 @@ def sweep(ray_session, prepared_small, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sweep")
     # concurrency 1: trials reach ASHA's rung one after another, so the early stops do not depend on timing
-    # MLflow (the optional extra `make test` installs) logs to a local file store when present.
-    mlflow = (tmp / "mlruns").as_uri() if importlib.util.find_spec("mlflow") else None
+    # MLflow (the optional extra `make test` installs) logs to a local SQLite file when present.
+    mlflow = f"sqlite:///{tmp / 'mlflow.db'}" if importlib.util.find_spec("mlflow") else None
     cfg = small_config(prepared_small, tmp / "run", tmp, mlflow=mlflow)
     summary = run_search(cfg)
     return cfg, summary
@@ -206,7 +206,7 @@ def test_tune_writes_tensorboard_logs_for_every_trial(sweep):
 
 
 def test_mlflow_gets_one_run_per_trial_with_params_and_metrics(sweep):
-    """--mlflow URI: Ray Tune's MLflow logger, here against a local file-based tracking store."""
+    """--mlflow URI: Ray Tune's MLflow logger, here against a local SQLite tracking file."""
     mlflow = pytest.importorskip("mlflow", reason="the optional extra cxr-tune[mlflow] is not installed")
     from search.space import METRIC
 
