@@ -1,6 +1,10 @@
 # Two commands: `make demo` (set up, then the main job on synthetic data) and `make test`.
 # The virtual environment is made on first use and re-installed only when pyproject.toml changes.
-PY ?= python3
+# The newest Python >= 3.11 on PATH (or PY=/path/to/python3.11 on the command line).
+PY ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+NEED_PY := cxr-tune needs Python >= 3.11: install python3.11 (e.g. apt install python3.11-venv, brew install python@3.11) or run make PY=/path/to/python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -17,9 +21,11 @@ install: $(STAMP)
 # constraints.txt: the exact versions every cluster node installs (Dockerfile, cluster.yaml); the
 # venv takes the same ones.
 $(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || { test -n "$(PY)" && $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; } \
+		|| { echo "$(NEED_PY)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,mlflow]'
 	touch $(STAMP)
 
 # Re-resolve constraints.txt after a change to pyproject.toml's dependencies (needs the network):

@@ -13,8 +13,8 @@ and "shared" (0.25 GPU per trial, 8 trials 4 at a time). Reports per trial: stea
 after the first) and start-up (first epoch's wall time minus a steady epoch: process start,
 imports, compilation), cold (a new process) and warm (a reused one); for the GPU: img/s over the
 whole layout, start-up included, and trials per hour. The table is printed last; the script exits
-non-zero if any trial failed or did not run all its epochs. Not yet run on a GPU (no machine was
-lent to the session that wrote it); `--cpu` was run on the 2-core CPU box.
+non-zero if any trial failed or did not run all its epochs. Not yet run on a GPU; `--cpu` was run
+on a 2-core CPU machine.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
     python bench/input_pipeline.py --images 512 --epochs 1   # smoke test
 
 Target: >= 10,000 img/s on one core, above the ~9,000 img/s a frozen VGG16 consumes on an H100
-(shared/gpu/README.md), so the loader never starves a GPU. Measures the consumer's view of the
+(Keras on JAX, batch 128), so the loader never starves a GPU. Measures the consumer's view of the
 prefetching iterator (what `fit` sees) and, for reference, the same batches built inline.
 Each batch is a seeded-shuffle gather of uint8 images plus one-hot labels and class weights.
 Backend-independent (numpy only); prints the ratio to the target last.

@@ -15,7 +15,7 @@ chest film is anatomically wrong, and a model could learn to accept such images.
 Why a custom layer: Keras's RandomRotation/RandomTranslation/RandomZoom/RandomShear each resample
 the image (four bilinear passes, four rounds of blur) and all declare `supports_jit = False`, so a
 model that contains any of them is never jit-compiled: under JAX the whole training step then
-runs op by op (the likely cause of the slow GPU epoch in shared/gpu/README.md). This layer
+runs op by op (on a GPU, far slower than the same model without them). This layer
 composes rotation, shift, shear, zoom and flip into one affine matrix per image and resamples
 once. The resampler is TensorFlow's native kernel (`keras.ops.image.affine_transform`) on the
 TensorFlow backend; elsewhere it is `bilinear_affine` below, four gathers written in keras.ops:

@@ -10,9 +10,17 @@ in `cxr_model.pipeline` and `cxr_model.predict`, so the search reuses it instead
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 
-from cxr_model.pipeline import THRESHOLD_METHODS
+from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
+from cxr_model.evaluate import format_metrics
+from cxr_model.pipeline import evaluate_export, train_and_export
+from cxr_model.predict import predict_paths
+from datasets import read_manifest
+from datasets.cli import given, with_default
+from datasets.errors import CxrError
 
 TRAIN_EPILOG = """example:
   cxr train runs/prepared --out runs/model --head-units 512,128 --dropout 0.3 --epochs 10
@@ -29,7 +37,15 @@ PREDICT_EPILOG = """example:
   cxr predict runs/model scans/ extra.dcm --out preds.csv --gradcam heatmaps/
 
 Folders are searched recursively for .jpeg .jpg .png .dcm files. Each file is preprocessed exactly
-as `cxr prepare` did for training. A file that cannot be read gets a row with its error (exit 0)."""
+as `cxr prepare` did for training. CSV columns, one row per file:
+  path         the file
+  p_pneumonia  P(PNEUMONIA) from the model, in [0, 1] (empty when the file could not be read)
+  label        PNEUMONIA when p_pneumonia >= threshold, else NORMAL
+  threshold    the model card's decision threshold (chosen on validation at export)
+  error        why the file could not be read (empty when it was)
+  gradcam      the heatmap overlay PNG (with --gradcam only)
+A file that cannot be read gets a row with its error and the others go on (exit 0); when no file
+could be read at all, the table is still written and the exit code is 2."""
 
 
 def register(subparsers) -> None:
@@ -50,33 +66,46 @@ def _add_train(subparsers) -> None:
     p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="export folder to create")
     m = p.add_argument_group("model")
-    m.add_argument("--head-units", type=_int_list, default=(256,), metavar="N[,N...]",
-                   help="dense layers of the head, e.g. 256 or 512,128 (default: 256)")
-    m.add_argument("--head-pooling", choices=("flatten", "avg"), default="flatten",
-                   help="how the base's feature map enters the head (default: flatten)")
-    m.add_argument("--dropout", type=float, default=0.3, help="dropout after each dense layer (default: 0.3)")
-    m.add_argument("--aug-strength", type=float, default=0.2,
-                   help="augmentation strength in [0, 1]; 0 disables it (default: 0.2)")
-    m.add_argument("--hflip", action="store_true",
+    m.add_argument("--head-units", type=_int_list, metavar="N[,N...]",
+                   help=with_default("dense layers of the head, e.g. 256 or 512,128", ModelConfig, "head_units"))
+    m.add_argument("--head-pooling", choices=HEAD_POOLINGS,
+                   help=with_default("how the base's feature map enters the head", ModelConfig, "head_pooling"))
+    m.add_argument("--dropout", type=float, help=with_default("dropout after each dense layer", ModelConfig, "dropout"))
+    m.add_argument("--aug-strength", type=float,
+                   help=with_default("augmentation strength in [0, 1]; 0 disables it", ModelConfig, "aug_strength"))
+    m.add_argument("--hflip", action="store_true", default=None,
                    help="also flip horizontally (off by default: a mirrored chest puts the heart on the right)")
-    m.add_argument("--trainable-blocks", type=int, default=0, choices=range(6), metavar="0-5",
-                   help="VGG16 conv blocks to fine-tune, from the top; 0 = frozen base (default: 0)")
-    m.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
-                   help="VGG16 base weights: ImageNet (downloaded once), none (random), or a local file")
+    m.add_argument("--trainable-blocks", type=int, choices=range(VGG16_BLOCKS + 1), metavar=f"0-{VGG16_BLOCKS}",
+                   help=with_default("VGG16 conv blocks to fine-tune, from the top; 0 = frozen base", ModelConfig,
+                                     "trainable_blocks"))
+    m.add_argument("--weights", metavar="imagenet|none|PATH",
+                   help=with_default("VGG16 base weights: ImageNet (downloaded once), none (random), or a local file",
+                                     ModelConfig, "weights"))
     t = p.add_argument_group("training")
-    t.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
-    t.add_argument("--epochs", type=int, default=10, help="maximum epochs (default: 10)")
-    t.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
-    t.add_argument("--patience", type=int, default=3, help="epochs without val AUC gain before stopping (default: 3)")
-    t.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    t.add_argument("--lr", type=float, help=with_default("Adam learning rate", TrainConfig, "lr"))
+    t.add_argument("--epochs", type=int, help=with_default("maximum epochs", TrainConfig, "epochs"))
+    t.add_argument("--batch-size", type=int, help=with_default("images per step", TrainConfig, "batch_size"))
+    t.add_argument("--patience", type=int,
+                   help=with_default("epochs without val AUC gain before stopping", TrainConfig, "patience"))
+    t.add_argument("--label-smoothing", type=float,
+                   help=with_default("cross-entropy target smoothing in [0, 0.5)", TrainConfig, "label_smoothing"))
+    t.add_argument("--seed", type=int, help=with_default("weights, batch order, dropout", TrainConfig, "seed"))
     e = p.add_argument_group("threshold and export")
-    e.add_argument("--threshold-method", choices=THRESHOLD_METHODS, default="youden",
-                   help="on validation: Youden's J, or the best specificity at --target-sensitivity")
-    e.add_argument("--target-sensitivity", type=float, default=0.95, help="(default: 0.95)")
-    e.add_argument("--n-boot", type=_positive_int, default=1000,
-                   help="bootstrap resamples for the 95%% intervals (default: 1000)")
+    _add_eval_options(e, threshold=True)
     e.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=_train)
+
+
+def _add_eval_options(group, threshold: bool) -> None:
+    if threshold:
+        group.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
+                           help=with_default("on validation: Youden's J, or the best specificity at "
+                                             "--target-sensitivity", EvalConfig, "threshold_method"))
+        group.add_argument("--target-sensitivity", type=float,
+                           help=with_default("for --threshold-method sensitivity", EvalConfig, "target_sensitivity"))
+    group.add_argument("--n-boot", type=int,
+                       help=with_default("bootstrap resamples for the 95% intervals", EvalConfig, "n_boot"))
 
 
 def _add_evaluate(subparsers) -> None:
@@ -85,8 +114,10 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="export folder (cxr train / cxr search)")
     p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default: test)")
-    p.add_argument("--n-boot", type=_positive_int, default=1000,
-                   help="bootstrap resamples for the 95%% intervals (default: 1000)")
+    _add_eval_options(p, threshold=False)
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics as JSON (value, ci_low, ci_high per metric; n, threshold, "
+                        "confusion_matrix) instead of a table")
     p.set_defaults(func=_evaluate)
 
 
@@ -105,25 +136,27 @@ def _add_predict(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from cxr_model.evaluate import format_metrics
-    from cxr_model.pipeline import train_and_export
+    from cxr_model.train import EpochProgress  # Keras: loaded here, as the training needs it anyway
 
     cfg = _train_config(args)
-    result = train_and_export(cfg, args.prepared, args.out, threshold_method=args.threshold_method,
-                              target_sensitivity=args.target_sensitivity, n_boot=args.n_boot,
-                              overwrite=args.overwrite)
+    ev = EvalConfig(**given(args, EvalConfig))
+    progress = [] if args.quiet else [EpochProgress(cfg.epochs)]
+    result = train_and_export(cfg, args.prepared, args.out, threshold_method=ev.threshold_method,
+                              target_sensitivity=ev.target_sensitivity, n_boot=ev.n_boot,
+                              overwrite=args.overwrite, callbacks=progress)
     print(format_metrics(result["metrics"]))
-    print(f"threshold {result['threshold']:.4f} ({args.threshold_method}, chosen on val); "
+    print(f"threshold {result['threshold']:.4f} ({ev.threshold_method}, chosen on val); "
           f"exported to {result['model_dir']}")
     return 0
 
 
 def _evaluate(args) -> int:
-    from cxr_model.evaluate import format_metrics
-    from cxr_model.pipeline import evaluate_export
-
-    result = evaluate_export(args.model_dir, args.prepared, split=args.split, n_boot=args.n_boot)
-    print(format_metrics({args.split: result["metrics"]}))
+    result = evaluate_export(args.model_dir, args.prepared, split=args.split,
+                             n_boot=EvalConfig(**given(args, EvalConfig)).n_boot)
+    if args.json:
+        print(json.dumps({args.split: _json_safe(result["metrics"])}, indent=2))
+    else:
+        print(format_metrics({args.split: result["metrics"]}))
     if not result["same_data"]:
         print(f"note: {args.prepared} is not the prepared data this model was exported with "
               "(manifest hash differs)", file=sys.stderr)
@@ -131,8 +164,6 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from cxr_model.predict import predict_paths
-
     table = predict_paths(args.model_dir, args.paths, batch_size=args.batch_size, gradcam_dir=args.gradcam)
     if args.out:
         table.to_csv(args.out, index=False)
@@ -140,25 +171,29 @@ def _predict(args) -> int:
         table.to_csv(sys.stdout, index=False)
     n_bad = int(table["error"].notna().sum())
     where = f" -> {args.out}" if args.out else ""
+    if len(table) and n_bad == len(table):
+        raise CxrError(f"none of the {n_bad} input file(s) could be read (see the error column{where})")
     print(f"{len(table) - n_bad} predicted, {n_bad} unreadable{where}", file=sys.stderr)
     return 0
 
 
-def _train_config(args):
-    """TrainConfig from the flags, at the prepared data's image size; bad values -> CxrError."""
-    from cxr_model import ModelConfig, TrainConfig
-    from datasets import read_manifest
-    from datasets.errors import CxrError
+def _json_safe(obj):
+    """NaN (an undefined metric) as null, numpy scalars and arrays as plain JSON values."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or hasattr(obj, "tolist"):
+        obj = obj.tolist() if hasattr(obj, "tolist") else obj
+        return [_json_safe(v) for v in obj] if isinstance(obj, list) else _json_safe(obj)
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
 
+
+def _train_config(args) -> TrainConfig:
+    """TrainConfig from the flags given, at the prepared data's image size (ConfigError if bad)."""
     image_size = int(read_manifest(args.prepared)["options"]["image_size"])
-    try:
-        model = ModelConfig(image_size=image_size, weights=args.weights, trainable_blocks=args.trainable_blocks,
-                            head_pooling=args.head_pooling, head_units=args.head_units, dropout=args.dropout,
-                            aug_strength=args.aug_strength, hflip=args.hflip)
-        return TrainConfig(model=model, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
-                           seed=args.seed, patience=args.patience)
-    except ValueError as exc:
-        raise CxrError(str(exc)) from None
+    model = ModelConfig(**{**given(args, ModelConfig), "image_size": image_size})
+    return TrainConfig(**{**given(args, TrainConfig), "model": model})
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -5,7 +5,11 @@
 
 These are what a search trial samples, what `fit` consumes and what the model card records, so
 every value is checked when the object is made: a bad value fails at once with one clear line
-(`ValueError`), not twenty minutes into a sweep.
+(`ConfigError`, a `ValueError` that the `cxr` CLI prints as `cxr: error: ...`), not twenty minutes
+into a sweep.
+
+This module also names, once, the metric that every stage optimises (`METRIC`, `MODE`) and holds
+`EvalConfig`, the settings of scoring a trained model (threshold choice, bootstrap intervals).
 """
 from __future__ import annotations
 
@@ -14,8 +18,28 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from datasets.errors import ConfigError
+
 HEAD_POOLINGS = ("flatten", "avg")
 VGG16_BLOCKS = 5
+THRESHOLD_METHODS = ("youden", "sensitivity")
+
+# The metric that early stopping (train.py), the trials' reports, ASHA, Optuna, the results table
+# and the choice of the best trial all optimise, named once. Keras logs the AUC of P(PNEUMONIA)
+# (model.py's ClassAUC, named "auc") on the validation split as "val_" + "auc". AUC rather than
+# accuracy: "always PNEUMONIA" is already 62-74% accurate on this data, and AUC does not depend on
+# the decision threshold, which is chosen later, on validation.
+METRIC = "val_auc"
+MODE = "max"
+METRIC_LABEL = "validation AUC"  # how reports and plots spell METRIC
+
+
+def improves(value: float, best: float) -> bool:
+    """True when `value` is better than `best` in MODE's direction; NaN never improves."""
+    return value > best if MODE == "max" else value < best
+
+
+WORST = -math.inf if MODE == "max" else math.inf  # the start of a best-so-far: anything improves it
 
 
 @dataclass(frozen=True)
@@ -47,13 +71,13 @@ class ModelConfig:
         _check_int(self, "image_size", low=32)  # VGG16's five 2x2 pools need >= 32 px
         _check_int(self, "trainable_blocks", low=0, high=VGG16_BLOCKS)
         if self.head_pooling not in HEAD_POOLINGS:
-            raise ValueError(f"head_pooling must be one of {HEAD_POOLINGS}, got {self.head_pooling!r}")
+            raise ConfigError(f"head_pooling must be one of {HEAD_POOLINGS}, got {self.head_pooling!r}")
         if any(u < 1 for u in self.head_units):
-            raise ValueError(f"head_units must be positive integers, got {self.head_units}")
+            raise ConfigError(f"head_units must be positive integers, got {self.head_units}")
         _check_float(self, "dropout", low=0.0, high=1.0, high_open=True)
         _check_float(self, "aug_strength", low=0.0, high=1.0)
         if not isinstance(self.hflip, bool):
-            raise ValueError(f"hflip must be true or false, got {self.hflip!r}")
+            raise ConfigError(f"hflip must be true or false, got {self.hflip!r}")
 
     @property
     def augments(self) -> bool:
@@ -70,7 +94,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        _reject_unknown(cls, d)
+        reject_unknown(cls, d)
         return cls(**{**d, "head_units": tuple(d.get("head_units", cls.head_units))})
 
 
@@ -92,27 +116,53 @@ class TrainConfig:
     patience: int = 3
     # Train the head on cached VGG16 features when the base is fixed (same result, ~100x cheaper).
     use_feature_cache: bool = True
+    # Cross-entropy against (1 - s) * one-hot + s / 2: a softer target for labels read off
+    # radiographs by clinicians (some are wrong); 0 is plain cross-entropy, the notebook's loss.
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.model, dict):  # lets from_dict and callers pass a plain dict
             object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
         if not isinstance(self.model, ModelConfig):
-            raise ValueError(f"model must be a ModelConfig, got {type(self.model).__name__}")
+            raise ConfigError(f"model must be a ModelConfig, got {type(self.model).__name__}")
         _check_float(self, "lr", low=0.0, low_open=True, high=1.0)
         _check_int(self, "batch_size", low=1)
         _check_int(self, "epochs", low=1)
         _check_int(self, "seed", low=0)
         _check_int(self, "patience", low=1)
         if not isinstance(self.use_feature_cache, bool):
-            raise ValueError(f"use_feature_cache must be true or false, got {self.use_feature_cache!r}")
+            raise ConfigError(f"use_feature_cache must be true or false, got {self.use_feature_cache!r}")
+        _check_float(self, "label_smoothing", low=0.0, high=0.5, high_open=True)  # 0.5: labels erased
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "model": self.model.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        _reject_unknown(cls, d)
+        reject_unknown(cls, d)
         return cls(**{**d, "model": ModelConfig.from_dict(d.get("model", {}))})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a trained model is scored: the decision threshold (chosen on validation) and the
+    bootstrap intervals of its metrics; see `cxr_model.pipeline.finalize`."""
+
+    # Youden's J maximises sensitivity + specificity; "sensitivity" takes the best specificity
+    # among thresholds that reach target_sensitivity (screening, where a missed case costs most).
+    threshold_method: str = "youden"
+    # Only for threshold_method="sensitivity".
+    target_sensitivity: float = 0.95
+    # Bootstrap resamples for the 95% intervals: 1,000 is the usual minimum for percentile
+    # intervals (their ends are the 2.5% and 97.5% quantiles); fewer is for smoke runs only.
+    n_boot: int = 1000
+
+    def __post_init__(self):
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise ConfigError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, "
+                              f"got {self.threshold_method!r}")
+        _check_float(self, "target_sensitivity", low=0.0, high=1.0, low_open=True)
+        _check_int(self, "n_boot", low=1)
 
 
 def normalise_weights(weights) -> str | None:
@@ -134,26 +184,28 @@ def _check_int(cfg, name: str, low: int | None = None, high: int | None = None) 
             value = int(value)  # JSON from other tools may write 224.0
             object.__setattr__(cfg, name, value)
         else:
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
+        raise ConfigError(f"{name} must be {bounds}, got {value}")
 
 
 def _check_float(cfg, name: str, low: float, high: float, low_open=False, high_open=False) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be a number, got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
+        raise ConfigError(f"{name} must be in {interval}, got {value}")
     object.__setattr__(cfg, name, float(value))
 
 
-def _reject_unknown(cls, d: dict[str, Any]) -> None:
-    # A typo in a saved config should fail loudly, not silently fall back to a default.
+def reject_unknown(cls, d: dict[str, Any]) -> None:
+    """ConfigError naming the keys of `d` that are not fields of the dataclass `cls`.
+
+    A typo in a saved config must fail loudly, not silently fall back to a default."""
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")

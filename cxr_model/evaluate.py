@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import EvalConfig
+
 METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1")
 # Threshold-free scores, also with bootstrap intervals: area under the PR curve, Brier score.
 SCORES = ("auprc", "brier")
@@ -38,7 +40,7 @@ CI_LEVEL = 0.95
 _MAX_CELLS_PER_CHUNK = 4_000_000
 
 
-def evaluate(model, images, labels, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
+def evaluate(model, images, labels, threshold: float = 0.5, n_boot: int = EvalConfig.n_boot, seed: int = 0,
              operating_points=None) -> dict:
     """Metrics of `model` on (images, labels) at a FIXED threshold (chosen beforehand on validation),
     and at the fixed `operating_points` (also chosen on validation) when given."""
@@ -49,7 +51,7 @@ def evaluate(model, images, labels, threshold: float = 0.5, n_boot: int = 1000, 
                               operating_points=operating_points)
 
 
-def metrics_from_probs(labels, probs, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
+def metrics_from_probs(labels, probs, threshold: float = 0.5, n_boot: int = EvalConfig.n_boot, seed: int = 0,
                        operating_points=None) -> dict:
     """Point metrics plus 95% percentile-bootstrap intervals, from labels and P(PNEUMONIA).
 

@@ -1,7 +1,7 @@
 """The VGG16 transfer-learning model: raw uint8 grayscale pixels in, P(NORMAL), P(PNEUMONIA) out.
 
     model = build_model(ModelConfig(image_size=224, weights="imagenet"), seed=0)
-    compile_model(model, lr=1e-4)
+    compile_model(model, TrainConfig(lr=1e-4))
     probs = predict_proba(model, images_uint8)          # P(PNEUMONIA), shape [N]
 
 Layers of the full model (names are stable; Grad-CAM and the exporter rely on them):
@@ -39,7 +39,7 @@ import numpy as np
 from keras import ops
 
 from .augment import augmentation_layer
-from .config import VGG16_BLOCKS, ModelConfig
+from .config import VGG16_BLOCKS, ModelConfig, TrainConfig
 
 # Keras's own location and checksum of the ImageNet VGG16 weights without the classifier top.
 VGG16_NOTOP_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
@@ -186,11 +186,15 @@ def set_trainable_blocks(base: keras.Model, k: int) -> None:
         layer.trainable = bool(match) and int(match.group(1)) >= first and k > 0
 
 
-def compile_model(model: keras.Model, lr: float) -> keras.Model:
-    """Adam(lr), categorical cross-entropy on one-hot labels, accuracy and AUC of P(PNEUMONIA)."""
+def compile_model(model: keras.Model, cfg: TrainConfig) -> keras.Model:
+    """Adam(cfg.lr), categorical cross-entropy on one-hot labels (cfg.label_smoothing), accuracy and
+    AUC of P(PNEUMONIA), logged as "auc" (so "val_auc" on validation: config.METRIC).
+
+    Takes the whole TrainConfig so that an optimiser or loss setting added to it is wired here only.
+    """
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=lr),
-        loss=keras.losses.CategoricalCrossentropy(),
+        optimizer=keras.optimizers.Adam(learning_rate=cfg.lr),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), ClassAUC(name="auc")],
     )
     return model

@@ -12,18 +12,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-THRESHOLD_METHODS = ("youden", "sensitivity")
+import datasets
+from datasets import manifest_hash, read_manifest
+from datasets.errors import CxrError
+
+from .config import THRESHOLD_METHODS, EvalConfig  # noqa: F401  (THRESHOLD_METHODS: re-exported)
+from .data import Data
+from .evaluate import choose_operating_points, choose_threshold, evaluate, metrics_from_probs
+from .export import check_export_target, export, load_model
+
+_EVAL = EvalConfig()  # the defaults below are EvalConfig's
 
 
-def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str = "youden",
-                     target_sensitivity: float = 0.95, n_boot: int = 1000, overwrite: bool = False,
+def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str = _EVAL.threshold_method,
+                     target_sensitivity: float = _EVAL.target_sensitivity, n_boot: int = _EVAL.n_boot,
+                     overwrite: bool = False,
                      callbacks=(), feature_cache=None, data=None, extra: dict | None = None) -> dict:
     """Train `train_cfg` on the prepared data and export it to `out_dir`; returns finalize()'s dict.
 
     data: a `cxr_model.Data` already loaded from `prepared_dir` (the search passes its shared one).
     """
-    from cxr_model import Data, fit
-    from cxr_model.export import check_export_target
+    from .train import fit  # Keras (and its backend): loaded when a model is trained
 
     check_export_target(out_dir, overwrite)  # fail before training, not after
     data = data if data is not None else Data.from_prepared(prepared_dir)
@@ -35,8 +44,8 @@ def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str 
 
 
 def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
-             threshold_method: str = "youden", target_sensitivity: float = 0.95, n_boot: int = 1000,
-             overwrite: bool = False, extra: dict | None = None) -> dict:
+             threshold_method: str = _EVAL.threshold_method, target_sensitivity: float = _EVAL.target_sensitivity,
+             n_boot: int = _EVAL.n_boot, overwrite: bool = False, extra: dict | None = None) -> dict:
     """Threshold on validation, metrics on validation and test at that threshold, export.
 
     1. P(PNEUMONIA) on the validation split (`val` = (images, labels), else loaded from prepared_dir)
@@ -47,10 +56,7 @@ def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
     5. export, with both splits' metrics in the model card
     Returns {"model_dir", "threshold", "threshold_method", "metrics": {"val", "test"}}.
     """
-    from cxr_model import predict_proba
-    from cxr_model.evaluate import choose_operating_points, choose_threshold, evaluate, metrics_from_probs
-    from cxr_model.export import export
-    from datasets import manifest_hash, read_manifest
+    from .model import predict_proba  # Keras: a model is at hand, so it is loaded already
 
     x_val, y_val = val if val is not None else load_split(prepared_dir, "val")
     val_probs = predict_proba(model, x_val)
@@ -73,17 +79,12 @@ def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
             "metrics": metrics}
 
 
-def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = 1000, seed: int = 0) -> dict:
+def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = _EVAL.n_boot, seed: int = 0) -> dict:
     """Metrics of an exported model on a prepared split, at the threshold in its model card.
 
     Returns {"metrics", "card", "same_data"}; same_data tells whether the prepared data's manifest
     hash is the one the model was trained and evaluated with.
     """
-    from cxr_model.evaluate import evaluate
-    from cxr_model.export import load_model
-    from datasets import manifest_hash, read_manifest
-    from datasets.errors import CxrError
-
     model, card = load_model(model_dir)
     options = read_manifest(prepared_dir)["options"]
     spec = card["input"]
@@ -100,9 +101,6 @@ def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = 
 
 def load_split(prepared_dir, split: str):
     """(images uint8 [N, S, S, 1], labels int [N]) of one prepared split; CxrError if it is empty."""
-    import datasets
-    from datasets.errors import CxrError
-
     images, labels, _meta = datasets.load(prepared_dir, split)
     if len(labels) == 0:
         raise CxrError(f"the {split} split of {prepared_dir} is empty")
@@ -110,8 +108,6 @@ def load_split(prepared_dir, split: str):
 
 
 def _check_image_size(train_cfg, data_size: int) -> None:
-    from datasets.errors import CxrError
-
     if int(train_cfg.model.image_size) != int(data_size):
         raise CxrError(f"the model is configured for {train_cfg.model.image_size} px images but the "
                        f"prepared data is {data_size} px")

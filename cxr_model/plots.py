@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cxr_model.config import METRIC, MODE
 from datasets.config import CLASS_NAMES  # label 0, 1
 
 DPI = 120
@@ -140,9 +141,11 @@ def plot_reliability(metrics: dict, path, title: str = "Reliability") -> Path:
 
 
 def _best_epoch(logs: dict) -> int | None:
-    """1-based epoch of the highest val_auc (the first on ties), or None if it was not logged."""
-    values = logs.get("val_auc")
-    return int(np.argmax(values)) + 1 if values else None
+    """1-based epoch of the best METRIC (the first on ties), or None if it was not logged."""
+    values = logs.get(METRIC)
+    if not values:
+        return None
+    return int(np.argmax(values) if MODE == "max" else np.argmin(values)) + 1
 
 
 def _figure(width: float, height: float) -> Figure:

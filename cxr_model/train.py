@@ -6,23 +6,26 @@
 
 Steps of one fit:
 1. Seed everything (Keras, numpy, Python; weights and dropout are also seeded per layer).
-2. Build the full model and compile it (Adam, cross-entropy, accuracy, AUC of P(PNEUMONIA)).
+2. Build the full model and compile it (Adam, cross-entropy with the config's label smoothing,
+   accuracy, AUC of P(PNEUMONIA)).
 3. If the base is a fixed function (frozen, no augmentation) and the config allows it, train
    only the head, on VGG16 features from the FeatureCache; the head's layers ARE the full
    model's head, so the full model is trained when the head is. Otherwise train end to end.
-4. Either way: class-weighted loss, the same seeded batch order, early stopping on val_auc
+4. Either way: class-weighted loss, the same seeded batch order, early stopping on METRIC
    (best weights restored); callbacks see loss, accuracy, auc and val_* after every epoch.
 """
 from __future__ import annotations
 
+import sys
+import time
+
 import keras
 
-from .config import TrainConfig
+from .config import METRIC, MODE, TrainConfig
 from .data import BatchStream, Data, one_hot, tfrecord_dataset
 from .features import FeatureCache
 from .model import build_model, compile_model, feature_extractor
 
-MONITOR = "val_auc"  # the metric early stopping and the search maximise
 VAL_BATCH = 128      # evaluation has no gradients: larger batches are cheaper
 
 
@@ -30,7 +33,7 @@ def fit(cfg: TrainConfig, data: Data, callbacks=(), feature_cache: FeatureCache 
         verbose: int = 0) -> keras.callbacks.History:
     """Train one configuration; `history.model` is always the full raw-image model."""
     keras.utils.set_random_seed(cfg.seed)
-    model = compile_model(build_model(cfg.model, seed=cfg.seed), cfg.lr)
+    model = compile_model(build_model(cfg.model, seed=cfg.seed), cfg)
     if uses_feature_cache(cfg):
         cache = feature_cache if feature_cache is not None else FeatureCache()
         return _fit_head_on_features(model, cfg, data, list(callbacks), cache, verbose)
@@ -50,7 +53,7 @@ def _fit_head_on_features(model, cfg: TrainConfig, data: Data, callbacks, cache,
     extractor = feature_extractor(model)  # shares the full model's base: same function as keyed
     f_train = cache.features(cfg.model, data.x_train, seed=cfg.seed, extractor=extractor)
     f_val = cache.features(cfg.model, data.x_val, seed=cfg.seed, extractor=extractor)
-    trainer = compile_model(_head_on_features(model.get_layer("head")), cfg.lr)
+    trainer = compile_model(_head_on_features(model.get_layer("head")), cfg)
     train = _train_input(cfg, data, f_train, tfrecords_allowed=False)
     views = [FullModelView(cb, full=model, trained=trainer) for cb in callbacks]
     history = _run_fit(trainer, train, (f_val, one_hot(data.y_val)), cfg, views, verbose)
@@ -98,7 +101,7 @@ def _train_input(cfg: TrainConfig, data: Data, x, tfrecords_allowed: bool):
 
 def _run_fit(model, train, validation, cfg: TrainConfig, callbacks, verbose):
     batches, steps, stop = train
-    early_stop = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.patience,
+    early_stop = keras.callbacks.EarlyStopping(monitor=METRIC, mode=MODE, patience=cfg.patience,
                                                restore_best_weights=True)
     try:
         return model.fit(batches, steps_per_epoch=steps, epochs=cfg.epochs,
@@ -156,3 +159,37 @@ class FullModelView(keras.callbacks.Callback):
 def _is_default_hook(method) -> bool:
     return getattr(method, "_is_default", False)
 
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """One line per epoch on stderr: epoch, loss, METRIC, the epoch's time and an ETA.
+
+    The ETA is the mean epoch time so far times the epochs left; early stopping (patience) may
+    end the fit sooner, so it is an upper bound. `cxr train` shows it unless --quiet.
+    """
+
+    def __init__(self, epochs: int, stream=None):
+        super().__init__()
+        self.epochs, self.stream = epochs, stream
+        self._start = self._epoch_start = 0.0
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        now = time.perf_counter()
+        done = epoch + 1
+        eta = (now - self._start) / done * (self.epochs - done)
+        print(f"epoch {done}/{self.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
+              f"{METRIC} {logs.get(METRIC, float('nan')):.4f}  {now - self._epoch_start:.1f} s"
+              + (f"  ETA <= {_duration(eta)}" if done < self.epochs else ""),
+              file=self.stream or sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"

@@ -1,15 +1,38 @@
-"""`cxr synth` and `cxr prepare`: the data stage's subcommands (wired in by search/cli.py).
+"""`cxr synth` and `cxr prepare`: the data stage's subcommands (wired in by search/cli.py), and the
+one pattern all three CLIs use for options that set a config field.
 
     cxr synth data/synth --n 600 --seed 0
     cxr prepare data/synth runs/prepared --image-size 224 --format both
+
+An option that sets a field of a config dataclass has that field's name as its `dest` and
+`default=None` (not given); its help shows the dataclass's default (`with_default`); the handler
+passes only the options given to the dataclass (`given`), which fills in the rest and validates.
+The dataclass is thus the only place a default lives, and a `--resume` or `--smoke` can tell what
+the user actually typed.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 from .config import FORMATS, RESIZE_MODES, SPLIT_MODES, PrepareConfig
 
-_DEFAULTS = PrepareConfig()
+
+def with_default(text: str, cls: type, name: str) -> str:
+    """`text (default: D)`, D read from the field `name` of the dataclass `cls`."""
+    field = cls.__dataclass_fields__[name]
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if isinstance(value, (tuple, list)):
+        value = ",".join(map(str, value))
+    return f"{text} (default: {'none' if value is None else value})".replace("%", "%%")
+
+
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The options of `args` that the user gave, for the fields of the dataclass `cls`."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if getattr(args, f.name, None) is not None}
+
 
 SYNTH_EPILOG = """example:
   cxr synth data/synth --n 600 --seed 0      # ~5 s; Kaggle layout under data/synth/chest_xray/
@@ -52,31 +75,34 @@ def _add_prepare(subparsers) -> None:
         epilog=PREPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", metavar="SOURCE", help="folder with the images")
     parser.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--image-size", type=int, default=_DEFAULTS.image_size,
-                        help="side of the square output images in pixels (default: %(default)s)")
-    parser.add_argument("--resize", choices=RESIZE_MODES, default=_DEFAULTS.resize,
-                        help="pad: letterbox, keeps the aspect ratio (default); crop: centre "
-                             "crop; squash: stretch")
-    parser.add_argument("--split", choices=SPLIT_MODES, default=_DEFAULTS.split,
-                        help="official: keep the source's test split, carve val from train by "
-                             "patient (default); random: split all patients by fraction")
-    parser.add_argument("--val-fraction", type=float, default=_DEFAULTS.val_fraction,
-                        help="share of train patients per class moved to val (default: %(default)s)")
-    parser.add_argument("--test-fraction", type=float, default=_DEFAULTS.test_fraction,
-                        help="share of patients per class for test when the source has no test "
-                             "split or with --split random (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed,
-                        help="seed of the patient shuffles (default: %(default)s)")
-    parser.add_argument("--rows-per-shard", type=int, default=_DEFAULTS.rows_per_shard,
-                        help="images per shard file (default: %(default)s)")
-    parser.add_argument("--format", choices=FORMATS, default=_DEFAULTS.format,
-                        help="shard format; tfrecord/both also write tf.train.Example files "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=_DEFAULTS.max_pixels,
-                        help="reject larger images as decompression bombs (default: %(default)s)")
-    parser.add_argument("--min-size", type=int, default=_DEFAULTS.min_size,
-                        help="reject images whose shorter side is smaller (default: %(default)s)")
-    parser.add_argument("--num-cpus", type=int, default=None,
+    parser.add_argument("--image-size", type=int,
+                        help=with_default("side of the square output images in pixels", PrepareConfig, "image_size"))
+    parser.add_argument("--resize", choices=RESIZE_MODES,
+                        help=with_default("pad: letterbox, keeps the aspect ratio; crop: centre crop; "
+                                          "squash: stretch", PrepareConfig, "resize"))
+    parser.add_argument("--split", choices=SPLIT_MODES,
+                        help=with_default("official: keep the source's test split, carve val from train by "
+                                          "patient; random: split all patients by fraction", PrepareConfig, "split"))
+    parser.add_argument("--val-fraction", type=float,
+                        help=with_default("share of train patients per class moved to val", PrepareConfig,
+                                          "val_fraction"))
+    parser.add_argument("--test-fraction", type=float,
+                        help=with_default("share of patients per class for test when the source has no test "
+                                          "split or with --split random", PrepareConfig, "test_fraction"))
+    parser.add_argument("--seed", type=int,
+                        help=with_default("seed of the patient shuffles", PrepareConfig, "seed"))
+    parser.add_argument("--rows-per-shard", type=int,
+                        help=with_default("images per shard file", PrepareConfig, "rows_per_shard"))
+    parser.add_argument("--format", choices=FORMATS,
+                        help=with_default("shard format; tfrecord/both also write tf.train.Example files",
+                                          PrepareConfig, "format"))
+    parser.add_argument("--max-pixels", type=int,
+                        help=with_default("reject larger images as decompression bombs", PrepareConfig,
+                                          "max_pixels"))
+    parser.add_argument("--min-size", type=int,
+                        help=with_default("reject images whose shorter side is smaller", PrepareConfig,
+                                          "min_size"))
+    parser.add_argument("--num-cpus", type=int,
                         help="CPUs of the local Ray instance (default: all; ignored when joining "
                              "a running Ray: under `ray job submit` or with RAY_ADDRESS set)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -95,12 +121,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _run_prepare(args: argparse.Namespace) -> int:
     from .pipeline import run, summary_line
 
-    cfg = PrepareConfig(
-        image_size=args.image_size, resize=args.resize, split=args.split,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-        rows_per_shard=args.rows_per_shard, format=args.format, max_pixels=args.max_pixels,
-        min_size=args.min_size, num_cpus=args.num_cpus,
-    )
+    cfg = PrepareConfig(**given(args, PrepareConfig))
     manifest = run(args.source, args.out, cfg, overwrite=args.overwrite, verbose=not args.quiet)
     if args.quiet:  # the one-line summary is the result, not progress: always print it
         print(summary_line(manifest, args.out))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import CxrError
+from .errors import ConfigError
 
 # Label i is CLASS_NAMES[i]. PNEUMONIA is the positive class (label 1) everywhere downstream.
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
@@ -42,16 +42,16 @@ class PrepareConfig:
         _check_choice("split", self.split, SPLIT_MODES)
         _check_choice("format", self.format, FORMATS)
         if not 16 <= self.image_size <= 4096:
-            raise CxrError(f"image size must be between 16 and 4096 pixels, got {self.image_size}")
+            raise ConfigError(f"image size must be between 16 and 4096 pixels, got {self.image_size}")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 < value < 0.5:
-                raise CxrError(f"{name.replace('_', ' ')} must be between 0 and 0.5, got {value}")
+                raise ConfigError(f"{name.replace('_', ' ')} must be between 0 and 0.5, got {value}")
         for name in ("rows_per_shard", "max_pixels", "min_size", "files_per_task"):
             if getattr(self, name) < 1:
-                raise CxrError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.num_cpus is not None and self.num_cpus < 1:
-            raise CxrError(f"num cpus must be at least 1, got {self.num_cpus}")
+            raise ConfigError(f"num cpus must be at least 1, got {self.num_cpus}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,4 +59,4 @@ class PrepareConfig:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise CxrError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

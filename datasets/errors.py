@@ -5,6 +5,11 @@ class CxrError(Exception):
     """An error caused by the user's input or environment; the CLI prints it as one line, exit 2."""
 
 
+class ConfigError(CxrError, ValueError):
+    """A configuration value is invalid. Every config dataclass raises it from `__post_init__`:
+    a `ValueError` to code that builds configs, one line (`cxr: error: ...`) from the CLI."""
+
+
 class ImageRejected(CxrError):
     """One input image cannot be used; `reason` goes into the manifest and the summary."""
 

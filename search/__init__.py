@@ -2,11 +2,13 @@
 
     space.py       the search space as data, the metric (val_auc, max), space files
     config.py      SearchConfig: every setting of a sweep, saved as RUN/search_config.json
-    trainable.py   the Tune trainable (one trial = one cxr_model.fit); reporting.py its callback
+    trainable.py   the Tune trainable (one trial = one cxr_model.fit)
+    trial_reporter.py  inside a trial: the Keras callback that reports each epoch to Tune and
+                   checkpoints the trial's best weights
     tuner.py       Tuner + OptunaSearch (SQLite) + ASHA, resume, Ray connection
     results.py     RUN/results.{parquet,csv}: one row per trial
     best.py        best trial -> checkpoint -> test (once) -> RUN/best/
-    report.py      RUN/report.md and its plots
+    sweep_report.py  after the sweep: RUN/report.md and its plots
     run.py         all of the above in order; commands.py and demo.py are `cxr search` / `cxr demo`
 
 Only this package imports `ray.tune`, and only inside functions: `import search` stays light.

@@ -17,16 +17,18 @@ from typing import Any
 
 import pandas as pd
 
+from cxr_model import TrainConfig
+from cxr_model.pipeline import finalize
+from datasets.errors import CxrError
+from search.checkpoint import STATE_FILE, WEIGHTS_FILE, load_weights
 from search.config import SearchConfig
-from search.space import METRIC, MODE
+from search.space import METRIC, MODE, result_params
 
 BEST_DIR = "best"
 
 
 def best_row(table: pd.DataFrame) -> pd.Series:
     """The finished trial with the best validation metric (ties: the earlier trial)."""
-    from datasets.errors import CxrError
-
     done = table[(table["status"] == "TERMINATED") & table[METRIC].notna() & table["checkpoint"].notna()]
     if done.empty:
         raise CxrError("no trial finished with a validation score: see the trials' errors in results.csv")
@@ -36,10 +38,7 @@ def best_row(table: pd.DataFrame) -> pd.Series:
 
 def load_checkpoint(checkpoint_path: str) -> tuple[Any, dict, Any]:
     """(model, state, TrainConfig) from a trial checkpoint, local or in s3:// / gs:// storage."""
-    from ray import tune
-
-    from cxr_model import TrainConfig
-    from search.reporting import STATE_FILE, WEIGHTS_FILE
+    from ray import tune  # Ray: seconds to import; only this step of `cxr search` needs it here
 
     folder = Path(tune.Checkpoint(checkpoint_path).to_directory())
     state = json.loads((folder / STATE_FILE).read_text())
@@ -50,12 +49,10 @@ def load_checkpoint(checkpoint_path: str) -> tuple[Any, dict, Any]:
 
 def _model_with_weights(train_cfg, weights_path: Path):
     """The full model (raw uint8 image in, probabilities out) carrying the checkpoint's weights."""
-    from cxr_model import build_model
+    from cxr_model.model import build_model  # Keras (and its backend): loaded when a model is built
 
     # Trials checkpoint the full model, also when they trained the head on cached features. The
     # seed matters with weights=None: it fixes the random base the head was trained on.
-    from search.reporting import load_weights
-
     model = build_model(train_cfg.model, seed=train_cfg.seed)
     load_weights(model, weights_path)
     return model
@@ -64,10 +61,8 @@ def _model_with_weights(train_cfg, weights_path: Path):
 def export_best(cfg: SearchConfig, table: pd.DataFrame, data=None) -> dict[str, Any]:
     """Evaluate the best trial once on test (threshold from validation) and export RUN/best/.
 
-    Returns pipeline.finalize()'s dict plus the trial's id, parameters and validation AUC.
+    Returns pipeline.finalize()'s dict plus the trial's id, parameters and METRIC in the sweep.
     """
-    from cxr_model.pipeline import finalize
-
     row = best_row(table)
     model, state, trial_cfg = load_checkpoint(row["checkpoint"])
     # The card records what was trained: the trial's config, up to its best (checkpointed) epoch.
@@ -77,19 +72,17 @@ def export_best(cfg: SearchConfig, table: pd.DataFrame, data=None) -> dict[str, 
         model, train_cfg, cfg.prepared, cfg.run_dir / BEST_DIR, history=state["history"], val=val,
         threshold_method=cfg.threshold_method, n_boot=cfg.n_boot, overwrite=True,
         extra={"search": {"run_dir": str(cfg.run_dir), "trial_id": row["trial_id"],
-                          "val_auc_in_sweep": float(row[METRIC]), "best_epoch": int(state["best_epoch"]),
+                          f"{METRIC}_in_sweep": float(row[METRIC]), "best_epoch": int(state["best_epoch"]),
                           "trials": int(len(table))}},
     )
-    result.update(trial_id=row["trial_id"], val_auc=float(row[METRIC]), params=_params(row),
-                  best_epoch=int(state["best_epoch"]))
+    result.update({"trial_id": row["trial_id"], METRIC: float(row[METRIC]), "params": _params(row),
+                   "best_epoch": int(state["best_epoch"])})
     return result
 
 
 def _params(row: pd.Series) -> dict[str, Any]:
-    from search.results import PARAM_ORDER
-
     out = {}
-    for name in PARAM_ORDER:
+    for name in result_params():
         value = row.get(name)
         if isinstance(value, float) and math.isnan(value):
             value = None

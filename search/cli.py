@@ -14,21 +14,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import metadata
+
+from cxr_model import cli as model_cli
+from datasets import cli as data_cli
+from datasets.errors import CxrError
+from search import commands as search_cli
 
 EXAMPLES = __doc__.split("\n\n")[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cxr_model import cli as model_cli
-    from datasets import cli as data_cli
-    from search import commands as search_cli
-
     parser = argparse.ArgumentParser(
         prog="cxr",
         description="Distributed hyperparameter search for pneumonia classification on chest X-rays.",
         epilog="examples:\n" + EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data_cli.register(sub)
     model_cli.register(sub)
@@ -36,12 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return metadata.version("cxr-tune")
+    except metadata.PackageNotFoundError:  # run from a checkout that was not pip-installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     # Quiets TensorFlow's C++ logging once it is set up. (TF 2.21 still prints a few lines at
     # import, before absl's logging is initialised; no environment variable silences those.)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from datasets.errors import CxrError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -11,7 +11,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from cxr_model.config import THRESHOLD_METHODS
+from datasets.cli import given, with_default
+from datasets.errors import CxrError
 from search.config import CONFIG_FILE, SearchConfig
+from search.demo import run_demo
+from search.run import run_search
+from search.space import load_space
+from search.summary import print_summary
 
 SEARCH_EPILOG = """examples:
   cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20
@@ -42,8 +49,6 @@ def register(subparsers) -> None:
 
 
 def _add_search(subparsers) -> None:
-    from cxr_model.pipeline import THRESHOLD_METHODS
-
     p = subparsers.add_parser("search", help="hyperparameter sweep (Ray Tune + Optuna + ASHA), best model on test",
                               epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
@@ -67,22 +72,26 @@ def _add_search(subparsers) -> None:
     res.add_argument("--max-failures", type=int, metavar="K",
                      help=_default("retries of a trial whose worker died, from its checkpoint", "max_failures"))
     model = p.add_argument_group("model and search")
-    model.add_argument("--weights", metavar="imagenet|none|PATH", help="VGG16 base weights (default: imagenet)")
+    model.add_argument("--weights", metavar="imagenet|none|PATH", help=_default("VGG16 base weights", "weights"))
     model.add_argument("--space", metavar="FILE", help="YAML/JSON overriding entries of the search space")
-    model.add_argument("--seed", type=int, help="TPE's and every trial's seed (default: 0)")
+    model.add_argument("--seed", type=int, help=_default("TPE's and every trial's seed", "seed"))
     model.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
-                       help="decision threshold chosen on validation (default: youden)")
+                       help=_default("decision threshold chosen on validation", "threshold_method"))
+    model.add_argument("--n-boot", type=int, help=_default("bootstrap resamples for the test metrics' 95%% intervals",
+                                                           "n_boot"))
     store = p.add_argument_group("storage")
     store.add_argument("--storage", metavar="PATH|s3://...", help="Tune state and checkpoints (default: RUN)")
     store.add_argument("--optuna-storage", metavar="URL", help="Optuna study in a database (default: saved with Tune's state in the storage; "
                        "a SQLite copy in RUN/optuna.db)")
     store.add_argument("--resume", action="store_true", help="continue the interrupted sweep in RUN, or the one in --storage (a new head, an empty RUN)")
+    store.add_argument("--mlflow", metavar="URI", help="also log every trial to this MLflow tracking URI, e.g. "
+                       "sqlite:///abs/mlflow.db or http://host:5000 (needs pip install 'cxr-tune[mlflow]')")
     p.add_argument("--quiet", action="store_true", help="no live Tune status table")
     p.set_defaults(func=handle_search)
 
 
 def _default(text: str, field: str) -> str:
-    return f"{text} (default: {SearchConfig.__dataclass_fields__[field].default:g})"
+    return with_default(text, SearchConfig, field)
 
 
 def _add_demo(subparsers) -> None:
@@ -97,8 +106,6 @@ def _add_demo(subparsers) -> None:
 
 
 def handle_search(args) -> int:
-    from search.run import run_search
-
     cfg, resume = config_from_args(args)
     print(f"cxr search: {cfg.trials} trials, up to {cfg.max_epochs} epochs each, run folder {cfg.run_dir}"
           + (" (resuming)" if resume else ""))
@@ -108,38 +115,27 @@ def handle_search(args) -> int:
 
 def config_from_args(args) -> tuple[SearchConfig, bool]:
     """SearchConfig from the flags; on --resume, the saved one (a resumed sweep keeps its settings)."""
-    from datasets.errors import CxrError
-    from search.space import SpaceError, load_space
-
     run_dir = Path(args.out)
-    given = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name, None) is not None}
+    # --space is a file, read below; PREPARED and --out are not settings a resume may change
+    flags = {k: v for k, v in given(args, SearchConfig).items() if k not in ("prepared", "out", "space")}
     if args.resume:
         cfg = _saved_config(run_dir, args.storage)
-        ignored = sorted(k for k in given if k != "address" and given[k] != getattr(cfg, k))
+        ignored = sorted(k for k in flags if k != "address" and flags[k] != getattr(cfg, k))
         if ignored:
             print(f"cxr search: resuming with the sweep's saved settings; ignoring --{', --'.join(ignored)}"
                   .replace("_", "-"))
-        return dataclasses.replace(cfg, address=given.get("address", cfg.address)), True
+        return dataclasses.replace(cfg, address=flags.get("address", cfg.address)), True
     if (run_dir / CONFIG_FILE).is_file():
         raise CxrError(f"{run_dir} already holds a sweep: add --resume to continue it, or choose another --out")
     _check_prepared(args.prepared)
-    values: dict[str, Any] = dict(SMOKE) if args.smoke else {}
-    values.update(given)
-    try:
-        space = load_space(args.space)
-    except SpaceError as exc:
-        raise CxrError(str(exc)) from None
-    cfg = SearchConfig(prepared=str(Path(args.prepared).resolve()), out=str(run_dir), space=space,
+    values: dict[str, Any] = {**(SMOKE if args.smoke else {}), **flags}
+    cfg = SearchConfig(prepared=str(Path(args.prepared).resolve()), out=str(run_dir), space=load_space(args.space),
                        verbose=0 if args.quiet else 1, **values)
-    return _checked(cfg), False
+    return cfg, False
 
 
 def _saved_config(run_dir: Path, storage: str | None) -> SearchConfig:
     """The sweep's saved config: from RUN, else from --storage (a new head, an empty RUN)."""
-    import dataclasses
-
-    from datasets.errors import CxrError
-
     if (run_dir / CONFIG_FILE).is_file():
         return SearchConfig.load(run_dir)
     if storage:
@@ -152,68 +148,10 @@ def _saved_config(run_dir: Path, storage: str | None) -> SearchConfig:
                    "a sweep from its storage)")
 
 
-# argparse dest -> SearchConfig field (the same names)
-_FLAG_FIELDS = ("trials", "max_epochs", "grace_period", "reduction_factor", "patience", "concurrency",
-                "gpus_per_trial", "cpus_per_trial", "address", "max_failures", "weights", "seed",
-                "threshold_method", "storage", "optuna_storage")
-
-
-def _checked(cfg: SearchConfig) -> SearchConfig:
-    from datasets.errors import CxrError
-
-    for name in ("trials", "max_epochs", "grace_period", "reduction_factor", "concurrency"):
-        if getattr(cfg, name) < 1 or (name == "reduction_factor" and cfg.reduction_factor < 2):
-            raise CxrError(f"--{name.replace('_', '-')} must be at least {2 if name == 'reduction_factor' else 1}")
-    if cfg.gpus_per_trial is not None and cfg.gpus_per_trial < 0:
-        raise CxrError("--gpus-per-trial must be >= 0")
-    if cfg.address and cfg.address.startswith("ray://"):
-        # Ray Client runs Tune (and the Optuna searcher) on the cluster, while this machine reads
-        # the results: both sides must reach the storage and the study.
-        if not (cfg.storage and "://" in cfg.storage) or not cfg.optuna_storage:
-            raise CxrError("with --address ray://... give --storage s3://... and --optuna-storage URL that the "
-                           "cluster and this machine both reach (or submit the command with `ray job submit`)")
-    return cfg
-
-
 def _check_prepared(prepared: str) -> None:
-    from datasets.errors import CxrError
-
     if not (Path(prepared) / "manifest.json").is_file():
         raise CxrError(f"{prepared} is not a prepared data set (no manifest.json): run `cxr prepare` first")
 
 
-def print_summary(cfg: SearchConfig, summary: dict[str, Any]) -> int:
-    from cxr_model.evaluate import DISPLAY_ORDER
-
-    table = summary["table"]
-    print()
-    print(_top_trials(table))
-    if not summary["finished"]:
-        print(f"\nThe sweep was interrupted ({len(table)} of {cfg.trials} trials so far). Continue it with:\n"
-              f"  cxr search {cfg.prepared} --out {cfg.out} --resume")
-        return 130
-    best = summary["best"]
-    test = best["metrics"]["test"]
-    print(f"\nBest trial {best['trial_id']}: validation AUC {best['val_auc']:.4f}; "
-          f"threshold {best['threshold']:.3f} (chosen on validation)")
-    print("Test split, evaluated once (95% bootstrap intervals):")
-    for name in DISPLAY_ORDER:
-        m = test[name]
-        print(f"  {name:<12} {m['value']:.4f}  [{m['ci_low']:.4f}, {m['ci_high']:.4f}]")
-    print(f"\nModel:   {best['model_dir']}\nReport:  {summary['report']}\n"
-          f"Results: {cfg.run_dir / 'results.csv'}\nOptuna:  optuna-dashboard {cfg.optuna_url}")
-    return 0
-
-
-def _top_trials(table, n: int = 10) -> str:
-    cols = ["trial_id", "val_auc", "epochs_run", "stopped_by", "head_units", "dropout", "lr", "aug_strength",
-            "trainable_blocks", "batch_size", "head_pooling"]
-    shown = table[[c for c in cols if c in table]].head(n)
-    return f"Top {len(shown)} of {len(table)} trials by validation AUC:\n" + shown.to_string(
-        index=False, float_format=lambda v: f"{v:.4g}")
-
-
 def handle_demo(args) -> int:
-    from search.demo import run_demo
-
     return run_demo(Path(args.out), overwrite=args.overwrite)

@@ -2,6 +2,10 @@
 
 The saved file is what `--resume` reloads, so a resumed sweep searches the same space with the
 same budget whatever flags the second command line carries.
+
+Like every config dataclass of the project it checks itself when made: a bad value raises
+`ConfigError` (a `ValueError`; the CLI prints it as one line), and `from_dict` rejects unknown keys.
+A partial `space` is completed with the defaults of search/space.py.
 """
 from __future__ import annotations
 
@@ -10,6 +14,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cxr_model.config import THRESHOLD_METHODS, EvalConfig, normalise_weights, reject_unknown
+from datasets.errors import ConfigError
+from search.space import resolve_space
 
 CONFIG_FILE = "search_config.json"
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder inside the storage location
@@ -34,27 +42,50 @@ class SearchConfig:
     max_failures: int = 2             # retries of a trial whose worker died, from its last checkpoint
     seed: int = 0                     # TPE's sampler and every trial's TrainConfig.seed
     patience: int = 5                 # fit's own early stopping (epochs without val AUC improvement)
-    n_boot: int = 1000                # bootstrap resamples for the test metrics' intervals
-    threshold_method: str = "youden"  # how the decision threshold is chosen on validation
-    space: dict[str, Any] = field(default_factory=dict)  # the resolved search space (search/space.py)
+    n_boot: int = EvalConfig.n_boot   # bootstrap resamples for the test metrics' intervals
+    threshold_method: str = EvalConfig.threshold_method  # how the threshold is chosen on validation
+    space: dict[str, Any] = field(default_factory=dict)  # search/space.py's; a partial one is completed
     feature_cache_dir: str | None = None  # None: a node-local temp folder (each node computes once)
     feature_cache: bool = True        # frozen, unaugmented trials train on cached VGG16 features
     asha: bool = True                 # early stopping by ASHA; False runs every trial to max_epochs
     verbose: int = 1                  # Tune's console output: 0 silent, 1 status table, 2 per result
+    mlflow: str | None = None         # MLflow tracking URI: one MLflow run per trial (pip install 'cxr-tune[mlflow]')
 
     def __post_init__(self):
-        from cxr_model.config import normalise_weights  # imported here: `search.config` stays light
-
         # "none", "null" and "" (flags, JSON) mean random init, as in ModelConfig
         object.__setattr__(self, "weights", normalise_weights(self.weights))
+        # the complete space: the defaults with this config's entries replacing theirs, validated
+        object.__setattr__(self, "space", resolve_space(self.space, source="space"))
+        for name in ("trials", "max_epochs", "grace_period", "concurrency", "n_boot"):
+            _at_least(self, name, 1)
+        _at_least(self, "reduction_factor", 2)  # 1 would keep every trial at every rung
+        _at_least(self, "max_failures", -1)     # -1: retry without limit (Tune's convention)
+        _at_least(self, "seed", 0)
+        _at_least(self, "patience", 1)
+        _at_least(self, "verbose", 0)
+        for name, low in (("gpus_per_trial", 0.0), ("cpus_per_trial", 0.0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value >= low):
+                raise ConfigError(f"{name} must be a number >= {low:g}, got {value!r}")
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise ConfigError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, "
+                              f"got {self.threshold_method!r}")
+        if self.address and self.address.startswith("ray://") and not (
+                self.storage and "://" in self.storage and self.optuna_storage):
+            # Ray Client runs Tune (and the Optuna searcher) on the cluster, while this machine
+            # reads the results: both sides must reach the storage and the study.
+            raise ConfigError("with address ray://... give storage s3://... (--storage) and optuna_storage URL "
+                              "(--optuna-storage) that the cluster and this machine both reach (or submit the "
+                              "command with `ray job submit`)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SearchConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        reject_unknown(cls, values)
+        return cls(**values)
 
     @property
     def run_dir(self) -> Path:
@@ -133,3 +164,9 @@ def read_from_storage(uri: str) -> bytes | None:
     @classmethod
     def load(cls, run_dir: str | Path) -> "SearchConfig":
         return cls.from_dict(json.loads((Path(run_dir) / CONFIG_FILE).read_text()))
+
+
+def _at_least(cfg: SearchConfig, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -1,11 +1,11 @@
 """The results table: one row per trial, read back from the experiment in storage.
 
-Columns: trial_id, status, the sampled parameters (`head_units` spelled "512-128"), `val_auc`
-(the trial's best validation AUC, the optimised metric), best_epoch, epochs_run, stopped_by
-(max_epochs | asha | patience | error | unfinished), stopped_early, duration_s, node_id, n_nodes,
-feature_cache, attempts (1 + retries after a dead worker), checkpoint, error, and the validation
-AUC of every epoch, `val_auc_e1` ... `val_auc_eN`, so trials stopped at different budgets can be
-compared at the same budget.
+Columns: trial_id, status, one per hyperparameter of search/space.py (`head_units` spelled
+"512-128"), `val_auc` (space.METRIC: the trial's best validation AUC, the optimised metric),
+best_epoch, epochs_run, stopped_by (max_epochs | asha | patience | error | unfinished),
+stopped_early, duration_s, node_id, n_nodes, feature_cache, attempts (1 + retries after a dead
+worker), checkpoint, error, and the validation AUC of every epoch, `val_auc_e1` ... `val_auc_eN`,
+so trials stopped at different budgets can be compared at the same budget.
 
 Written as RUN/results.parquet and RUN/results.csv, and next to Tune's experiment state when
 --storage is elsewhere (s3://...).
@@ -18,17 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs
 
 from search.config import SearchConfig
-from search.space import METRIC, MODE, head_units_of
+from search.space import EPOCH_METRIC, METRIC, MODE, param_columns
 
-PARAM_ORDER = ("head_units", "dropout", "lr", "augment", "aug_strength", "trainable_blocks", "batch_size",
-               "head_pooling")
+EPOCH_PREFIX = f"{METRIC}_e"  # METRIC of epoch N is the column f"{EPOCH_PREFIX}{N}"
 
 
 def collect_results(cfg: SearchConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """(results table, {trial_id: per-epoch frame}) of the sweep in `cfg.experiment_path`."""
-    from ray.tune import ExperimentAnalysis
+    from ray.tune import ExperimentAnalysis  # Ray: seconds to import; `cxr --help` must not pay it
 
     analysis = ExperimentAnalysis(cfg.experiment_path)
     frames = analysis.trial_dataframes  # {trial_id: all reported rows}
@@ -73,7 +73,7 @@ def trial_row(trial, epochs: pd.DataFrame, cfg: SearchConfig) -> dict[str, Any]:
     row["checkpoint"] = checkpoint_uri(trial.checkpoint)
     row["error"] = _error_line(trial)
     for _, epoch in epochs.iterrows():
-        row[f"val_auc_e{int(epoch['epoch'])}"] = float(epoch.get("epoch_val_auc", math.nan))
+        row[f"{EPOCH_PREFIX}{int(epoch['epoch'])}"] = float(epoch.get(EPOCH_METRIC, math.nan))
     return row
 
 
@@ -84,16 +84,6 @@ def checkpoint_uri(checkpoint) -> str | None:
         return None
     scheme = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://"}.get(checkpoint.filesystem.type_name, "")
     return scheme + checkpoint.path
-
-
-def param_columns(params: dict[str, Any]) -> dict[str, Any]:
-    """The sampled values, in a fixed order, with the head as one readable column."""
-    out = {"head_units": "-".join(str(u) for u in head_units_of(params))}
-    for name in PARAM_ORDER[1:]:
-        out[name] = params.get(name)
-    if out["augment"] is False:
-        out["aug_strength"] = 0.0
-    return out
 
 
 def stopped_by(status: str, last, cfg: SearchConfig) -> str:
@@ -119,13 +109,14 @@ def _error_line(trial) -> str | None:
 
 
 def epoch_columns(table: pd.DataFrame) -> list[str]:
-    cols = [c for c in table.columns if c.startswith("val_auc_e")]
-    return sorted(cols, key=lambda c: int(c.rsplit("e", 1)[1]))
+    cols = [c for c in table.columns if c.startswith(EPOCH_PREFIX) and c[len(EPOCH_PREFIX):].isdigit()]
+    return sorted(cols, key=lambda c: int(c[len(EPOCH_PREFIX):]))
 
 
 def write_results(table: pd.DataFrame, cfg: SearchConfig) -> list[str]:
     """RUN/results.{parquet,csv}; also beside the experiment when storage is remote."""
-    table = table[[c for c in table.columns if not c.startswith("val_auc_e")] + epoch_columns(table)]
+    epochs = epoch_columns(table)
+    table = table[[c for c in table.columns if c not in epochs] + epochs]
     written = []
     for name, data in (("results.parquet", _parquet_bytes(table)), ("results.csv", table.to_csv(index=False).encode())):
         path = cfg.run_dir / name
@@ -143,8 +134,6 @@ def _parquet_bytes(table: pd.DataFrame) -> bytes:
 
 
 def _write_remote(uri: str, data: bytes) -> str:
-    import pyarrow.fs
-
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     fs.create_dir(str(Path(path).parent), recursive=True)
     with fs.open_output_stream(path) as stream:

@@ -4,7 +4,7 @@
     summary = run_search(SearchConfig(prepared="runs/prepared", out="runs/sweep", trials=16))
     summary["best"]["metrics"]["test"]["roc_auc"]
 
-`cxr search` and `cxr demo` call this; the steps live in tuner.py, results.py, best.py, report.py.
+`cxr search` and `cxr demo` call this; the steps live in tuner.py, results.py, best.py, sweep_report.py.
 """
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ import dataclasses
 import time
 from typing import Any, Sequence
 
+from cxr_model import Data
+from search.best import export_best
 from search.config import CONFIG_FILE, SearchConfig
+from search.results import collect_results, write_results
+from search.sweep_report import write_report
+from search.tuner import check_weights, run_sweep, sweep_finished
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -21,12 +26,6 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
     When the sweep was interrupted (Ctrl-C), only the results so far are written and "finished"
     is False: the best trial is not evaluated on test until the sweep is complete.
     """
-    from cxr_model import Data
-    from search.best import export_best
-    from search.report import write_report
-    from search.results import collect_results, write_results
-    from search.tuner import check_weights, run_sweep, sweep_finished
-
     start = time.perf_counter()
     check_weights(cfg.weights)  # before cfg.save(): a failed start must not look like a sweep to resume
     if not resume:

@@ -23,7 +23,7 @@ from search.config import SearchConfig
 from search.space import METRIC, MODE, SpaceSampler
 
 # Fraction of a GPU per trial when the cluster has GPUs and --gpus-per-trial is not given: a
-# frozen-base VGG16 trial uses a fraction of an H100, so four share one (shared/gpu/README.md).
+# frozen-base VGG16 trial uses a fraction of an H100, so four share one.
 DEFAULT_GPU_SHARE = 0.25
 
 
@@ -326,11 +326,11 @@ def build_run_config(cfg: SearchConfig, callbacks: Sequence[Any] = ()):
         storage_path=cfg.storage_path,
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         # One checkpoint per trial: trials only checkpoint when val AUC improved (see
-        # search/reporting.py), so the one kept is the trial's best.
+        # search/trial_reporter.py), so the one kept is the trial's best.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         verbose=cfg.verbose,
-        callbacks=list(callbacks) or None,
+        callbacks=[*callbacks, *mlflow_callbacks(cfg)] or None,
     )
 
 
@@ -365,3 +365,18 @@ def close_orphaned_optuna_trials(cfg: SearchConfig) -> int:
     for trial in orphans:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(orphans)
+
+
+def mlflow_callbacks(cfg: SearchConfig) -> list:
+    """Ray Tune's MLflow logger (one MLflow run per trial: its config as params, every reported
+    value as metrics) when `cfg.mlflow` names a tracking URI; the experiment is the study's name."""
+    if not cfg.mlflow:
+        return []
+    from datasets.errors import CxrError
+
+    try:
+        import mlflow  # noqa: F401  the optional extra: checked here for a clear message
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+    except ImportError:
+        raise CxrError("--mlflow needs MLflow: pip install 'cxr-tune[mlflow]'") from None
+    return [MLflowLoggerCallback(tracking_uri=cfg.mlflow, experiment_name=cfg.study_name, save_artifact=False)]

@@ -32,8 +32,9 @@ def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_smal
         return real_evaluate(model, images, labels, **kwargs)
 
     monkeypatch.setattr(datasets, "load", load_spy)
-    monkeypatch.setattr(evaluate_module, "choose_threshold", choose_spy)
-    monkeypatch.setattr(evaluate_module, "evaluate", evaluate_spy)
+    pipeline_module = importlib.import_module("cxr_model.pipeline")  # what finalize calls
+    monkeypatch.setattr(pipeline_module, "choose_threshold", choose_spy)
+    monkeypatch.setattr(pipeline_module, "evaluate", evaluate_spy)
     cfg = TrainConfig(model=ModelConfig(image_size=32, weights=None, head_units=(8,), aug_strength=0.0))
     result = finalize(build_model(cfg.model, seed=0), cfg, prepared_small, tmp_path / "model", n_boot=200)
 
@@ -75,7 +76,7 @@ def test_cxr_train_then_evaluate_end_to_end(prepared_small, tmp_path, capsys):
     for key in ("auprc", "brier", "roc_auc_delong"):
         m = test[key]
         assert f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" in printed, key
-    assert f"ece (10 bins)" in printed and f"{test['ece']:.3f}" in printed
+    assert "ece (10 bins)" in printed and f"{test['ece']:.3f}" in printed
     for op in card["operating_points"]:
         sens = next(o for o in test["operating_points"] if o["name"] == op["name"])["sensitivity"]
         assert f"{op['name']} (t={op['threshold']:.3f}): sens  " in printed

@@ -3,7 +3,7 @@ import keras
 import numpy as np
 import pytest
 
-from cxr_model import ModelConfig, VGGPreprocess, build_base, build_head, build_model, predict_proba
+from cxr_model import ModelConfig, TrainConfig, VGGPreprocess, build_base, build_head, build_model, predict_proba
 from cxr_model.model import ClassAUC, compile_model
 from datasets import CxrError
 
@@ -84,7 +84,7 @@ def test_build_base_is_the_models_base():
 
 
 def test_save_load_keras_safe_mode_same_outputs(tmp_path):
-    model = compile_model(build_model(_cfg(aug_strength=0.3, hflip=True)), 1e-3)
+    model = compile_model(build_model(_cfg(aug_strength=0.3, hflip=True)), TrainConfig(lr=1e-3))
     model.optimizer.build(model.trainable_variables)  # as after training
     path = tmp_path / "model.keras"
     model.save(path)

@@ -133,3 +133,20 @@ def test_model_trained_on_features_saves_loads_and_splits_for_grad_cam(data, tmp
                                predict_proba(history.model, data.x_val), atol=1e-6)
     base = history.model.get_layer("vgg16")
     assert base._inbound_nodes[0].operation is base  # first call: the full model's own
+
+
+def test_label_smoothing_is_the_loss_that_trains(data):
+    """TrainConfig.label_smoothing reaches the compiled loss of both fit paths: the full model's
+    validation loss equals cross-entropy against (1 - s) * one-hot + s / 2, computed by hand."""
+    for cached in (True, False):
+        cfg = _cfg(epochs=1, label_smoothing=0.2, use_feature_cache=cached)
+        history = fit(cfg, data)
+        model = history.model
+        assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.2)
+        probs = np.clip(np.asarray(model.predict(data.x_val, verbose=0), np.float64), 1e-7, 1 - 1e-7)
+        target = 0.8 * np.eye(2)[data.y_val] + 0.1
+        expected = float(np.mean(-(target * np.log(probs)).sum(axis=1)))
+        logged = model.evaluate(data.x_val, np.eye(2)[data.y_val], verbose=0, return_dict=True)["loss"]
+        assert logged == pytest.approx(expected, rel=1e-4)
+        plain = -np.log(probs[np.arange(len(probs)), data.y_val]).mean()
+        assert abs(expected - plain) > 1e-3  # the smoothing changes the loss: the check can fail

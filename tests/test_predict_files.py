@@ -105,7 +105,7 @@ def test_gradcam_split_reproduces_the_model_and_maps_are_normalised(samples_dir)
     import keras
 
     from cxr_model import ModelConfig, build_model
-    from cxr_model.gradcam import gradcam_heatmaps, split_at_layer, write_overlays
+    from cxr_model.gradcam import gradcam_heatmaps, split_at_layer
     from datasets import preprocess_file
 
     # With augmentation in the model: it must be inactive (identity) when Grad-CAM runs it.

@@ -1,13 +1,21 @@
-"""The search space: defaults, space files (unknown keys are errors), sampling, mapping to TrainConfig."""
+"""The search space: each hyperparameter declared once; defaults, space files (unknown keys are
+errors), validation by building the config, sampling, mapping to TrainConfig, result columns."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import optuna
 import pytest
 
-from search.space import (DEFAULT_SPACE, METRIC, MODE, SpaceError, SpaceSampler, head_units_of, load_space,
-                          to_train_config)
+from cxr_model import ModelConfig, TrainConfig
+from search import space as space_module
+from search.space import (HYPERPARAMETERS, METRIC, MODE, Hyperparameter, SpaceError, SpaceSampler, default_space,
+                          load_space, param_columns, result_params, to_train_config, value_of)
+
+
+def head_units_of(params):
+    return value_of("head_units", params)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -52,7 +60,7 @@ def test_yaml_space_file_overrides_and_fixes_values(tmp_path):
     path.write_text("lr: {low: 1.0e-4, high: 1.0e-3, log: true}\nhead_units: [128, 64]\n"
                     "trainable_blocks: 0\naugment: false\nhead_pooling: {choices: [avg]}\n")
     space = load_space(path)
-    assert space["dropout"] == DEFAULT_SPACE["dropout"]  # untouched entries keep their defaults
+    assert space["dropout"] == default_space()["dropout"]  # untouched entries keep their defaults
     for params in _sample(space, n=10):
         assert 1e-4 <= params["lr"] <= 1e-3
         assert head_units_of(params) == (128, 64)
@@ -74,6 +82,11 @@ def test_json_space_file(tmp_path):
     ("lr: {low: 0.01, high: 0.001}\n", "lr: low must be below high"),
     ("lr: {low: 0, high: 0.01, log: true}\n", "lr: a log range needs low > 0"),
     ("head_pooling: {choices: [max]}\n", "head_pooling: invalid value 'max'"),
+    ("label_smoothing: {low: 0.0, high: 0.6}\n", "label_smoothing: invalid value 0.6"),  # TrainConfig says < 0.5
+    ("trainable_blocks: {low: 0.0, high: 2.0}\n", "trainable_blocks: invalid value"),   # floats for an int field
+    ("augment: 1\n", "augment: invalid value 1"),
+    ("batch_size: {choices: [16, true]}\n", "batch_size: invalid value True"),
+    ("lr: [0.1\n", "not valid YAML"),
     ("head_layers: {low: 1, high: 5}\n", "head_layers"),
     ("dropout: {low: 0.1, high: 0.5, step: 0.1}\n", "dropout: expected"),
     ("trainable_blocks: {choices: []}\n", "choices must be a non-empty list"),
@@ -99,3 +112,68 @@ def test_cli_reports_a_bad_space_file_as_a_user_error(tmp_path, capsys):
     assert code == 2
     assert "cxr: error:" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def _field(cfg: TrainConfig, target: str):
+    for part in target.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_every_hyperparameter_names_a_real_config_field_and_reaches_it():
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for name, hp in HYPERPARAMETERS.items():
+        if hp.target is None:
+            continue
+        section, _, leaf = hp.target.rpartition(".")
+        assert leaf in (model_fields if section == "model" else train_fields), name
+    for params in _sample(load_space(None), n=20, seed=3):
+        cfg = to_train_config(params, image_size=32, weights=None, epochs=1, seed=0, patience=1)
+        for name, hp in HYPERPARAMETERS.items():
+            if hp.target is not None:
+                expected = value_of(name, params)
+                assert _field(cfg, hp.target) == (tuple(expected) if hp.per_layer else expected), name
+
+
+def test_label_smoothing_is_searched_and_reaches_train_config():
+    configs = _sample(load_space(None), n=20, seed=1)
+    values = [p["label_smoothing"] for p in configs]
+    assert all(0.0 <= v <= 0.2 for v in values) and len(set(values)) > 5
+    cfg = to_train_config(configs[0], image_size=32, weights=None, epochs=1, seed=0, patience=1)
+    assert cfg.label_smoothing == values[0]
+    assert param_columns(configs[0])["label_smoothing"] == values[0]
+    assert "label_smoothing" in result_params()
+
+
+def test_a_hyperparameter_declared_once_flows_everywhere(monkeypatch):
+    """One new entry in HYPERPARAMETERS (here: the existing `hflip` field) is in the default space,
+    validated against its config field, sampled, set in the TrainConfig and shown in the results."""
+    monkeypatch.setitem(HYPERPARAMETERS, "hflip", Hyperparameter("model.hflip", {"choices": [False, True]}))
+    assert default_space()["hflip"] == {"choices": [False, True]}
+    with pytest.raises(SpaceError, match="hflip: invalid value 'yes'"):
+        space_module.resolve_space({"hflip": "yes"})  # ModelConfig rejects it, so the space does
+    configs = _sample(load_space(None), n=12, seed=2)
+    assert {p["hflip"] for p in configs} == {False, True}
+    for params in configs:
+        cfg = to_train_config(params, image_size=32, weights=None, epochs=1, seed=0, patience=1)
+        assert cfg.model.hflip is params["hflip"]
+        assert param_columns(params)["hflip"] is params["hflip"]
+
+
+def test_a_trial_from_before_a_hyperparameter_existed_keeps_the_config_default():
+    params = _sample(load_space(None), n=1)[0]
+    del params["label_smoothing"]
+    cfg = to_train_config(params, image_size=32, weights=None, epochs=1, seed=0, patience=1)
+    assert cfg.label_smoothing == TrainConfig().label_smoothing
+    assert param_columns(params)["label_smoothing"] is None
+
+
+def test_demo_space_is_merged_with_the_defaults(tmp_path):
+    from search.demo import DEMO_SPACE, demo_config
+
+    cfg = demo_config(tmp_path)
+    assert set(cfg.space) == set(HYPERPARAMETERS)  # e.g. label_smoothing comes from the defaults
+    assert "label_smoothing" not in DEMO_SPACE
+    for name, spec in DEMO_SPACE.items():
+        assert cfg.space[name] == spec

@@ -3,6 +3,7 @@ the results table, ASHA's early stops, one checkpoint per trial, the Optuna stud
 exported and reloadable, and the report with its plots. And a trial whose worker is killed."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -19,8 +20,10 @@ from search.space import load_space
 TRIALS = 4
 MAX_EPOCHS = 2
 # Small heads keep the CPU trials fast; both the cached-feature path and end-to-end trials occur.
+# Label smoothing is fixed: the seeded trials below are chosen so that ASHA stops one of them.
 TEST_SPACE = "head_layers: 1\nhead_units: {low: 8, high: 64, log: true}\nbatch_size: 32\n" \
-             "trainable_blocks: {choices: [0, 1]}\nlr: {low: 1.0e-3, high: 1.0e-2, log: true}\n"
+             "trainable_blocks: {choices: [0, 1]}\nlr: {low: 1.0e-3, high: 1.0e-2, log: true}\n" \
+             "label_smoothing: 0.0\n"
 
 
 def small_config(prepared, out, tmp_path, space_overrides: str = "", **overrides) -> SearchConfig:
@@ -39,7 +42,9 @@ def sweep(ray_session, prepared_small, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sweep")
     # concurrency 1: trials reach ASHA's rung one after another, so the early stops do not depend on timing
-    cfg = small_config(prepared_small, tmp / "run", tmp)
+    # MLflow (the optional extra `make test` installs) logs to a local SQLite file when present.
+    mlflow = f"sqlite:///{tmp / 'mlflow.db'}" if importlib.util.find_spec("mlflow") else None
+    cfg = small_config(prepared_small, tmp / "run", tmp, mlflow=mlflow)
     summary = run_search(cfg)
     return cfg, summary
 
@@ -52,7 +57,7 @@ def test_results_table_has_every_trial_with_params_metrics_and_status(sweep):
     assert pd.read_csv(cfg.run_dir / "results.csv")["trial_id"].tolist() == table["trial_id"].tolist()
     assert (table["status"] == "TERMINATED").all()
     for col in ("head_units", "dropout", "lr", "augment", "aug_strength", "trainable_blocks", "batch_size",
-                "head_pooling", "val_auc", "best_epoch", "epochs_run", "stopped_by", "stopped_early",
+                "head_pooling", "label_smoothing", "val_auc", "best_epoch", "epochs_run", "stopped_by", "stopped_early",
                 "duration_s", "node_id", "attempts", "checkpoint", "val_auc_e1", "val_auc_e2"):
         assert col in table, col
     assert table["lr"].between(1e-3, 1e-2).all() and table["trainable_blocks"].isin([0, 1]).all()
@@ -188,3 +193,31 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, prepare
     assert resumed["resumed_from_epoch"].iloc[0] in (1, 2)
     assert epochs["epoch"].tolist() == [1, 2, 3]
     assert row["val_auc"] == pytest.approx(max(row[f"val_auc_e{e}"] for e in (1, 2, 3)))
+
+
+def test_tune_writes_tensorboard_logs_for_every_trial(sweep):
+    """README, "Experiment tracking": `tensorboard --logdir RUN/tune` shows every trial's curves."""
+    from search.space import METRIC
+
+    cfg, summary = sweep
+    files = sorted(Path(cfg.experiment_path).glob("trial_*/events.out.tfevents.*"))
+    assert len(files) == TRIALS
+    for path in files:
+        assert f"ray/tune/{METRIC}".encode() in path.read_bytes(), path
+
+
+def test_mlflow_gets_one_run_per_trial_with_params_and_metrics(sweep):
+    """--mlflow URI: Ray Tune's MLflow logger, here against a local SQLite tracking file."""
+    mlflow = pytest.importorskip("mlflow", reason="the optional extra cxr-tune[mlflow] is not installed")
+    from search.space import METRIC
+
+    cfg, summary = sweep
+    client = mlflow.tracking.MlflowClient(tracking_uri=cfg.mlflow)
+    experiment = client.get_experiment_by_name(cfg.study_name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == TRIALS
+    table = summary["table"].set_index("trial_id")
+    for run in runs:
+        trial_id = run.data.tags["trial_name"].rsplit("_", 1)[-1]
+        assert run.data.metrics[METRIC] == pytest.approx(table.loc[trial_id, METRIC])
+        assert float(run.data.params["lr"]) == pytest.approx(table.loc[trial_id, "lr"])

@@ -8,6 +8,7 @@ pyplot (no global state, no display).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from cxr_model.config import METRIC_LABEL
 from cxr_model.evaluate import DISPLAY_ORDER
 from search.config import SearchConfig
-from search.results import PARAM_ORDER, epoch_columns
-from search.space import DEFAULT_SPACE, METRIC, describe
+from search.results import epoch_columns
+from search.space import HYPERPARAMETERS, METRIC, describe, result_params
 
 TOP_CURVES = 6      # learning curves drawn (more is unreadable)
 TOP_TABLE = 20      # trials listed in the report's table
@@ -62,7 +65,7 @@ def write_report(cfg: SearchConfig, table: pd.DataFrame, best: dict[str, Any], *
         "## Search space",
         "",
         "```",
-        describe({k: cfg.space[k] for k in DEFAULT_SPACE if k in cfg.space}),
+        describe({k: cfg.space[k] for k in HYPERPARAMETERS if k in cfg.space}),
         "```",
         "",
         f"Search settings: `{cfg.run_dir / 'search_config.json'}`. All trials: `results.csv`, "
@@ -90,7 +93,7 @@ def _summary(cfg: SearchConfig, table: pd.DataFrame, wall_time_s: float | None) 
 
 def _best_section(best: dict[str, Any]) -> str:
     params = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in best["params"].items())
-    return (f"Trial `{best['trial_id']}`: validation AUC {best['val_auc']:.4f} at epoch {best['best_epoch']}; "
+    return (f"Trial `{best['trial_id']}`: {METRIC_LABEL} {best[METRIC]:.4f} at epoch {best['best_epoch']}; "
             f"decision threshold {best['threshold']:.4f} ({best['threshold_method']}, on validation). "
             f"Exported to `{best['model_dir']}`.\n\n| parameter | value |\n|---|---|\n{params}\n")
 
@@ -135,7 +138,7 @@ def _ci(m: dict[str, Any]) -> str:
 
 
 def _trials_table(table: pd.DataFrame) -> str:
-    cols = ["trial_id", METRIC, "best_epoch", "epochs_run", "stopped_by", *PARAM_ORDER, "duration_s"]
+    cols = ["trial_id", METRIC, "best_epoch", "epochs_run", "stopped_by", *result_params(), "duration_s"]
     shown = table[[c for c in cols if c in table]].head(TOP_TABLE)
     lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     for _, row in shown.iterrows():
@@ -167,7 +170,8 @@ def write_plots(cfg: SearchConfig, table: pd.DataFrame) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plots = {
         "learning curves of the top trials": plot_learning_curves(table, folder / "learning_curves.png"),
-        "each hyperparameter against validation AUC": plot_params_vs_metric(table, folder / "params_vs_val_auc.png"),
+        f"each hyperparameter against {METRIC_LABEL}": plot_params_vs_metric(
+            table, cfg.space, folder / f"params_vs_{METRIC}.png"),
     }
     importance = plot_param_importances(cfg, folder / "param_importances.png")
     if importance is not None:
@@ -176,7 +180,7 @@ def write_plots(cfg: SearchConfig, table: pd.DataFrame) -> dict[str, Path]:
 
 
 def plot_learning_curves(table: pd.DataFrame, path: Path) -> Path:
-    """Validation AUC per epoch of the best trials; ASHA-stopped trials end early, marked x."""
+    """METRIC per epoch of the best trials; ASHA-stopped trials end early, marked x."""
     fig = Figure(figsize=(7, 4.2), dpi=DPI)
     ax = fig.subplots()
     cols = epoch_columns(table)
@@ -189,45 +193,51 @@ def plot_learning_curves(table: pd.DataFrame, path: Path) -> Path:
                         label=f"{row['trial_id']} ({row[METRIC]:.3f}, {row['head_units']})")
         if row["stopped_early"]:
             ax.plot(epochs[keep][-1], values[keep][-1], "x", color=line.get_color(), markersize=9)
-    ax.set(title=f"Validation AUC per epoch, top {len(finished)} trials (x: stopped early)",
-           xlabel="epoch", ylabel="validation AUC")
+    ax.set(title=f"{METRIC_LABEL.capitalize()} per epoch, top {len(finished)} trials (x: stopped early)",
+           xlabel="epoch", ylabel=METRIC_LABEL)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 
-def plot_params_vs_metric(table: pd.DataFrame, path: Path) -> Path:
-    """One panel per searched hyperparameter: each finished trial's best validation AUC against it.
+def plot_params_vs_metric(table: pd.DataFrame, space: dict[str, Any], path: Path) -> Path:
+    """One panel per searched hyperparameter: each finished trial's best METRIC against it.
 
-    The head is shown as two panels, its number of layers and its first layer's width; values
-    that were fixed in the space (one value across the sweep) get no panel.
+    A per-layer hyperparameter (the head's widths) is shown as two panels, its number of layers
+    and its first layer's value; values that were fixed in the space (one value across the sweep)
+    get no panel. Ranges are drawn on their own scale (log where the space samples on a log scale),
+    choices as evenly spaced levels.
     """
     done = table[table[METRIC].notna()].copy()
-    widths = done["head_units"].astype(str).str.split("-")
-    done["head_layers"] = widths.str.len()
-    done["first_layer_units"] = widths.str[0].astype(int)
-    names = ["head_layers", "first_layer_units", *PARAM_ORDER[1:]]
-    params = [p for p in names if p in done and done[p].astype(str).nunique() > 1]
+    scales: dict[str, str | None] = {}
+    for name in result_params():
+        hp, spec = HYPERPARAMETERS[name], space.get(name)
+        scale = ("log" if spec.get("log") else "linear") if isinstance(spec, dict) and "low" in spec else None
+        if hp.per_layer:  # "512-128" -> layers 2, first 512
+            values = done[name].astype(str).str.split("-")
+            done[hp.per_layer] = values.str.len()
+            done[f"{name}_1"] = values.str[0].astype(int)
+            scales[hp.per_layer], scales[f"{name}_1"] = None, scale
+        else:
+            scales[name] = scale
+    params = [p for p in scales if p in done and done[p].astype(str).nunique() > 1]
     ncols = 4
     nrows = max(1, math.ceil(len(params) / ncols))
     fig = Figure(figsize=(3.3 * ncols, 2.8 * nrows), dpi=DPI)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, name in zip(axes, params):
-        _param_panel(ax, done, name)
+        _param_panel(ax, done, name, scales[name])
     for ax in axes[len(params):]:
         ax.set_visible(False)
-    fig.suptitle("Best validation AUC of each trial against each searched hyperparameter "
+    fig.suptitle(f"Best {METRIC_LABEL} of each trial against each searched hyperparameter "
                  "(o: ran to the end, x: stopped early)", fontsize=9)
     return _save(fig, path)
 
 
-_NUMERIC = {"dropout": "linear", "lr": "log", "aug_strength": "linear", "first_layer_units": "log"}
-
-
-def _param_panel(ax, done: pd.DataFrame, name: str) -> None:
+def _param_panel(ax, done: pd.DataFrame, name: str, scale: str | None) -> None:
     values = done[name]
-    if name in _NUMERIC:
+    if scale is not None:
         x = values.astype(float).to_numpy()
     else:  # categorical: evenly spaced levels, jittered a little so equal points stay visible
         levels = sorted(values.dropna().astype(str).unique(), key=_natural)
@@ -238,9 +248,7 @@ def _param_panel(ax, done: pd.DataFrame, name: str) -> None:
     for early, marker in ((False, "o"), (True, "x")):
         pick = (done["stopped_early"] == early).to_numpy()
         ax.scatter(x[pick], done[METRIC].to_numpy()[pick], marker=marker, s=22, alpha=0.8)
-    if _NUMERIC.get(name) == "log":
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
+    if scale == "log":
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))  # 1e-4, 3e-4, 1e-3 ... / 100, 300
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -259,9 +267,7 @@ def _natural(text: str):
 def plot_param_importances(cfg: SearchConfig, path: Path) -> Path | None:
     """Optuna's parameter importances (its default evaluator) from the study; None when too few
     trials finished to estimate them."""
-    import warnings
-
-    import optuna
+    import optuna  # with SQLAlchemy: ~1 s to import, and `cxr --help` imports this module
 
     study = optuna.load_study(study_name=cfg.study_name, storage=cfg.optuna_url)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -279,7 +285,7 @@ def plot_param_importances(cfg: SearchConfig, path: Path) -> Path | None:
     fig = Figure(figsize=(6, 0.45 * len(names) + 1.4), dpi=DPI)
     ax = fig.subplots()
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    ax.set(title=f"Optuna parameter importance for validation AUC ({len(complete)} trials)",
+    ax.set(title=f"Optuna parameter importance for {METRIC_LABEL} ({len(complete)} trials)",
            xlabel="importance (normalised to sum to 1)")
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, path)

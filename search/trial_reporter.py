@@ -10,55 +10,18 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
+import ray
+from ray import tune
 
-from search.space import METRIC
+from cxr_model.config import improves
+from search.checkpoint import OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, ResumeState, load_weights, save_weights
+from search.space import EPOCH_METRIC, METRIC
 
-# Weights as a plain .npz of model.get_weights(): no h5py needed (the JAX GPU machines lack it),
-# and the same architecture lists its weights in the same order in any process and backend.
-WEIGHTS_FILE = "weights.npz"
-OPTIMIZER_FILE = "optimizer.npz"  # the optimizer's variables: step count, Adam's moments
-STATE_FILE = "state.json"
-
-
-@dataclass
-class ResumeState:
-    """What a retried trial carries over from its last checkpoint (nothing for a fresh trial)."""
-
-    epochs_done: int = 0
-    best_value: float = float("-inf")
-    best_epoch: int = 0
-    history: dict[str, list] = field(default_factory=dict)  # per-epoch logs of earlier attempts
-    weights_path: str | None = None
-    optimizer_path: str | None = None
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint) -> "ResumeState":
-        if checkpoint is None:
-            return cls()
-        folder = Path(checkpoint.to_directory())  # a local copy, also when storage is s3://
-        state = json.loads((folder / STATE_FILE).read_text())
-        optimizer = folder / OPTIMIZER_FILE
-        return cls(epochs_done=state["epoch"], best_value=state["best_value"], best_epoch=state["best_epoch"],
-                   history=state["history"], weights_path=str(folder / WEIGHTS_FILE),
-                   optimizer_path=str(optimizer) if optimizer.is_file() else None)
-
-
-def save_weights(model, path: Path) -> None:
-    import numpy as np
-
-    np.savez(path, *model.get_weights())
-
-
-def load_weights(model, path: Path | str) -> None:
-    import numpy as np
-
-    with np.load(path) as stored:
-        model.set_weights([stored[f"arr_{i}"] for i in range(len(stored.files))])
+__all__ = ["ReportCallback", "ResumeState"]  # ResumeState: where trainable.py has always found it
 
 
 def save_optimizer(optimizer, path: Path) -> None:
@@ -86,12 +49,12 @@ def load_optimizer(optimizer, variables, path: Path | str) -> None:
 class ReportCallback(keras.callbacks.Callback):
     """After every epoch: `tune.report` the metrics; when validation AUC improved, with a checkpoint.
 
-    The optimised value (`val_auc`) is the BEST validation AUC so far in the trial, not the last
+    The optimised value (METRIC, `val_auc`) is the BEST validation AUC so far in the trial, not the last
     epoch's. ASHA stops trials at different budgets, and Ray's OptunaSearch tells Optuna the last
     reported value of a stopped trial as a COMPLETE result, so TPE compares a trial stopped after 2
     epochs with one that ran 20. Best-so-far is what the trial would deliver if we kept its best
     epoch (we do: its checkpoint), it never falls when a trial overfits, and at any fixed budget
-    ASHA's rung comparisons rank trials the same way. The raw value is reported as `epoch_val_auc`.
+    ASHA's rung comparisons rank trials the same way. The raw value is reported as EPOCH_METRIC.
 
     Only improving epochs are checkpointed, so with `num_to_keep=1` Tune holds exactly one
     checkpoint per trial: its best one, which is both what a retried trial resumes from and what
@@ -129,12 +92,10 @@ class ReportCallback(keras.callbacks.Callback):
         self._epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        from ray import tune
-
         logs = {k: float(v) for k, v in (logs or {}).items()}
         epoch_number = self.resume.epochs_done + epoch + 1  # 1-based, counting earlier attempts
         value = logs.get(METRIC, float("nan"))
-        improved = value > self.best_value  # NaN never improves
+        improved = improves(value, self.best_value)  # NaN never improves
         if improved:
             self.best_value, self.best_epoch = value, epoch_number
         for key, v in logs.items():
@@ -148,12 +109,10 @@ class ReportCallback(keras.callbacks.Callback):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     def _metrics(self, logs: dict[str, float], epoch_number: int) -> dict[str, Any]:
-        import ray
-
         # The first four keys are the columns of Tune's live status table.
         metrics = {
             METRIC: self.best_value if self.best_epoch else float("nan"),
-            "epoch_val_auc": logs.get(METRIC, float("nan")),
+            EPOCH_METRIC: logs.get(METRIC, float("nan")),
             "epoch": epoch_number,
             "val_loss": logs.get("val_loss", float("nan")),
         }

@@ -1,0 +1,132 @@
+"""The architecture as the imports show it, checked by parsing them (ast), not by importing:
+
+- the direction search -> cxr_model -> datasets: no arrow against it, module-level or inside a function
+- only search/ imports ray.tune
+- no import cycle between the project's modules (e.g. commands.py <-> demo.py)
+- `cxr --help` loads none of keras, tensorflow, jax, ray, optuna (they are imported lazily)
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("datasets", "cxr_model", "search")  # each may import only those before it
+HEAVY = ("keras", "tensorflow", "jax", "ray", "optuna")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package in LAYERS:
+        for path in sorted((ROOT / package).glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _package_names(package: str) -> dict[str, str]:
+    """name -> defining submodule, for names a package's __init__ re-exports (eagerly or via _EXPORTS)."""
+    tree = ast.parse(MODULES[package].read_text())
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{package}.{node.module}"
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_EXPORTS" for t in node.targets):
+            for key, value in zip(node.value.keys, node.value.values):
+                names[key.value] = f"{package}.{value.value}"
+    return names
+
+
+def _imports(module: str) -> list[tuple[int, str]]:
+    """(line, imported module) for every import in `module`, relative ones resolved; a name taken
+    from a project package counts as an import of the submodule that defines it."""
+    path = MODULES[module]
+    package = module if path.stem == "__init__" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([package] + ([base] if base else []))
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                if full in MODULES:
+                    found.append((node.lineno, full))  # `from search import commands`
+                elif base in LAYERS and alias.name in _package_names(base):
+                    found.append((node.lineno, _package_names(base)[alias.name]))
+                else:
+                    found.append((node.lineno, base))
+    return found
+
+
+def _layer(module: str) -> int | None:
+    top = module.split(".")[0]
+    return LAYERS.index(top) if top in LAYERS else None
+
+
+def test_the_parser_sees_the_imports_it_checks():
+    assert any(m == "datasets.errors" for _, m in _imports("cxr_model.config"))
+    assert any(m == "cxr_model.data" for _, m in _imports("search.run"))  # `from cxr_model import Data`
+    assert any(m == "cxr_model.train" for _, m in _imports("cxr_model.pipeline"))  # a lazy one
+    assert any(m == "search.demo" for _, m in _imports("search.commands"))
+
+
+def test_no_import_against_search_cxr_model_datasets():
+    wrong = []
+    for module in MODULES:
+        for line, target in _imports(module):
+            if _layer(target) is not None and _layer(target) > _layer(module):
+                wrong.append(f"{MODULES[module].relative_to(ROOT)}:{line} imports {target}")
+    assert not wrong, "imports against search -> cxr_model -> datasets:\n" + "\n".join(wrong)
+
+
+def test_only_search_imports_ray_tune():
+    wrong = [f"{MODULES[m].relative_to(ROOT)}:{line}" for m in MODULES if not m.startswith("search")
+             for line, target in _imports(m) if target == "ray.tune" or target.startswith("ray.tune.")]
+    assert not wrong, wrong
+
+
+def test_no_import_cycles_between_project_modules():
+    graph = {m: {t for _, t in _imports(m) if t in MODULES and t != m} for m in MODULES}
+    # a package's __init__ imports its submodules, which may take names from the package: not a cycle
+    for module, targets in graph.items():
+        graph[module] = {t for t in targets if t not in LAYERS}
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_a_cycle_would_be_found(monkeypatch):
+    real = _imports
+    monkeypatch.setitem(globals(), "_imports",
+                        lambda m: real(m) + ([(1, "search.commands")] if m == "search.demo" else []))
+    with pytest.raises(AssertionError, match="search.commands -> search.demo -> search.commands"):
+        test_no_import_cycles_between_project_modules()
+
+
+def test_cxr_help_loads_no_heavy_framework():
+    code = ("import sys; from search.cli import build_parser; build_parser().format_help();"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
