@@ -131,6 +131,10 @@ class SearchConfig:
         return path
 
     @classmethod
+    def load(cls, run_dir: str | Path) -> "SearchConfig":
+        return cls.from_dict(json.loads((Path(run_dir) / CONFIG_FILE).read_text()))
+
+    @classmethod
     def load_from_storage(cls, storage: str) -> "SearchConfig | None":
         """The config a sweep saved in `storage` (a folder or URI), or None when there is none."""
         data = read_from_storage(f"{_storage_path(storage)}/{CONFIG_FILE}")
@@ -160,10 +164,6 @@ def read_from_storage(uri: str) -> bytes | None:
         return None
     with fs.open_input_stream(path) as stream:
         return stream.read()
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> "SearchConfig":
-        return cls.from_dict(json.loads((Path(run_dir) / CONFIG_FILE).read_text()))
 
 
 def _at_least(cfg: SearchConfig, name: str, low: int) -> None:
