@@ -33,7 +33,8 @@ def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_smal
 
     monkeypatch.setattr(datasets, "load", load_spy)
     pipeline_module = importlib.import_module("cxr_model.pipeline")  # what finalize calls
-    monkeypatch.setattr(pipeline_module, "choose_threshold", choose_spy)
+    monkeypatch.setattr(pipeline_module, "choose_threshold", choose_spy)  # the decision threshold
+    monkeypatch.setattr(evaluate_module, "choose_threshold", choose_spy)  # each operating point's
     monkeypatch.setattr(pipeline_module, "evaluate", evaluate_spy)
     cfg = TrainConfig(model=ModelConfig(image_size=32, weights=None, head_units=(8,), aug_strength=0.0))
     result = finalize(build_model(cfg.model, seed=0), cfg, prepared_small, tmp_path / "model", n_boot=200)
