@@ -9,7 +9,7 @@ from pathlib import Path
 def synthetic_source(folder: Path, n: int, seed: int = 0, config=None) -> Path:
     """A Kaggle-layout folder of `n` synthetic images, generated on first use only. A marker file
     written last makes an interrupted generation start again instead of being reused half-done."""
-    from datasets.synth import synth
+    from cxr_datasets.synth import synth
 
     done = folder / ".complete"
     if not done.exists():
@@ -22,8 +22,8 @@ def synthetic_source(folder: Path, n: int, seed: int = 0, config=None) -> Path:
 
 def timed_run_sweep(cfg, data):
     """(ResultGrid, wall seconds of `run_sweep`, results table, per-trial histories) of `cfg`."""
-    from search.results import collect_results
-    from search.tuner import run_sweep
+    from cxr_search.results import collect_results
+    from cxr_search.tuner import run_sweep
 
     shutil.rmtree(cfg.out, ignore_errors=True)
     Path(cfg.out).mkdir(parents=True)

@@ -3,7 +3,7 @@
     KERAS_BACKEND=jax python bench/gpu_sweep.py --out $OUT/gpu_sweep   # on the GPU machine (~6 min)
     python bench/gpu_sweep.py --cpu                                     # tiny self-check on a CPU box
 
-Runs the real sweep code (search.tuner.run_sweep: Tune, the trainable, reuse_actors) on random
+Runs the real sweep code (cxr_search.tuner.run_sweep: Tune, the trainable, reuse_actors) on random
 uint8 images (throughput does not depend on content) with every hyperparameter fixed, for two
 workloads:
   finetune  the top 2 VGG16 blocks + head trained end to end on raw images (GPU-bound)
@@ -68,8 +68,8 @@ def random_data(n: int, size: int):
 
 
 def layout_config(args, out: Path, workload: str, *, trials: int, concurrency: int, gpus: float):
-    from search.config import SearchConfig
-    from search.space import load_space
+    from cxr_search.config import SearchConfig
+    from cxr_search.space import load_space
 
     space = {**load_space(None), **FIXED, **WORKLOADS[workload]}
     return SearchConfig(

@@ -93,7 +93,7 @@ def parse_args(argv):
 
 def cached_images(n: int, seed: int) -> Path:
     """Synthetic chest X-rays of 1-3 MP in the Kaggle layout, generated on first use only."""
-    from datasets.synth import SynthConfig
+    from cxr_datasets.synth import SynthConfig
 
     big = SynthConfig(normal_height=(950, 1450), pneumonia_height=(950, 1400),
                       aspect=(1.1, 1.45), max_side=2100)  # ~1-3 MP, like the real set
@@ -146,7 +146,7 @@ def time_prepare(source: Path, out: Path, image_size: int, cpus: int,
                  address: str | None = None) -> tuple[float, dict]:
     """`cxr prepare` as a user runs it: a new process, its imports included. With `address`, it
     joins that Ray instance (RAY_ADDRESS, as under `ray job submit`) instead of starting one."""
-    command = [sys.executable, "-m", "search.cli", "prepare", str(source), str(out), "--overwrite",
+    command = [sys.executable, "-m", "cxr_search.cli", "prepare", str(source), str(out), "--overwrite",
                "--quiet", "--image-size", str(image_size), "--num-cpus", str(cpus)]
     env = dict(os.environ, RAY_ADDRESS=address) if address else \
         {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

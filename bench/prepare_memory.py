@@ -3,7 +3,7 @@
     .venv/bin/python bench/prepare_memory.py                 # 2,000 vs 8,000 synthetic images
     .venv/bin/python bench/prepare_memory.py --small 200 --large 800   # a quick check
 
-Each size runs `datasets.prepare` (224 px, the default) in a fresh process on a local Ray instance
+Each size runs `cxr_datasets.prepare` (224 px, the default) in a fresh process on a local Ray instance
 and reads that process's own peak resident memory (`ru_maxrss`; Ray's workers and object store are
 other processes, and hold the pixels). The synthetic images (the small default `cxr synth` kind:
 the decode cost is not what this measures) are generated once under bench/out/. Goal: the large
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, resource, sys
-import datasets
-manifest = datasets.prepare(sys.argv[1], sys.argv[2], overwrite=True, verbose=False,
+import cxr_datasets
+manifest = cxr_datasets.prepare(sys.argv[1], sys.argv[2], overwrite=True, verbose=False,
                             num_cpus=int(sys.argv[3]))
 accepted = sum(sum(c.values()) for c in manifest["counts"].values())
 print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -71,7 +71,7 @@ def burst(model_dir: Path, payloads: list[bytes], args) -> dict:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", "serve",
+    cmd = [sys.executable, "-c", "import sys; from cxr_search.cli import main; sys.exit(main())", "serve",
            str(model_dir), "--port", str(port), "--max-batch-size", str(args.max_batch_size)]
     log = open(model_dir.parent / f"serve-{port}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

@@ -47,18 +47,18 @@ def parse_args(argv=None):
 
 def prepared_data(out: Path, n: int, image_size: int) -> Path:
     """Synthetic data prepared once and reused across runs of the benchmark."""
-    import datasets
+    import cxr_datasets
 
     prepared = out / f"prepared_{n}_{image_size}"
     if not (prepared / "manifest.json").is_file():
         source = synthetic_source(out / f"synth_{n}", n)
-        datasets.prepare(source, prepared, image_size=image_size, seed=0, overwrite=True)
+        cxr_datasets.prepare(source, prepared, image_size=image_size, seed=0, overwrite=True)
     return prepared
 
 
 def sweep_config(args, prepared: Path, run: Path, *, naive: bool):
-    from search.config import SearchConfig
-    from search.space import load_space
+    from cxr_search.config import SearchConfig
+    from cxr_search.space import load_space
 
     space = {**load_space(None), **BENCH_SPACE_OVERRIDES}
     weights = None if args.weights.lower() == "none" else args.weights

@@ -18,9 +18,9 @@ from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, Eva
 from cxr_model.evaluate import format_metrics
 from cxr_model.pipeline import evaluate_export, train_and_export
 from cxr_model.predict import predict_paths
-from datasets import read_manifest
-from datasets.cli import given, with_default
-from datasets.errors import CxrError
+from cxr_datasets import read_manifest
+from cxr_datasets.cli import given, with_default
+from cxr_datasets.errors import CxrError
 
 TRAIN_EPILOG = """example:
   cxr train runs/prepared --out runs/model --head-units 512,128 --dropout 0.3 --epochs 10

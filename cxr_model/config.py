@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from datasets.errors import ConfigError
+from cxr_datasets.errors import ConfigError
 
 HEAD_POOLINGS = ("flatten", "avg")
 VGG16_BLOCKS = 5

@@ -70,12 +70,12 @@ class Data:
         stream_tfrecords: train from the split's TFRecord shards with tf.data (TensorFlow
         backend; the shards must exist) rather than from the in-memory array.
         """
-        import datasets
+        import cxr_datasets
 
         prepared_dir = Path(prepared_dir)
-        x_train, y_train, _ = datasets.load(prepared_dir, "train", verify=verify)
-        x_val, y_val, _ = datasets.load(prepared_dir, "val", verify=verify)
-        weights = datasets.read_manifest(prepared_dir).get("class_weights")
+        x_train, y_train, _ = cxr_datasets.load(prepared_dir, "train", verify=verify)
+        x_val, y_val, _ = cxr_datasets.load(prepared_dir, "val", verify=verify)
+        weights = cxr_datasets.read_manifest(prepared_dir).get("class_weights")
         shards = tuple(tfrecord_files(prepared_dir, "train")) if stream_tfrecords else None
         return cls(x_train, y_train, x_val, y_val, class_weight=weights, source=prepared_dir,
                    train_tfrecords=shards)
@@ -189,7 +189,7 @@ def tfrecord_files(prepared_dir: str | Path, split: str) -> list[str]:
     """The TFRecord shards `cxr prepare --format tfrecord|both` wrote for one split."""
     files = sorted(str(p) for p in (Path(prepared_dir) / split).glob("part-*.tfrecord"))
     if not files:
-        from datasets.errors import CxrError
+        from cxr_datasets.errors import CxrError
 
         raise CxrError(f"no TFRecord shards in {Path(prepared_dir) / split} "
                        "(prepare with --format tfrecord or both)")
@@ -209,7 +209,7 @@ def tfrecord_dataset(files: list[str], image_size: int, batch_size: int, *, seed
 
     weights = class_weight or {c: 1.0 for c in range(NUM_CLASSES)}
     weight_of = tf.constant([weights[c] for c in range(NUM_CLASSES)], tf.float32)
-    from datasets.shards import tfrecord_feature_spec
+    from cxr_datasets.shards import tfrecord_feature_spec
 
     # Only the two features training needs, as datasets' writer declares them.
     spec = {k: v for k, v in tfrecord_feature_spec().items() if k in ("image", "label")}

@@ -212,7 +212,7 @@ def choose_threshold(labels, probs, method: str = "youden", target: float = 0.95
     score, so the validation predictions are exactly those of the chosen ROC point while new cases
     near the boundary are not decided by an exact float tie.
     """
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     labels, probs = _check_inputs(labels, probs)
     if labels.min() == labels.max():

@@ -1,7 +1,7 @@
 """Export a trained model with everything needed to use and audit it, and load it back.
 
     run_dir = export(model, "runs/model", train_cfg=cfg, threshold=t, metrics={"val": m_val, "test": m_test},
-                     manifest_hash=datasets.manifest_hash(prepared), history=history)
+                     manifest_hash=cxr_datasets.manifest_hash(prepared), history=history)
     model, card = load_model("runs/model")      # keras.saving.load_model(..., safe_mode=True)
 
 An export folder holds:
@@ -32,7 +32,7 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
-from datasets.config import CLASS_NAMES  # label 0, 1
+from cxr_datasets.config import CLASS_NAMES  # label 0, 1
 
 CARD_FILE = "model_card.json"
 MODEL_FILE = "model.keras"
@@ -80,7 +80,7 @@ def load_model(run_dir):
     import keras
 
     import cxr_model.model  # noqa: F401  registers the custom layers that safe-mode loading needs
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     run_dir = Path(run_dir)
     for name in (CARD_FILE, MODEL_FILE):
@@ -95,7 +95,7 @@ def load_model(run_dir):
 
 def read_card(run_dir) -> dict:
     """The model card of an export folder, without loading the model."""
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     path = Path(run_dir) / CARD_FILE
     try:
@@ -108,7 +108,7 @@ def read_card(run_dir) -> dict:
 
 def check_export_target(run_dir, overwrite: bool = False) -> None:
     """CxrError unless `run_dir` is absent, an empty folder, or may be overwritten."""
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -182,7 +182,7 @@ def _export_formats_on_tensorflow(folder: Path) -> None:
     import subprocess
     import sys
 
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run([sys.executable, "-I", "-c", _TF_EXPORT_SCRIPT, str(folder)], env=env,
@@ -240,7 +240,7 @@ def _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, thre
         "class_names": list(CLASS_NAMES),
         "positive_class": CLASS_NAMES[1],
         "input": {"shape": shape, "dtype": "uint8", "image_size": shape[0], "resize": resize,
-                  "grayscale": True, "preprocess": "datasets.preprocess_file"},
+                  "grayscale": True, "preprocess": "cxr_datasets.preprocess_file"},
         "input_spec": {"name": INPUT_NAME, "shape": [None, *shape], "dtype": "uint8", "layout": "NHWC",
                        "values": "gray levels 0-255 as `cxr prepare` writes them (no scaling)"},
         "output": "softmax [P(NORMAL), P(PNEUMONIA)], float32",

@@ -48,7 +48,7 @@ VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 VGG16_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
 # VGG16 was trained on BGR images with these per-channel means subtracted (caffe style).
 VGG16_BGR_MEAN = (103.939, 116.779, 123.68)
-PNEUMONIA = 1  # column of P(PNEUMONIA) in the output; datasets.CLASS_NAMES order
+PNEUMONIA = 1  # column of P(PNEUMONIA) in the output; cxr_datasets.CLASS_NAMES order
 
 
 @keras.saving.register_keras_serializable(package="cxr_model")
@@ -237,7 +237,7 @@ def resolve_weights(weights: str) -> Path:
         return imagenet_weights_path()
     path = Path(weights).expanduser()
     if not path.is_file():
-        from datasets.errors import CxrError
+        from cxr_datasets.errors import CxrError
 
         raise CxrError(f"VGG16 weights file not found: {path} (use --weights imagenet, none or PATH)")
     return path
@@ -265,7 +265,7 @@ def _imagenet_weights_in(models_dir: Path) -> Path:
                                         cache_dir=str(models_dir.parent), cache_subdir="models",
                                         file_hash=VGG16_NOTOP_MD5)
         except Exception as exc:  # urllib, SSL, hash mismatch: all mean "no usable weights"
-            from datasets.errors import CxrError, first_line
+            from cxr_datasets.errors import CxrError, first_line
 
             raise CxrError(
                 f"cannot download the ImageNet VGG16 weights ({first_line(exc, limit=160)}); run offline with "
@@ -288,6 +288,6 @@ def _load_base_weights(base: keras.Model, path: Path) -> None:
     try:
         base.load_weights(str(path))
     except Exception as exc:  # wrong file, wrong architecture, truncated HDF5
-        from datasets.errors import CxrError, first_line
+        from cxr_datasets.errors import CxrError, first_line
 
         raise CxrError(f"cannot load VGG16 (no top) weights from {path}: {first_line(exc, limit=160)}") from exc

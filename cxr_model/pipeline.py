@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
-from datasets import manifest_hash, read_manifest
-from datasets.errors import CxrError
+import cxr_datasets
+from cxr_datasets import manifest_hash, read_manifest
+from cxr_datasets.errors import CxrError
 
 from .config import THRESHOLD_METHODS, EvalConfig  # noqa: F401  (THRESHOLD_METHODS: re-exported)
 from .data import Data
@@ -101,7 +101,7 @@ def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = 
 
 def load_split(prepared_dir, split: str):
     """(images uint8 [N, S, S, 1], labels int [N]) of one prepared split; CxrError if it is empty."""
-    images, labels, _meta = datasets.load(prepared_dir, split)
+    images, labels, _meta = cxr_datasets.load(prepared_dir, split)
     if len(labels) == 0:
         raise CxrError(f"the {split} split of {prepared_dir} is empty")
     return images, labels

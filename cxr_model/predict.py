@@ -3,7 +3,7 @@
     df = predict_paths("runs/model", ["scan.jpeg", "folder_of_scans/"], gradcam_dir="heatmaps")
     cxr predict runs/model scans/ --out preds.csv --gradcam heatmaps/      # the same from the shell
 
-Each file goes through `datasets.preprocess_file` with the card's image size and resize mode: the
+Each file goes through `cxr_datasets.preprocess_file` with the card's image size and resize mode: the
 very function `cxr prepare` applied to the training images (imported, never re-implemented). A file
 that cannot be used gets a row with its error and no probability; the others are still predicted.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.config import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what `cxr prepare` discovers
-from datasets.discover import enter_folder, is_image_name
+from cxr_datasets.config import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what `cxr prepare` discovers
+from cxr_datasets.discover import enter_folder, is_image_name
 COLUMNS = ["path", "p_pneumonia", "label", "threshold", "error"]
 # Files are decoded and predicted this many at a time, so a folder of 100k scans never sits in memory.
 CHUNK = 256
@@ -46,7 +46,7 @@ def expand_paths(paths) -> list[Path]:
 
     A path that does not exist is kept: it becomes an error row, like any other unusable input.
     """
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     files = []
     for path in map(Path, paths):
@@ -91,7 +91,7 @@ def _predict_chunk(model, card, files, batch_size, gradcam_dir, first_index) -> 
 
 def _preprocess(files, input_spec: dict):
     """(list of uint8 [S, S] or None, list of error message or None) for each file."""
-    from datasets import preprocess_file
+    from cxr_datasets import preprocess_file
 
     images, errors = [], []
     for path in files:

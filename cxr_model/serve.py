@@ -6,7 +6,7 @@
 
 Endpoints:
     POST /predict   one image file (JPEG, PNG or DICOM) as the raw request body or as a multipart
-                    upload (any field name). It goes through `datasets.preprocess_bytes` with the
+                    upload (any field name). It goes through `cxr_datasets.preprocess_bytes` with the
                     card's image size and resize mode: the function `cxr prepare` and `cxr predict`
                     use. Returns JSON: p_pneumonia, label at the card's threshold, threshold,
                     model_sha256, batch_size (requests the model ran together). `?gradcam=1` adds
@@ -62,7 +62,7 @@ class ServeConfig:
     address: str | None = None     # a Ray cluster to deploy onto; None: a local Ray of our own
 
     def __post_init__(self):
-        from datasets.errors import CxrError
+        from cxr_datasets.errors import CxrError
 
         for name in ("replicas", "max_batch_size"):
             if getattr(self, name) < 1:
@@ -145,8 +145,8 @@ def _make_deployment():
             return predict_proba(self.model, batch, batch_size=max(len(batch), 1))
 
         def _preprocess(self, data: bytes, name: str) -> np.ndarray:
-            from datasets import preprocess_bytes
-            from datasets.errors import ImageRejected
+            from cxr_datasets import preprocess_bytes
+            from cxr_datasets.errors import ImageRejected
 
             try:
                 image, _meta = preprocess_bytes(data, int(self.spec["image_size"]), self.spec["resize"], name=name)

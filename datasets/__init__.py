@@ -1,18 +1,18 @@
 """cxr-tune's data stage: chest X-ray folder -> patient-split, verified shards (Ray tasks).
 
-    import datasets
-    datasets.synth("data/synth", n=600)                        # a synthetic Kaggle-layout folder
-    datasets.prepare("data/synth", "runs/prepared")            # -> manifest dict
-    x, y, meta = datasets.load("runs/prepared", "train")       # uint8 [N, S, S, 1], int64 [N]
-    x1 = datasets.preprocess_file("chest.jpeg", image_size=224)  # what `cxr predict` applies
+    import cxr_datasets
+    cxr_datasets.synth("data/synth", n=600)                        # a synthetic Kaggle-layout folder
+    cxr_datasets.prepare("data/synth", "runs/prepared")            # -> manifest dict
+    x, y, meta = cxr_datasets.load("runs/prepared", "train")       # uint8 [N, S, S, 1], int64 [N]
+    x1 = cxr_datasets.preprocess_file("chest.jpeg", image_size=224)  # what `cxr predict` applies
 
-This package is named like Hugging Face's `datasets`; that library is deliberately not a
-dependency, and a test checks that `import datasets` finds this folder.
+The folder is `datasets/`; it installs as `cxr_datasets` (pyproject.toml's package-dir), so it
+never shadows Hugging Face's `datasets` in an environment that has both (tests/test_install_names.py).
 
 Names from the heavy modules (pandas, pyarrow, Ray, Pillow) are imported on first use (PEP 562),
-so `from datasets.errors import CxrError` in every `cxr` command costs nothing. `synth` is bound
-eagerly: the function shares its module's name, and binding it now keeps `datasets.synth` the
-function even after `from datasets.synth import SynthConfig` has loaded the module.
+so `from cxr_datasets.errors import CxrError` in every `cxr` command costs nothing. `synth` is bound
+eagerly: the function shares its module's name, and binding it now keeps `cxr_datasets.synth` the
+function even after `from cxr_datasets.synth import SynthConfig` has loaded the module.
 """
 import importlib
 
@@ -36,7 +36,7 @@ __all__ = sorted([*_EXPORTS, "CLASS_NAMES", "SPLITS", "PrepareConfig", "CxrError
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'datasets' has no attribute {name!r}")
+        raise AttributeError(f"module 'cxr_datasets' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

@@ -1,7 +1,7 @@
 """Names and defaults shared by the whole data pipeline: class labels, split names and `PrepareConfig`.
 
 `PrepareConfig` is the one place where `cxr prepare`'s options and their defaults live; the CLI,
-`datasets.prepare()` and the manifest (`options`) all read it, so they cannot drift apart.
+`cxr_datasets.prepare()` and the manifest (`options`) all read it, so they cannot drift apart.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 `cxr prepare` (in Ray tasks) and `cxr predict` both call these functions, so a deployed model sees
 new images preprocessed exactly as its training images were.
 
-    from datasets import preprocess_file
+    from cxr_datasets import preprocess_file
     x = preprocess_file("chest.jpeg", image_size=224, resize="pad")   # uint8 [224, 224]
 
 Every way an input can be unusable raises `ImageRejected` with a short `reason` (the manifest and

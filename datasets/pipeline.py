@@ -1,7 +1,7 @@
 """`cxr prepare SOURCE OUT`: a chest X-ray folder -> verified, patient-split, sharded data set.
 
     cxr prepare data/chest_xray runs/prepared --image-size 224
-    datasets.prepare("data/chest_xray", "runs/prepared", image_size=224)   # returns the manifest
+    cxr_datasets.prepare("data/chest_xray", "runs/prepared", image_size=224)   # returns the manifest
 
     cxr prepare s3://bucket/chest_xray s3://bucket/prepared         # any pyarrow.fs URI
 

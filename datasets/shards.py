@@ -6,7 +6,7 @@ Layout of a prepared folder:
     OUT/<split>/part-00000.tfrecord        with --format tfrecord|both
     OUT/eda/*.png, OUT/eda/summary.md
 
-    images, labels, meta = datasets.load("runs/prepared", "train")   # verified against the manifest
+    images, labels, meta = cxr_datasets.load("runs/prepared", "train")   # verified against the manifest
 
 Parquet `image` column: the raw uint8 pixels of the [S, S] image (row-major), with `height` and
 `width` beside it. Not PNG: every trial loads whole splits into memory, and raw bytes become a numpy

@@ -1,7 +1,7 @@
 """`cxr synth OUT`: a synthetic chest-X-ray-like data set in the Kaggle layout, for demos and tests.
 
     cxr synth data/synth --n 600 --seed 0          # ~15 s; then: cxr prepare data/synth runs/prepared
-    datasets.synth("data/synth", n=600, seed=0)    # -> Path("data/synth")
+    cxr_datasets.synth("data/synth", n=600, seed=0)    # -> Path("data/synth")
 
 Writes OUT/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg with what makes the real set
 tricky: ~1:3 NORMAL:PNEUMONIA; sizes from a few hundred to ~2,000 px, never square, NORMAL larger

@@ -11,5 +11,5 @@
     sweep_report.py  after the sweep: RUN/report.md and its plots
     run.py         all of the above in order; commands.py and demo.py are `cxr search` / `cxr demo`
 
-Only this package imports `ray.tune`, and only inside functions: `import search` stays light.
+Only this package imports `ray.tune`, and only inside functions: `import cxr_search` stays light.
 """

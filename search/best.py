@@ -19,10 +19,10 @@ import pandas as pd
 
 from cxr_model import TrainConfig
 from cxr_model.pipeline import finalize
-from datasets.errors import CxrError
-from search.checkpoint import STATE_FILE, WEIGHTS_FILE, load_weights
-from search.config import SearchConfig
-from search.space import METRIC, MODE, result_params
+from cxr_datasets.errors import CxrError
+from cxr_search.checkpoint import STATE_FILE, WEIGHTS_FILE, load_weights
+from cxr_search.config import SearchConfig
+from cxr_search.space import METRIC, MODE, result_params
 
 BEST_DIR = "best"
 

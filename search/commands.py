@@ -1,4 +1,4 @@
-"""`cxr search` and `cxr demo`: argument parsing and printing only; the work is in search.run.
+"""`cxr search` and `cxr demo`: argument parsing and printing only; the work is in cxr_search.run.
 
     cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20 --gpus-per-trial 0.25
     cxr search runs/prepared --out runs/sweep --resume          # after Ctrl-C or a killed driver
@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from cxr_model.config import THRESHOLD_METHODS
-from datasets.cli import given, with_default
-from datasets.errors import CxrError
-from search.config import CONFIG_FILE, SearchConfig
-from search.demo import run_demo
-from search.run import run_search
-from search.space import load_space
-from search.summary import print_summary
+from cxr_datasets.cli import given, with_default
+from cxr_datasets.errors import CxrError
+from cxr_search.config import CONFIG_FILE, SearchConfig
+from cxr_search.demo import run_demo
+from cxr_search.run import run_search
+from cxr_search.space import load_space
+from cxr_search.summary import print_summary
 
 SEARCH_EPILOG = """examples:
   cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cxr_model.config import THRESHOLD_METHODS, EvalConfig, normalise_weights, reject_unknown
-from datasets.errors import ConfigError
-from search.space import resolve_space
+from cxr_datasets.errors import ConfigError
+from cxr_datasets.storage import Location
+from cxr_search.space import resolve_space
 
 CONFIG_FILE = "search_config.json"
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder inside the storage location
@@ -147,23 +149,16 @@ def _storage_path(storage: str) -> str:
 
 def write_to_storage(uri: str, data: bytes) -> str:
     """Write `data` to a local path or a pyarrow URI (s3://, gs://, file://); returns `uri`."""
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+    target = Location.of(uri)
+    target.fs.create_dir(posixpath.dirname(target.path), recursive=True)
+    target.write_bytes(data)
     return uri
 
 
 def read_from_storage(uri: str) -> bytes | None:
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    """The bytes at a local path or pyarrow URI, or None when there is no such file."""
+    source = Location.of(uri)
+    return source.read_bytes() if source.kind() == "file" else None
 
 
 def _at_least(cfg: SearchConfig, name: str, low: int) -> None:

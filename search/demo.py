@@ -16,12 +16,12 @@ import shutil
 import time
 from pathlib import Path
 
-import datasets
-from datasets.errors import CxrError
-from search.config import SearchConfig
-from search.run import run_search
-from search.summary import print_summary
-from search.tuner import connect
+import cxr_datasets
+from cxr_datasets.errors import CxrError
+from cxr_search.config import SearchConfig
+from cxr_search.run import run_search
+from cxr_search.summary import print_summary
+from cxr_search.tuner import connect
 
 MARKER = "demo.json"  # written by a finished demo; --overwrite only deletes folders that have it
 IMAGE_SIZE = 64       # at 64 px VGG16's last feature map is 2x2, which "flatten" can still use
@@ -56,9 +56,9 @@ def run_demo(run_dir: Path, *, overwrite: bool = False) -> int:
     start = time.perf_counter()
     connect(None)  # one local Ray for prepare and search
     print(f"cxr demo: 1/3 synthetic data ({N_IMAGES} images) -> {run_dir / 'data'}")
-    datasets.synth(run_dir / "data", n=N_IMAGES, seed=0)
+    cxr_datasets.synth(run_dir / "data", n=N_IMAGES, seed=0)
     print(f"cxr demo: 2/3 prepare at {IMAGE_SIZE} px -> {run_dir / 'prepared'}")
-    datasets.prepare(run_dir / "data", run_dir / "prepared", image_size=IMAGE_SIZE, seed=0)
+    cxr_datasets.prepare(run_dir / "data", run_dir / "prepared", image_size=IMAGE_SIZE, seed=0)
     cfg = demo_config(run_dir)
     print(f"cxr demo: 3/3 search: {cfg.trials} trials, up to {cfg.max_epochs} epochs, random-init VGG16 "
           "(frozen, cached features)")

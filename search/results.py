@@ -20,8 +20,8 @@ from typing import Any
 import pandas as pd
 import pyarrow.fs
 
-from search.config import SearchConfig
-from search.space import EPOCH_METRIC, METRIC, MODE, param_columns
+from cxr_search.config import SearchConfig
+from cxr_search.space import EPOCH_METRIC, METRIC, MODE, param_columns
 
 EPOCH_PREFIX = f"{METRIC}_e"  # METRIC of epoch N is the column f"{EPOCH_PREFIX}{N}"
 

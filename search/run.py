@@ -1,6 +1,6 @@
 """One whole search, start to finish: sweep -> results table -> best model on test -> report.
 
-    from search.run import run_search
+    from cxr_search.run import run_search
     summary = run_search(SearchConfig(prepared="runs/prepared", out="runs/sweep", trials=16))
     summary["best"]["metrics"]["test"]["roc_auc"]
 
@@ -13,11 +13,11 @@ import time
 from typing import Any, Sequence
 
 from cxr_model import Data
-from search.best import export_best
-from search.config import CONFIG_FILE, SearchConfig
-from search.results import collect_results, write_results
-from search.sweep_report import write_report
-from search.tuner import check_weights, run_sweep, sweep_finished
+from cxr_search.best import export_best
+from cxr_search.config import CONFIG_FILE, SearchConfig
+from cxr_search.results import collect_results, write_results
+from cxr_search.sweep_report import write_report
+from cxr_search.tuner import check_weights, run_sweep, sweep_finished
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:

@@ -6,8 +6,8 @@ from typing import Any
 
 from cxr_model.config import METRIC_LABEL
 from cxr_model.evaluate import DISPLAY_ORDER
-from search.config import SearchConfig
-from search.space import METRIC, result_params
+from cxr_search.config import SearchConfig
+from cxr_search.space import METRIC, result_params
 
 
 def print_summary(cfg: SearchConfig, summary: dict[str, Any]) -> int:

@@ -20,9 +20,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from cxr_model.config import METRIC_LABEL
 from cxr_model.evaluate import DISPLAY_ORDER
-from search.config import SearchConfig
-from search.results import epoch_columns
-from search.space import HYPERPARAMETERS, METRIC, describe, result_params
+from cxr_search.config import SearchConfig
+from cxr_search.results import epoch_columns
+from cxr_search.space import HYPERPARAMETERS, METRIC, describe, result_params
 
 TOP_CURVES = 6      # learning curves drawn (more is unreadable)
 TOP_TABLE = 20      # trials listed in the report's table

@@ -18,8 +18,8 @@ import ray
 from ray import tune
 
 from cxr_model.config import improves
-from search.checkpoint import OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, ResumeState, load_weights, save_weights
-from search.space import EPOCH_METRIC, METRIC
+from cxr_search.checkpoint import OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, ResumeState, load_weights, save_weights
+from cxr_search.space import EPOCH_METRIC, METRIC
 
 __all__ = ["ReportCallback", "ResumeState"]  # ResumeState: where trainable.py has always found it
 

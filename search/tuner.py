@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from search.config import SearchConfig
-from search.space import METRIC, MODE, SpaceSampler
+from cxr_search.config import SearchConfig
+from cxr_search.space import METRIC, MODE, SpaceSampler
 
 # Fraction of a GPU per trial when the cluster has GPUs and --gpus-per-trial is not given: a
 # frozen-base VGG16 trial uses a fraction of an H100, so four share one.
@@ -50,7 +50,7 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
         grid = _fit_keeping_sigint(tuner)
     except Exception:
         if gpu_check.line:  # the sweep was stopped on purpose: say why in one line
-            from datasets.errors import CxrError
+            from cxr_datasets.errors import CxrError
 
             raise CxrError(gpu_check.line) from None
         raise
@@ -70,7 +70,7 @@ def export_study(cfg: SearchConfig) -> Path | None:
     import optuna
     import pyarrow.fs
 
-    from search.config import write_to_storage
+    from cxr_search.config import write_to_storage
 
     fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(cfg.experiment_path))
     states = [f for f in fs.get_file_info(pyarrow.fs.FileSelector(root))
@@ -127,7 +127,7 @@ def _fit_keeping_sigint(tuner):
 def new_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     from ray import tune
 
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     if tune.Tuner.can_restore(cfg.experiment_path):
         raise CxrError(f"{cfg.experiment_path} already holds a sweep: add --resume to continue it, "
@@ -144,7 +144,7 @@ def restored_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     on where it stopped and the requested number of trials is reached, not exceeded."""
     from ray import tune
 
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     if not tune.Tuner.can_restore(cfg.experiment_path):
         raise CxrError(f"nothing to resume at {cfg.experiment_path}: run without --resume first")
@@ -197,7 +197,7 @@ def gpu_check_callback():
     """
     from ray import tune
 
-    from search.trainable import GPU_CHECK_FAILED
+    from cxr_search.trainable import GPU_CHECK_FAILED
 
     class StopOnGpuCheck(tune.Callback):
         line: str | None = None
@@ -230,7 +230,7 @@ def connect(address: str | None) -> None:
     """Join the cluster at `address`, or start a local Ray; keep a connection that already exists."""
     import ray
 
-    from datasets.errors import CxrError, first_line
+    from cxr_datasets.errors import CxrError, first_line
 
     if ray.is_initialized():
         return
@@ -258,7 +258,7 @@ def build_trainable(cfg: SearchConfig, data):
     """The trainable with the data in Ray's object store and the trial's resources attached."""
     from ray import tune
 
-    from search.trainable import train_trial, trial_settings
+    from cxr_search.trainable import train_trial, trial_settings
 
     resources = trial_resources(cfg)
     settings = trial_settings(
@@ -343,7 +343,7 @@ def _refuse_existing_study(cfg: SearchConfig) -> None:
     """A fresh sweep must not add its trials to another sweep's study (TPE would mix them)."""
     import optuna
 
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     names = [s.study_name for s in optuna.study.get_all_study_summaries(storage=cfg.optuna_url)]
     if cfg.study_name in names:
@@ -372,7 +372,7 @@ def mlflow_callbacks(cfg: SearchConfig) -> list:
     value as metrics) when `cfg.mlflow` names a tracking URI; the experiment is the study's name."""
     if not cfg.mlflow:
         return []
-    from datasets.errors import CxrError
+    from cxr_datasets.errors import CxrError
 
     try:
         import mlflow  # noqa: F401  the optional extra: checked here for a clear message

@@ -55,17 +55,17 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def synth_source(tmp_path_factory) -> Path:
-    import datasets
+    import cxr_datasets
 
-    return Path(datasets.synth(tmp_path_factory.mktemp("synth"), n=120, seed=0))
+    return Path(cxr_datasets.synth(tmp_path_factory.mktemp("synth"), n=120, seed=0))
 
 
 @pytest.fixture(scope="session")
 def prepared_small(synth_source, ray_session, tmp_path_factory) -> Path:
-    import datasets
+    import cxr_datasets
 
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    datasets.prepare(synth_source, out, image_size=32, seed=0)
+    cxr_datasets.prepare(synth_source, out, image_size=32, seed=0)
     return out
 
 

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from cxr_model.config import EvalConfig, ModelConfig, TrainConfig
-from datasets.config import PrepareConfig
-from datasets.errors import ConfigError, CxrError
-from search.cli import build_parser, main
-from search.config import SearchConfig
+from cxr_datasets.config import PrepareConfig
+from cxr_datasets.errors import ConfigError, CxrError
+from cxr_search.cli import build_parser, main
+from cxr_search.config import SearchConfig
 
 
 def _cfg(tmp_path, **values):

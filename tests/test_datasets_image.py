@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
-from datasets import ImageRejected, preprocess_file, read_gray, resize_gray
+import cxr_datasets
+from cxr_datasets import ImageRejected, preprocess_file, read_gray, resize_gray
 from dicom_util import write_dicom
 
 REAL_SIZES = {  # from tests/data/README.md
@@ -37,8 +37,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def test_datasets_is_this_repo_not_hugging_face(repo_root):
-    assert Path(datasets.__file__).resolve().is_relative_to(repo_root)
-    assert datasets.CLASS_NAMES == ("NORMAL", "PNEUMONIA")
+    assert Path(cxr_datasets.__file__).resolve().is_relative_to(repo_root)
+    assert cxr_datasets.CLASS_NAMES == ("NORMAL", "PNEUMONIA")
 
 
 def test_importing_datasets_loads_no_tensorflow_ray_or_plotting(repo_root):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from datasets import CxrError, patient_id
-from datasets.discover import discover, patient_id_rules
-from datasets.splits import assign_splits, check_splits, drop_duplicates, drop_test_patients_from_train
+from cxr_datasets import CxrError, patient_id
+from cxr_datasets.discover import discover, patient_id_rules
+from cxr_datasets.splits import assign_splits, check_splits, drop_duplicates, drop_test_patients_from_train
 
 
 def touch(root, *rels, content=b"x"):

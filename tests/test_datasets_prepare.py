@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
-from datasets import CLASS_NAMES, CxrError
+import cxr_datasets
+from cxr_datasets import CLASS_NAMES, CxrError
 from dicom_util import write_dicom
 
 SIZE = 32
@@ -101,18 +101,18 @@ def _reencoded(path: Path) -> bytes:
 @pytest.fixture(scope="module")
 def prepared(messy, ray_session, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("out") / "prepared"
-    datasets.prepare(messy, out, image_size=SIZE, rows_per_shard=40, fmt="both", seed=0)
+    cxr_datasets.prepare(messy, out, image_size=SIZE, rows_per_shard=40, fmt="both", seed=0)
     return out
 
 
 @pytest.fixture(scope="module")
 def manifest(prepared) -> dict:
-    return datasets.read_manifest(prepared)
+    return cxr_datasets.read_manifest(prepared)
 
 
 @pytest.fixture(scope="module")
 def loaded(prepared) -> dict:
-    return {split: datasets.load(prepared, split) for split in datasets.SPLITS}
+    return {split: cxr_datasets.load(prepared, split) for split in cxr_datasets.SPLITS}
 
 
 # --- what the manifest says ----------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_shards_are_listed_with_checksums(prepared, manifest):
         path = prepared / shard["path"]
         assert path.stat().st_size == shard["bytes"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
-    assert datasets.manifest_hash(prepared) == \
+    assert cxr_datasets.manifest_hash(prepared) == \
         hashlib.sha256((prepared / "manifest.json").read_bytes()).hexdigest()
 
 
@@ -208,7 +208,7 @@ def test_shard_pixels_equal_the_predict_preprocessing(loaded, messy):
     assert images.shape == (len(meta), SIZE, SIZE, 1) and images.dtype == np.uint8
     for row in [0, len(meta) // 2, len(meta) - 1]:
         source = messy / meta["source_path"].iloc[row]
-        assert np.array_equal(images[row, ..., 0], datasets.preprocess_file(source, SIZE))
+        assert np.array_equal(images[row, ..., 0], cxr_datasets.preprocess_file(source, SIZE))
 
 
 def test_real_rgb_and_other_modes_arrive_as_gray(loaded):
@@ -228,7 +228,7 @@ def test_tfrecords_read_back_with_plain_tf_data(prepared, manifest, loaded):
 
     files = [str(prepared / s["path"]) for s in manifest["shards"]
              if s["split"] == "val" and s["format"] == "tfrecord"]
-    spec = datasets.tfrecord_feature_spec()
+    spec = cxr_datasets.tfrecord_feature_spec()
     dataset = tf.data.TFRecordDataset(files).map(lambda r: tf.io.parse_single_example(r, spec))
     records = list(dataset.as_numpy_iterator())
     images, labels, meta = loaded["val"]
@@ -255,16 +255,16 @@ def test_damaged_shard_is_named(prepared, tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(CxrError, match="damaged shard .*val/part-00000.parquet"):
-        datasets.load(copy, "val")
+        cxr_datasets.load(copy, "val")
     shard.unlink()
     with pytest.raises(CxrError, match="shard missing"):
-        datasets.load(copy, "val")
+        cxr_datasets.load(copy, "val")
 
 
 # --- other sources, errors, output handling ------------------------------------------------------
 
 def test_real_samples_with_random_split(samples_dir, ray_session, tmp_path):
-    manifest = datasets.prepare(samples_dir, tmp_path / "p", image_size=SIZE, split="random",
+    manifest = cxr_datasets.prepare(samples_dir, tmp_path / "p", image_size=SIZE, split="random",
                                 val_fraction=0.25, test_fraction=0.25, verbose=False)
     assert manifest["split_used"] == "random" and manifest["rejected"] == []
     assert sum(sum(c.values()) for c in manifest["counts"].values()) == 10
@@ -273,17 +273,17 @@ def test_real_samples_with_random_split(samples_dir, ray_session, tmp_path):
 
 def test_source_without_test_split_is_an_error(samples_dir, tmp_path):
     with pytest.raises(CxrError, match="no test/ folder"):
-        datasets.prepare(samples_dir, tmp_path / "p", image_size=SIZE, verbose=False)
+        cxr_datasets.prepare(samples_dir, tmp_path / "p", image_size=SIZE, verbose=False)
     assert not (tmp_path / "p").exists()
 
 
 def test_missing_source_or_class_is_one_line(tmp_path, synth_source, ray_session):
     with pytest.raises(CxrError, match="source folder not found"):
-        datasets.prepare(tmp_path / "missing", tmp_path / "out", verbose=False)
+        cxr_datasets.prepare(tmp_path / "missing", tmp_path / "out", verbose=False)
     only_normal = tmp_path / "only_normal"
     shutil.copytree(synth_source / "chest_xray" / "train" / "NORMAL", only_normal / "NORMAL")
     with pytest.raises(CxrError) as info:
-        datasets.prepare(only_normal, tmp_path / "out", image_size=SIZE, verbose=False)
+        cxr_datasets.prepare(only_normal, tmp_path / "out", image_size=SIZE, verbose=False)
     assert "no PNEUMONIA images" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -292,20 +292,20 @@ def test_existing_output_is_refused_then_replaced_atomically(prepared, synth_sou
     out = tmp_path / "prepared"
     shutil.copytree(prepared, out)
     with pytest.raises(CxrError, match="already exists"):
-        datasets.prepare(synth_source, out, image_size=SIZE, verbose=False)
-    before = datasets.manifest_hash(out)
+        cxr_datasets.prepare(synth_source, out, image_size=SIZE, verbose=False)
+    before = cxr_datasets.manifest_hash(out)
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("datasets.pipeline.write_eda", crash)
+    monkeypatch.setattr("cxr_datasets.pipeline.write_eda", crash)
     with pytest.raises(RuntimeError):
-        datasets.prepare(synth_source, out, image_size=SIZE, overwrite=True, verbose=False)
-    assert datasets.manifest_hash(out) == before  # the old OUT is intact
+        cxr_datasets.prepare(synth_source, out, image_size=SIZE, overwrite=True, verbose=False)
+    assert cxr_datasets.manifest_hash(out) == before  # the old OUT is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no partial folder left
     monkeypatch.undo()
-    manifest = datasets.prepare(synth_source, out, image_size=SIZE, overwrite=True, verbose=False)
-    assert manifest["rejected"] == [] and datasets.manifest_hash(out) != before
+    manifest = cxr_datasets.prepare(synth_source, out, image_size=SIZE, overwrite=True, verbose=False)
+    assert manifest["rejected"] == [] and cxr_datasets.manifest_hash(out) != before
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_prepared_one(synth_source, tmp_path):
@@ -313,12 +313,12 @@ def test_overwrite_refuses_a_folder_that_is_not_a_prepared_one(synth_source, tmp
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
     with pytest.raises(CxrError, match="not a prepared folder"):
-        datasets.prepare(synth_source, precious, overwrite=True, verbose=False)
+        cxr_datasets.prepare(synth_source, precious, overwrite=True, verbose=False)
     assert (precious / "thesis.tex").exists()
 
 
 def test_cli_prepare_and_error_exit(synth_source, ray_session, tmp_path, capsys):
-    from search.cli import main
+    from cxr_search.cli import main
 
     out = tmp_path / "cli"
     assert main(["prepare", str(synth_source), str(out), "--image-size", "32", "--quiet",
@@ -338,7 +338,7 @@ def test_a_ray_started_by_prepare_is_shut_down_before_it_returns(synth_source, t
     code = (
         "import sys, ray, datasets\n"
         "for name in ('a', 'b'):\n"
-        "    m = datasets.prepare(sys.argv[1], sys.argv[2] + name, image_size=32, num_cpus=1,\n"
+        "    m = cxr_datasets.prepare(sys.argv[1], sys.argv[2] + name, image_size=32, num_cpus=1,\n"
         "                         verbose=False)\n"
         "    assert not ray.is_initialized(), 'Ray still up after prepare returned'\n"
         "    assert m['stage_s']['ray_start'] > 0.2, m['stage_s']  # it did start one\n"
@@ -350,13 +350,13 @@ def test_a_ray_started_by_prepare_is_shut_down_before_it_returns(synth_source, t
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok" in done.stdout and "ray_stop_wait" in done.stdout
     for name in ("a", "b"):
-        assert datasets.load(tmp_path / f"out-{name}", "train")[0].shape[1:] == (32, 32, 1)
+        assert cxr_datasets.load(tmp_path / f"out-{name}", "train")[0].shape[1:] == (32, 32, 1)
 
 
 def test_a_failed_background_shutdown_is_a_warning_not_lost(monkeypatch, capsys):
     import ray
 
-    from datasets.decode import LocalRay
+    from cxr_datasets.decode import LocalRay
 
     def broken_shutdown(*args, **kwargs):
         raise RuntimeError("raylet already gone\nsecond line")
@@ -377,7 +377,7 @@ def test_num_cpus_is_dropped_when_ray_joins_a_cluster_it_found(monkeypatch):
     num_cpus: prepare joins it like any cluster instead of failing."""
     import ray
 
-    from datasets.decode import LocalRay
+    from cxr_datasets.decode import LocalRay
 
     calls, cluster = [], {"found": True}
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import datasets
-import datasets.pipeline as pipeline
-from datasets import CxrError
+import cxr_datasets
+import cxr_datasets.pipeline as pipeline
+from cxr_datasets import CxrError
 
 SIZE = 32
 
@@ -38,7 +38,7 @@ def test_a_split_no_worker_can_read_is_one_line_naming_the_node(synth_source, ra
     shutil.copytree(synth_source, source)
     removed = _vanishing(monkeypatch, "*/test/*/*.jpeg")
     with pytest.raises(CxrError) as info:
-        datasets.prepare(source, tmp_path / "out", image_size=SIZE, verbose=False)
+        cxr_datasets.prepare(source, tmp_path / "out", image_size=SIZE, verbose=False)
     message = str(info.value)
     node = ray_session.util.get_node_ip_address()
     assert message.startswith(f"all {len(removed)} test images were unreadable on node {node}")
@@ -52,7 +52,7 @@ def test_an_unreadable_file_is_rejected_with_reason_node_and_path(synth_source, 
     source = tmp_path / "src"
     shutil.copytree(synth_source, source)
     removed = _vanishing(monkeypatch, "*/train/PNEUMONIA/person1*.jpeg")
-    manifest = datasets.prepare(source, tmp_path / "out", image_size=SIZE, verbose=False)
+    manifest = cxr_datasets.prepare(source, tmp_path / "out", image_size=SIZE, verbose=False)
     assert removed
     node = ray_session.util.get_node_ip_address()
     rejected = {r["path"]: r for r in manifest["rejected"]}
@@ -69,9 +69,9 @@ def test_file_uri_source_and_out_give_the_same_shards(synth_source, prepared_sma
     """The pyarrow.fs path (listing, reading in the tasks, writing shards and the staged rename)
     on file:// URIs: byte-identical shards to the plain-path run, OUT replaced only whole."""
     out_uri = f"file://{tmp_path}/prepared"
-    manifest = datasets.prepare(f"file://{synth_source}", out_uri, image_size=SIZE, seed=0,
+    manifest = cxr_datasets.prepare(f"file://{synth_source}", out_uri, image_size=SIZE, seed=0,
                                 verbose=False)
-    local = datasets.read_manifest(prepared_small)
+    local = cxr_datasets.read_manifest(prepared_small)
     assert manifest["source"] == f"file://{synth_source}"
     assert manifest["counts"] == local["counts"] and manifest["rejected"] == []
     assert [(s["path"], s["sha256"]) for s in manifest["shards"]] == \
@@ -80,16 +80,16 @@ def test_file_uri_source_and_out_give_the_same_shards(synth_source, prepared_sma
     assert json.loads((out / "manifest.json").read_text())["shards"] == manifest["shards"]
     assert sorted(p.name for p in (out / "eda").iterdir()) == sorted(
         p.name for p in (prepared_small / "eda").iterdir())
-    x, y, _ = datasets.load(out, "train")
+    x, y, _ = cxr_datasets.load(out, "train")
     assert x.shape == (len(y), SIZE, SIZE, 1)
     with pytest.raises(CxrError, match="already exists"):
-        datasets.prepare(f"file://{synth_source}", out_uri, image_size=SIZE, verbose=False)
-    datasets.prepare(f"file://{synth_source}", out_uri, image_size=SIZE, seed=1, overwrite=True,
+        cxr_datasets.prepare(f"file://{synth_source}", out_uri, image_size=SIZE, verbose=False)
+    cxr_datasets.prepare(f"file://{synth_source}", out_uri, image_size=SIZE, seed=1, overwrite=True,
                      verbose=False)
-    assert datasets.read_manifest(out)["options"]["seed"] == 1
+    assert cxr_datasets.read_manifest(out)["options"]["seed"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no staging folder left
 
 
 def test_a_missing_uri_source_is_one_line(tmp_path):
     with pytest.raises(CxrError, match="source folder not found: file://"):
-        datasets.prepare(f"file://{tmp_path}/missing", tmp_path / "out", verbose=False)
+        cxr_datasets.prepare(f"file://{tmp_path}/missing", tmp_path / "out", verbose=False)

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import datasets
-from datasets import CxrError
-from datasets.discover import discover
+import cxr_datasets
+from cxr_datasets import CxrError
+from cxr_datasets.discover import discover
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -68,17 +68,17 @@ def test_real_like_sizes_names_and_modes(synth_files):
 
 
 def test_seeded_and_refuses_to_mix_into_existing_images(tmp_path):
-    first = datasets.synth(tmp_path / "a", n=40, seed=5)
-    second = datasets.synth(tmp_path / "b", n=40, seed=5)
+    first = cxr_datasets.synth(tmp_path / "a", n=40, seed=5)
+    second = cxr_datasets.synth(tmp_path / "b", n=40, seed=5)
     files = sorted(p.relative_to(first) for p in first.rglob("*.jpeg"))
     assert files == sorted(p.relative_to(second) for p in second.rglob("*.jpeg"))
     assert (first / files[0]).read_bytes() == (second / files[0]).read_bytes()
     with pytest.raises(CxrError, match="already holds images"):
-        datasets.synth(tmp_path / "a", n=40, seed=5)
+        cxr_datasets.synth(tmp_path / "a", n=40, seed=5)
 
 
 def test_global_statistics_are_near_chance_after_preprocessing(prepared_small):
-    parts = [datasets.load(prepared_small, split) for split in datasets.SPLITS]
+    parts = [cxr_datasets.load(prepared_small, split) for split in cxr_datasets.SPLITS]
     images = np.concatenate([p[0] for p in parts]).astype(np.float64)
     labels = np.concatenate([p[1] for p in parts])
     meta = pd.concat([p[2] for p in parts])
@@ -93,7 +93,7 @@ def test_global_statistics_are_near_chance_after_preprocessing(prepared_small):
 def test_contrast_inside_the_chest_does_separate_the_classes(prepared_small):
     """A crude spatial feature already separates what global statistics cannot: opacities fill the
     dark lung fields, so the centre of a PNEUMONIA image has less contrast than the whole."""
-    parts = [datasets.load(prepared_small, split) for split in datasets.SPLITS]
+    parts = [cxr_datasets.load(prepared_small, split) for split in cxr_datasets.SPLITS]
     x = np.concatenate([p[0] for p in parts])[..., 0].astype(np.float64)
     labels = np.concatenate([p[1] for p in parts])
     z = (x - x.mean(axis=(1, 2), keepdims=True)) / x.std(axis=(1, 2), keepdims=True)
@@ -107,10 +107,10 @@ def test_a_small_cnn_learns_the_task(ray_session, tmp_path):
     """The demo's premise: a tiny CNN at 32 px reaches a high test AUC in seconds on a CPU."""
     import keras
 
-    source = datasets.synth(tmp_path / "synth", n=600, seed=0)
+    source = cxr_datasets.synth(tmp_path / "synth", n=600, seed=0)
     prepared = tmp_path / "prepared"
-    datasets.prepare(source, prepared, image_size=32, verbose=False)
-    (x_train, y_train, _), (x_test, y_test, _) = (datasets.load(prepared, s) for s in ("train", "test"))
+    cxr_datasets.prepare(source, prepared, image_size=32, verbose=False)
+    (x_train, y_train, _), (x_test, y_test, _) = (cxr_datasets.load(prepared, s) for s in ("train", "test"))
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((32, 32, 1)), keras.layers.Rescaling(1 / 255),
@@ -120,7 +120,7 @@ def test_a_small_cnn_learns_the_task(ray_session, tmp_path):
         keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, activation="softmax"),
     ])
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-    weights = datasets.read_manifest(prepared)["class_weights"]
+    weights = cxr_datasets.read_manifest(prepared)["class_weights"]
     model.fit(x_train, y_train, epochs=30, batch_size=32, verbose=0,
               class_weight={int(k): v for k, v in weights.items()})
     assert auc(model.predict(x_test, verbose=0)[:, 1], y_test) > 0.9

@@ -9,15 +9,15 @@ import pytest
 
 
 def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_small, tmp_path, monkeypatch):
-    import datasets
+    import cxr_datasets
     from cxr_model import ModelConfig, TrainConfig, build_model
     from cxr_model.pipeline import finalize
 
     evaluate_module = importlib.import_module("cxr_model.evaluate")  # `cxr_model.evaluate` is the function
-    x_val, y_val, _ = datasets.load(prepared_small, "val")
-    _, y_test, _ = datasets.load(prepared_small, "test")
+    x_val, y_val, _ = cxr_datasets.load(prepared_small, "val")
+    _, y_test, _ = cxr_datasets.load(prepared_small, "test")
     loads, chosen_on, scored = [], [], []
-    real_load, real_choose, real_evaluate = datasets.load, evaluate_module.choose_threshold, evaluate_module.evaluate
+    real_load, real_choose, real_evaluate = cxr_datasets.load, evaluate_module.choose_threshold, evaluate_module.evaluate
 
     def load_spy(prepared_dir, split, *args, **kwargs):
         loads.append(split)
@@ -48,11 +48,11 @@ def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_smal
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert card["threshold"] == result["threshold"] == card["metrics"]["test"]["threshold"]
     assert card["metrics"]["val"]["n"] == len(y_val) and card["metrics"]["test"]["n"] == len(y_test)
-    assert card["data"]["manifest_hash"] == datasets.manifest_hash(prepared_small)
+    assert card["data"]["manifest_hash"] == cxr_datasets.manifest_hash(prepared_small)
 
 
 def test_cxr_train_then_evaluate_end_to_end(prepared_small, tmp_path, capsys):
-    from search.cli import main
+    from cxr_search.cli import main
 
     out = tmp_path / "model"
     code = main(["train", str(prepared_small), "--out", str(out), "--weights", "none", "--epochs", "2",
@@ -93,7 +93,7 @@ def test_cxr_train_then_evaluate_end_to_end(prepared_small, tmp_path, capsys):
     (["--dropout", "1.5"], "dropout"),
 ])
 def test_cxr_train_rejects_bad_flags_in_one_line(prepared_small, tmp_path, capsys, flags, message):
-    from search.cli import main
+    from cxr_search.cli import main
 
     try:
         code = main(["train", str(prepared_small), "--out", str(tmp_path / "m"), *flags])

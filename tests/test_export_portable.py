@@ -44,17 +44,17 @@ def trained(prepared_small, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared_test(prepared_small):
     """(images [N, S, S, 1] uint8, absolute source paths) of the prepared test split."""
-    import datasets
+    import cxr_datasets
 
-    images, _, meta = datasets.load(prepared_small, "test")
-    source = Path(datasets.read_manifest(prepared_small)["source"])
+    images, _, meta = cxr_datasets.load(prepared_small, "test")
+    source = Path(cxr_datasets.read_manifest(prepared_small)["source"])
     return images, [str(source / p) for p in meta["source_path"]]
 
 
 @pytest.fixture(scope="module")
 def cxr_predict(trained, prepared_test, tmp_path_factory):
     """P(PNEUMONIA) per file from the `cxr predict` command on the prepared test split's source files."""
-    from search.cli import main
+    from cxr_search.cli import main
 
     _, paths = prepared_test
     csv = tmp_path_factory.mktemp("pred") / "preds.csv"

@@ -12,7 +12,7 @@ import pytest
 
 from cxr_model.evaluate import metrics_from_probs
 from cxr_model.export import export, load_model
-from datasets.errors import CxrError
+from cxr_datasets.errors import CxrError
 
 SIZE = 32
 
@@ -56,7 +56,7 @@ def test_export_writes_model_card_metrics_and_plots(exported, tiny):
     assert card["threshold"] == 0.42 and card["threshold_selection"]["method"] == "youden"
     assert card["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert card["input"] == {"shape": [SIZE, SIZE, 1], "dtype": "uint8", "image_size": SIZE, "resize": "pad",
-                             "grayscale": True, "preprocess": "datasets.preprocess_file"}
+                             "grayscale": True, "preprocess": "cxr_datasets.preprocess_file"}
     assert card["data"]["manifest_hash"] == "abc123"
     assert card["config"] == tiny[1].to_dict()
     assert {"keras", "numpy", "python"} <= set(card["versions"])

@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("datasets", "cxr_model", "search")  # each may import only those before it
+LAYERS = ("cxr_datasets", "cxr_model", "cxr_search")  # each may import only those before it
+# import name -> folder (pyproject.toml's package-dir: the folders keep their short names)
+FOLDERS = {"cxr_datasets": "datasets", "cxr_model": "cxr_model", "cxr_search": "search"}
 HEAVY = ("keras", "tensorflow", "jax", "ray", "optuna")
 
 
 def _modules() -> dict[str, Path]:
     out = {}
     for package in LAYERS:
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / FOLDERS[package]).glob("*.py")):
             name = package if path.stem == "__init__" else f"{package}.{path.stem}"
             out[name] = path
     return out
@@ -61,7 +63,7 @@ def _imports(module: str) -> list[tuple[int, str]]:
             for alias in node.names:
                 full = f"{base}.{alias.name}"
                 if full in MODULES:
-                    found.append((node.lineno, full))  # `from search import commands`
+                    found.append((node.lineno, full))  # `from cxr_search import commands`
                 elif base in LAYERS and alias.name in _package_names(base):
                     found.append((node.lineno, _package_names(base)[alias.name]))
                 else:
@@ -75,10 +77,10 @@ def _layer(module: str) -> int | None:
 
 
 def test_the_parser_sees_the_imports_it_checks():
-    assert any(m == "datasets.errors" for _, m in _imports("cxr_model.config"))
-    assert any(m == "cxr_model.data" for _, m in _imports("search.run"))  # `from cxr_model import Data`
+    assert any(m == "cxr_datasets.errors" for _, m in _imports("cxr_model.config"))
+    assert any(m == "cxr_model.data" for _, m in _imports("cxr_search.run"))  # `from cxr_model import Data`
     assert any(m == "cxr_model.train" for _, m in _imports("cxr_model.pipeline"))  # a lazy one
-    assert any(m == "search.demo" for _, m in _imports("search.commands"))
+    assert any(m == "cxr_search.demo" for _, m in _imports("cxr_search.commands"))
 
 
 def test_no_import_against_search_cxr_model_datasets():
@@ -91,7 +93,7 @@ def test_no_import_against_search_cxr_model_datasets():
 
 
 def test_only_search_imports_ray_tune():
-    wrong = [f"{MODULES[m].relative_to(ROOT)}:{line}" for m in MODULES if not m.startswith("search")
+    wrong = [f"{MODULES[m].relative_to(ROOT)}:{line}" for m in MODULES if not m.startswith("cxr_search")
              for line, target in _imports(m) if target == "ray.tune" or target.startswith("ray.tune.")]
     assert not wrong, wrong
 
@@ -120,13 +122,13 @@ def test_no_import_cycles_between_project_modules():
 def test_a_cycle_would_be_found(monkeypatch):
     real = _imports
     monkeypatch.setitem(globals(), "_imports",
-                        lambda m: real(m) + ([(1, "search.commands")] if m == "search.demo" else []))
-    with pytest.raises(AssertionError, match="search.commands -> search.demo -> search.commands"):
+                        lambda m: real(m) + ([(1, "cxr_search.commands")] if m == "cxr_search.demo" else []))
+    with pytest.raises(AssertionError, match="cxr_search.commands -> cxr_search.demo -> cxr_search.commands"):
         test_no_import_cycles_between_project_modules()
 
 
 def test_cxr_help_loads_no_heavy_framework():
-    code = ("import sys; from search.cli import build_parser; build_parser().format_help();"
+    code = ("import sys; from cxr_search.cli import build_parser; build_parser().format_help();"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

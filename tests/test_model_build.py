@@ -5,7 +5,7 @@ import pytest
 
 from cxr_model import ModelConfig, TrainConfig, VGGPreprocess, build_base, build_head, build_model, predict_proba
 from cxr_model.model import ClassAUC, compile_model
-from datasets import CxrError
+from cxr_datasets import CxrError
 
 SIZE = 32  # VGG16's minimum: 1x1 feature maps after five pools
 

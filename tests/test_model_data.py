@@ -73,10 +73,10 @@ def test_balanced_class_weight_formula():
 
 
 def test_from_prepared_uses_the_manifest(prepared_small):
-    import datasets
+    import cxr_datasets
 
     data = Data.from_prepared(prepared_small)
-    manifest = datasets.read_manifest(prepared_small)
+    manifest = cxr_datasets.read_manifest(prepared_small)
     assert data.image_size == 32 and data.x_train.dtype == np.uint8
     assert len(data.y_train) == sum(manifest["counts"]["train"].values())
     assert data.class_weight == pytest.approx({int(k): v for k, v in manifest["class_weights"].items()})
@@ -84,7 +84,7 @@ def test_from_prepared_uses_the_manifest(prepared_small):
 
 def test_tfrecord_pipeline_reads_every_record_once(tmp_path):
     pytest.importorskip("tensorflow")
-    from datasets.shards import write_tfrecord_shards
+    from cxr_datasets.shards import write_tfrecord_shards
 
     x, y = _arrays(37, 32)
     rows = pd.DataFrame({

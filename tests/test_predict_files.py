@@ -33,12 +33,12 @@ def _sample_files(samples_dir):
 
 
 def test_predict_paths_uses_the_prepare_preprocessing_and_card_threshold(model_dir, samples_dir, monkeypatch):
-    import datasets
+    import cxr_datasets
     from cxr_model.export import load_model
     from cxr_model.predict import predict_paths
 
     calls = []
-    real = datasets.preprocess_file
+    real = cxr_datasets.preprocess_file
 
     def spy(path, **kwargs):
         calls.append(kwargs)
@@ -59,7 +59,7 @@ def test_predict_paths_uses_the_prepare_preprocessing_and_card_threshold(model_d
 
 
 def test_cxr_predict_writes_error_rows_for_bad_files_and_exits_0(model_dir, samples_dir, tmp_path, capsys):
-    from search.cli import main
+    from cxr_search.cli import main
 
     folder = tmp_path / "incoming" / "nested"
     folder.mkdir(parents=True)
@@ -94,7 +94,7 @@ def test_cxr_predict_writes_error_rows_for_bad_files_and_exits_0(model_dir, samp
 
 
 def test_cxr_predict_reports_an_empty_folder_in_one_line(model_dir, tmp_path, capsys):
-    from search.cli import main
+    from cxr_search.cli import main
 
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(model_dir), str(tmp_path / "empty")]) == 2
@@ -106,7 +106,7 @@ def test_gradcam_split_reproduces_the_model_and_maps_are_normalised(samples_dir)
 
     from cxr_model import ModelConfig, build_model
     from cxr_model.gradcam import gradcam_heatmaps, split_at_layer
-    from datasets import preprocess_file
+    from cxr_datasets import preprocess_file
 
     # With augmentation in the model: it must be inactive (identity) when Grad-CAM runs it.
     model = build_model(ModelConfig(image_size=SIZE, weights=None, head_units=(8,), aug_strength=0.5), seed=1)
@@ -129,7 +129,7 @@ def test_jax_backend_loads_the_export_predicts_and_gives_the_same_gradcam(model_
     files = [str(p) for p in _sample_files(samples_dir)[:4]]
     expected = predict_paths(model_dir, files)
     model, _ = load_model(model_dir)
-    from datasets import preprocess_file
+    from cxr_datasets import preprocess_file
 
     x = np.stack([preprocess_file(p, image_size=SIZE) for p in files])[..., None]
     heat_tf = gradcam_heatmaps(model, x)
@@ -139,7 +139,7 @@ def test_jax_backend_loads_the_export_predicts_and_gives_the_same_gradcam(model_
         from cxr_model.export import load_model
         from cxr_model.gradcam import gradcam_heatmaps
         from cxr_model.predict import predict_paths
-        from datasets import preprocess_file
+        from cxr_datasets import preprocess_file
         files = {files!r}
         table = predict_paths({str(model_dir)!r}, files, gradcam_dir={str(tmp_path / "heat")!r})
         x = np.stack([preprocess_file(p, image_size={SIZE}) for p in files])[..., None]

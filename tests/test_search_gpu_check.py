@@ -19,14 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _settings(gpus: float) -> dict:
-    from search.trainable import trial_settings
+    from cxr_search.trainable import trial_settings
 
     return trial_settings(image_size=32, weights=None, max_epochs=1, seed=0, patience=1, cpus_per_trial=1,
                           gpus_per_trial=gpus, feature_cache_dir=None)
 
 
 def test_check_names_the_backend_and_what_it_sees():
-    from search.trainable import GPU_CHECK_FAILED, GpuNotVisible, check_gpu, visible_devices
+    from cxr_search.trainable import GPU_CHECK_FAILED, GpuNotVisible, check_gpu, visible_devices
 
     check_gpu(_settings(0.0))  # no GPU asked for: nothing to check
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
@@ -41,7 +41,7 @@ def test_check_names_the_backend_and_what_it_sees():
 DRIVER = """
 import sys, ray
 ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)  # a GPU Tune can schedule, none the backend sees
-from search.cli import main
+from cxr_search.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

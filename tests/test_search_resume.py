@@ -32,7 +32,7 @@ KILL_EPOCHS = 3
 
 
 def _reuse_sweep(prepared, tmp_path, trials: int):
-    from search.run import run_search
+    from cxr_search.run import run_search
 
     # 64 px, two trials at once on two cores, ASHA stopping some after one epoch: every worker
     # process takes several trials, and the previous one is often stopped mid-way (by ASHA),
@@ -44,10 +44,10 @@ def _reuse_sweep(prepared, tmp_path, trials: int):
 
 @pytest.fixture(scope="module")
 def prepared_64(synth_source, ray_session, tmp_path_factory) -> Path:
-    import datasets
+    import cxr_datasets
 
     out = tmp_path_factory.mktemp("prepared64") / "prepared"
-    datasets.prepare(synth_source, out, image_size=64, seed=0)
+    cxr_datasets.prepare(synth_source, out, image_size=64, seed=0)
     return out
 
 
@@ -153,7 +153,7 @@ class Driver:
         self.log = tmp / f"{name}.log"
         self.ray_tmp = ray_tmp
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "search.cli", "search", *args], stdout=log,
+            self.proc = subprocess.Popen([sys.executable, "-m", "cxr_search.cli", "search", *args], stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          cwd=Path(__file__).resolve().parents[1], env=env)
 
@@ -288,8 +288,8 @@ def test_driver_killed_at_each_point_resumes_to_every_trial(prepared_small, tmp_
 def test_retried_trial_restores_optimizer_state(ray_session, prepared_small, tmp_path, space):
     """A worker SIGKILLed after epoch 2 is retried from its checkpoint with the optimizer's state,
     not only the weights: Adam's step count goes on from the checkpoint instead of restarting."""
-    from search.results import collect_results
-    from search.tuner import run_sweep
+    from cxr_search.results import collect_results
+    from cxr_search.tuner import run_sweep
     from test_search_sweep import KillWorkerOnce
 
     cfg = small_config(prepared_small, tmp_path / "run", tmp_path, space, trials=1, max_epochs=3, max_failures=1)

@@ -9,8 +9,8 @@ import optuna
 import pytest
 
 from cxr_model import ModelConfig, TrainConfig
-from search import space as space_module
-from search.space import (HYPERPARAMETERS, METRIC, MODE, Hyperparameter, SpaceError, SpaceSampler, default_space,
+from cxr_search import space as space_module
+from cxr_search.space import (HYPERPARAMETERS, METRIC, MODE, Hyperparameter, SpaceError, SpaceSampler, default_space,
                           load_space, param_columns, result_params, to_train_config, value_of)
 
 
@@ -101,7 +101,7 @@ def test_bad_space_files_fail_with_one_clear_line(tmp_path, text, message):
 
 
 def test_cli_reports_a_bad_space_file_as_a_user_error(tmp_path, capsys):
-    from search.cli import main
+    from cxr_search.cli import main
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()
@@ -170,7 +170,7 @@ def test_a_trial_from_before_a_hyperparameter_existed_keeps_the_config_default()
 
 
 def test_demo_space_is_merged_with_the_defaults(tmp_path):
-    from search.demo import DEMO_SPACE, demo_config
+    from cxr_search.demo import DEMO_SPACE, demo_config
 
     cfg = demo_config(tmp_path)
     assert set(cfg.space) == set(HYPERPARAMETERS)  # e.g. label_smoothing comes from the defaults

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from search.config import SearchConfig
-from search.space import load_space
+from cxr_search.config import SearchConfig
+from cxr_search.space import load_space
 
 TRIALS = 4
 MAX_EPOCHS = 2
@@ -38,7 +38,7 @@ def small_config(prepared, out, tmp_path, space_overrides: str = "", **overrides
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, prepared_small, tmp_path_factory):
-    from search.run import run_search
+    from cxr_search.run import run_search
 
     tmp = tmp_path_factory.mktemp("sweep")
     # concurrency 1: trials reach ASHA's rung one after another, so the early stops do not depend on timing
@@ -107,7 +107,7 @@ def test_optuna_study_is_persisted_in_sqlite_with_every_trial(sweep):
 
 
 def test_best_trial_is_exported_evaluated_once_and_reloads(sweep, prepared_small):
-    import datasets
+    import cxr_datasets
     import keras
     from cxr_model import ClassAUC, load_model, predict_proba
 
@@ -116,7 +116,7 @@ def test_best_trial_is_exported_evaluated_once_and_reloads(sweep, prepared_small
     table = summary["table"]
     assert best["trial_id"] == table.iloc[0]["trial_id"]
     model, card = load_model(cfg.run_dir / "best")
-    x_val, y_val, _ = datasets.load(prepared_small, "val")
+    x_val, y_val, _ = cxr_datasets.load(prepared_small, "val")
     probs = predict_proba(model, x_val)
     assert probs.shape == (len(y_val),) and np.all((probs >= 0) & (probs <= 1))
     # the exported model IS the selected one: the validation AUC the sweep ranked it by (Keras'
@@ -127,7 +127,7 @@ def test_best_trial_is_exported_evaluated_once_and_reloads(sweep, prepared_small
     assert card["threshold"] == pytest.approx(best["threshold"])
     test = best["metrics"]["test"]
     assert {"value", "ci_low", "ci_high"} <= set(test["roc_auc"])
-    assert test["n"] == len(datasets.load(prepared_small, "test")[1])
+    assert test["n"] == len(cxr_datasets.load(prepared_small, "test")[1])
 
 
 def test_report_has_tables_metrics_and_plots(sweep):
@@ -147,8 +147,8 @@ def test_report_has_tables_metrics_and_plots(sweep):
 
 
 def test_a_second_fresh_sweep_into_the_same_folder_is_refused(sweep):
-    from datasets.errors import CxrError
-    from search.tuner import run_sweep
+    from cxr_datasets.errors import CxrError
+    from cxr_search.tuner import run_sweep
 
     cfg, _ = sweep
     with pytest.raises(CxrError, match="--resume"):
@@ -170,8 +170,8 @@ class KillWorkerOnce(tune.Callback):
 
 
 def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, prepared_small, tmp_path):
-    from search.results import collect_results
-    from search.tuner import run_sweep
+    from cxr_search.results import collect_results
+    from cxr_search.tuner import run_sweep
 
     cfg = small_config(prepared_small, tmp_path / "run", tmp_path, "trainable_blocks: 0\naugment: false\n",
                        trials=1, max_epochs=3, max_failures=1)
@@ -197,7 +197,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, prepare
 
 def test_tune_writes_tensorboard_logs_for_every_trial(sweep):
     """README, "Experiment tracking": `tensorboard --logdir RUN/tune` shows every trial's curves."""
-    from search.space import METRIC
+    from cxr_search.space import METRIC
 
     cfg, summary = sweep
     files = sorted(Path(cfg.experiment_path).glob("trial_*/events.out.tfevents.*"))
@@ -209,7 +209,7 @@ def test_tune_writes_tensorboard_logs_for_every_trial(sweep):
 def test_mlflow_gets_one_run_per_trial_with_params_and_metrics(sweep):
     """--mlflow URI: Ray Tune's MLflow logger, here against a local SQLite tracking file."""
     mlflow = pytest.importorskip("mlflow", reason="the optional extra cxr-tune[mlflow] is not installed")
-    from search.space import METRIC
+    from cxr_search.space import METRIC
 
     cfg, summary = sweep
     client = mlflow.tracking.MlflowClient(tracking_uri=cfg.mlflow)

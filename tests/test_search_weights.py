@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from datasets import CxrError
+from cxr_datasets import CxrError
 
 
 def _offline(*_args, **_kwargs):
@@ -15,9 +15,9 @@ def _offline(*_args, **_kwargs):
 def test_offline_imagenet_fails_before_the_sweep_starts(tmp_path, monkeypatch):
     import keras
 
-    from search import tuner
-    from search.config import SearchConfig
-    from search.run import run_search
+    from cxr_search import tuner
+    from cxr_search.config import SearchConfig
+    from cxr_search.run import run_search
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))  # no cached weights file
     monkeypatch.setattr(keras.utils, "get_file", _offline)
@@ -30,8 +30,8 @@ def test_offline_imagenet_fails_before_the_sweep_starts(tmp_path, monkeypatch):
 
 
 def test_missing_weights_file_fails_before_the_sweep_starts(tmp_path, monkeypatch):
-    from search import tuner
-    from search.config import SearchConfig
+    from cxr_search import tuner
+    from cxr_search.config import SearchConfig
 
     monkeypatch.setattr(tuner, "connect", lambda address: pytest.fail("Ray must not start"))
     cfg = SearchConfig(prepared=str(tmp_path / "prepared"), out=str(tmp_path / "run"),
@@ -44,7 +44,7 @@ def test_missing_weights_file_fails_before_the_sweep_starts(tmp_path, monkeypatc
 @pytest.mark.parametrize("words", ["none", "NONE", " null ", ""])
 def test_every_spelling_of_no_weights_means_random_init_in_a_search_config(words, tmp_path):
     """Normalised in SearchConfig itself, so the API, a saved config.json and the CLI agree."""
-    from search.config import SearchConfig
+    from cxr_search.config import SearchConfig
 
     cfg = SearchConfig(prepared=str(tmp_path), out=str(tmp_path / "run"), weights=words)
     assert cfg.weights is None

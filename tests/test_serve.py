@@ -50,7 +50,7 @@ def server(model_dir, tmp_path_factory):
 
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", "serve",
+    cmd = [sys.executable, "-c", "import sys; from cxr_search.cli import main; sys.exit(main())", "serve",
            str(model_dir), "--port", str(port), "--max-batch-size", "8", "--batch-wait-ms", "50",
            "--max-upload-mb", str(MAX_UPLOAD_MB)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
