@@ -31,7 +31,7 @@ def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_smal
         scored.append((np.asarray(labels).copy(), kwargs["threshold"]))
         return real_evaluate(model, images, labels, **kwargs)
 
-    monkeypatch.setattr(datasets, "load", load_spy)
+    monkeypatch.setattr(cxr_datasets, "load", load_spy)
     pipeline_module = importlib.import_module("cxr_model.pipeline")  # what finalize calls
     monkeypatch.setattr(pipeline_module, "choose_threshold", choose_spy)  # the decision threshold
     monkeypatch.setattr(evaluate_module, "choose_threshold", choose_spy)  # each operating point's

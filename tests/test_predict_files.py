@@ -44,7 +44,7 @@ def test_predict_paths_uses_the_prepare_preprocessing_and_card_threshold(model_d
         calls.append(kwargs)
         return real(path, **kwargs)
 
-    monkeypatch.setattr(datasets, "preprocess_file", spy)
+    monkeypatch.setattr(cxr_datasets, "preprocess_file", spy)
     table = predict_paths(model_dir, [samples_dir])  # a folder: searched recursively
     files = _sample_files(samples_dir)
     assert list(table.columns) == ["path", "p_pneumonia", "label", "threshold", "error"]
