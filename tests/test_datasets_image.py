@@ -43,7 +43,7 @@ def test_datasets_is_this_repo_not_hugging_face(repo_root):
 
 def test_importing_datasets_loads_no_tensorflow_ray_or_plotting(repo_root):
     """TensorFlow is for --format tfrecord only; Ray and matplotlib load when prepare runs."""
-    code = ("import sys, datasets; heavy = {'tensorflow', 'keras', 'ray', 'matplotlib', 'seaborn'};"
+    code = ("import sys, cxr_datasets; heavy = {'tensorflow', 'keras', 'ray', 'matplotlib', 'seaborn'};"
             "print(sorted(heavy & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True,
                             text=True, check=True)

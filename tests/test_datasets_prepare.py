@@ -336,7 +336,7 @@ def test_a_ray_started_by_prepare_is_shut_down_before_it_returns(synth_source, t
     the writing): when `prepare` returns, Ray is down and a second `prepare` can start it again.
     In a subprocess, because this test session keeps its own Ray instance."""
     code = (
-        "import sys, ray, datasets\n"
+        "import sys, ray, cxr_datasets\n"
         "for name in ('a', 'b'):\n"
         "    m = cxr_datasets.prepare(sys.argv[1], sys.argv[2] + name, image_size=32, num_cpus=1,\n"
         "                         verbose=False)\n"

@@ -35,7 +35,7 @@ def test_an_installed_hugging_face_datasets_and_cxr_tune_both_import(repo_root, 
 def test_the_cxr_command_runs_beside_hugging_face_datasets(tmp_path):
     env = _stand_in(tmp_path, "raise ImportError('the wrong datasets was imported')\n")
     cxr = Path(sys.executable).with_name("cxr")
-    done = subprocess.run([str(cxr), "synth", str(tmp_path / "synth"), "--n", "8"], cwd=tmp_path,
+    done = subprocess.run([str(cxr), "synth", str(tmp_path / "synth"), "--n", "40"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len([p for p in (tmp_path / "synth").rglob("*") if p.suffix in (".jpeg", ".png")]) == 8
+    assert len([p for p in (tmp_path / "synth").rglob("*") if p.suffix in (".jpeg", ".png")]) == 40
