@@ -45,6 +45,10 @@ def sweep(ray_session, prepared_small, tmp_path_factory):
     # MLflow (the optional extra `make test` installs) logs to a local SQLite file when present.
     mlflow = f"sqlite:///{tmp / 'mlflow.db'}" if importlib.util.find_spec("mlflow") else None
     cfg = small_config(prepared_small, tmp / "run", tmp, mlflow=mlflow)
+    if mlflow:  # artifacts under tmp: with a SQLite tracking URI MLflow's default is ./mlruns in the cwd
+        from mlflow.tracking import MlflowClient
+        MlflowClient(tracking_uri=mlflow).create_experiment(
+            cfg.study_name, artifact_location=(tmp / "mlflow-artifacts").as_uri())
     summary = run_search(cfg)
     return cfg, summary
 
