@@ -17,7 +17,7 @@ import sys
 from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
 from cxr_model.evaluate import format_metrics
 from cxr_model.pipeline import evaluate_export, train_and_export
-from cxr_model.predict import predict_paths
+from cxr_model.predict import FileProgress, predict_paths
 from cxr_datasets import read_manifest
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
@@ -129,6 +129,8 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--out", metavar="CSV", help="write the table here (default: print it)")
     p.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay PNG per image here")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines (files done / total, rate, ETA) on stderr")
     p.set_defaults(func=_predict)
 
 
@@ -164,7 +166,8 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    table = predict_paths(args.model_dir, args.paths, batch_size=args.batch_size, gradcam_dir=args.gradcam)
+    table = predict_paths(args.model_dir, args.paths, batch_size=args.batch_size, gradcam_dir=args.gradcam,
+                          progress=None if args.quiet else FileProgress())
     if args.out:
         table.to_csv(args.out, index=False)
     else:

@@ -9,6 +9,8 @@ that cannot be used gets a row with its error and no probability; the others are
 """
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +22,13 @@ COLUMNS = ["path", "p_pneumonia", "label", "threshold", "error"]
 CHUNK = 256
 
 
-def predict_paths(model_dir, paths, batch_size: int = 32, gradcam_dir=None):
+def predict_paths(model_dir, paths, batch_size: int = 32, gradcam_dir=None, progress=None):
     """A pandas DataFrame with one row per image file: path, p_pneumonia, label, threshold, error.
 
     paths: files and folders (searched recursively for .jpeg .jpg .png .dcm, any letter case).
     gradcam_dir: when given, a Grad-CAM overlay PNG per predicted image is written there and its
     path is added as a `gradcam` column.
+    progress: called as progress(files_done, files_total) after each chunk (e.g. a FileProgress).
     """
     import pandas as pd
 
@@ -37,8 +40,50 @@ def predict_paths(model_dir, paths, batch_size: int = 32, gradcam_dir=None):
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
         rows.extend(_predict_chunk(model, card, chunk, batch_size, gradcam_dir, start))
+        if progress is not None:
+            progress(len(rows), len(files))
     columns = COLUMNS + (["gradcam"] if gradcam_dir is not None else [])
     return pd.DataFrame(rows, columns=columns)
+
+
+class FileProgress:
+    """Files done / total, rate and ETA on stderr, as `cxr train`'s EpochProgress shows epochs.
+
+    On a terminal one line is redrawn in place (\\r); in a log file or pipe a line is written at
+    most every `every_s` seconds, and always for the last chunk, so logs stay short on 100k files.
+    `cxr predict` shows it unless --quiet.
+    """
+
+    def __init__(self, stream=None, every_s: float = 10.0):
+        self.stream = stream or sys.stderr
+        self.every_s = every_s
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._start = time.perf_counter()
+        self._last = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        last = done >= total
+        if not (self.tty or last or self._last is None or now - self._last >= self.every_s):
+            return
+        self._last = now
+        elapsed = max(now - self._start, 1e-9)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        line = (f"predict {done}/{total} files  {rate:.1f} files/s  "
+                + (f"ETA {_duration(eta)}" if not last else f"{_duration(elapsed)}"))
+        if self.tty:
+            # Pad over a longer previous line; the last update ends the line.
+            print(f"\r{line:<70}", end="\n" if last else "", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def expand_paths(paths) -> list[Path]:

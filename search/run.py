@@ -17,11 +17,12 @@ from cxr_search.best import export_best
 from cxr_search.config import CONFIG_FILE, SearchConfig
 from cxr_search.results import collect_results, write_results
 from cxr_search.sweep_report import write_report
-from cxr_search.tuner import check_weights, run_sweep, sweep_finished
+from cxr_search.tuner import check_weights, log_best_to_mlflow, run_sweep, sweep_finished
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Returns {"finished", "table", "best", "report", "results_files", "wall_time_s"}.
+    """Returns {"finished", "table", "best", "report", "results_files", "wall_time_s"}, and
+    "mlflow_best_run" (the MLflow run id of the best model, None without --mlflow) when finished.
 
     When the sweep was interrupted (Ctrl-C), only the results so far are written and "finished"
     is False: the best trial is not evaluated on test until the sweep is complete.
@@ -42,6 +43,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
                                "report": None, "results_files": files}
     if summary["finished"]:
         summary["best"] = export_best(cfg, table, data=data)
+        summary["mlflow_best_run"] = log_best_to_mlflow(cfg, summary["best"])  # None without --mlflow
         summary["wall_time_s"] = time.perf_counter() - start
         summary["report"] = write_report(cfg, table, summary["best"], wall_time_s=summary["wall_time_s"])
     summary["wall_time_s"] = time.perf_counter() - start

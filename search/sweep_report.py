@@ -1,13 +1,17 @@
 """RUN/report.md and its plots: what was searched, what won, and how it did on test.
 
 Plots (RUN/plots/): learning curves of the top trials, each hyperparameter against the metric,
-Optuna's parameter importances; the confusion matrix and ROC are the export's own
+Optuna's parameter importances, and Optuna's own optimisation history, parallel coordinates and
+intermediate values (what ASHA saw per epoch), which show the order of the trials and how the
+parameters combine, something the per-parameter scatter cannot; the confusion matrix and ROC are the export's own
 (RUN/best/plots/), linked rather than redrawn. Figures use matplotlib's Figure + Agg canvas, never
-pyplot (no global state, no display).
+pyplot (no global state, no display). Only Optuna's plots need pyplot: each figure is closed
+after saving, and the Agg backend is chosen when pyplot is not loaded yet (a notebook keeps its own).
 """
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,8 @@ PLOTS_DIR = "plots"
 def write_report(cfg: SearchConfig, table: pd.DataFrame, best: dict[str, Any], *,
                  wall_time_s: float | None = None) -> Path:
     plots = write_plots(cfg, table)
+    optuna_plots, skipped = write_optuna_plots(cfg, cfg.run_dir / PLOTS_DIR)
+    plots.update(optuna_plots)
     text = "\n".join([
         f"# cxr-tune sweep report: `{cfg.run_dir.name}`",
         "",
@@ -62,6 +68,7 @@ def write_report(cfg: SearchConfig, table: pd.DataFrame, best: dict[str, Any], *
         "## Plots",
         "",
         *[f"![{name}]({_rel(cfg, path)})\n" for name, path in plots.items()],
+        *[f"Not drawn: {name} ({why}).\n" for name, why in skipped.items()],
         "## Search space",
         "",
         "```",
@@ -289,6 +296,72 @@ def plot_param_importances(cfg: SearchConfig, path: Path) -> Path | None:
            xlabel="importance (normalised to sum to 1)")
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, path)
+
+
+OPTUNA_PLOTS = {  # report caption -> (file name, optuna.visualization.matplotlib function name)
+    "Optuna optimisation history": ("optuna_history.png", "plot_optimization_history"),
+    "Optuna parallel coordinates": ("optuna_parallel_coordinate.png", "plot_parallel_coordinate"),
+    "Optuna intermediate values (per epoch)": ("optuna_intermediate_values.png", "plot_intermediate_values"),
+}
+
+
+def write_optuna_plots(cfg: SearchConfig, folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Optuna's own matplotlib plots of the study: ({caption: png}, {caption: why not drawn}).
+
+    A plot Optuna cannot draw for this study (one trial, no intermediate values, ...) is skipped
+    with its reason, never failing the report.
+    """
+    import matplotlib
+    import optuna
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # no display needed; an already loaded pyplot keeps the user's backend
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_mpl
+
+    drawn, skipped = {}, {}
+    try:
+        study = optuna.load_study(study_name=cfg.study_name, storage=cfg.optuna_url)
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    except Exception as exc:  # noqa: BLE001 - the report is written without these plots
+        return {}, {caption: f"the study could not be read: {exc}" for caption in OPTUNA_PLOTS}
+    for caption, (name, function) in OPTUNA_PLOTS.items():
+        reason = _why_not(function, complete)
+        if reason is None:
+            try:
+                drawn[caption] = _save_optuna(getattr(optuna_mpl, function), study, folder / name, plt)
+            except Exception as exc:  # noqa: BLE001 - e.g. a plot Optuna cannot draw for one trial
+                reason = f"Optuna could not draw it: {type(exc).__name__}: {exc}"
+        if reason is not None:
+            skipped[caption] = reason
+    return drawn, skipped
+
+
+def _why_not(function: str, complete) -> str | None:
+    # Optuna draws empty axes (with a warning) in these cases: say so instead of linking a blank plot.
+    if not complete:
+        return "no trial completed"
+    if function == "plot_parallel_coordinate" and len(complete) < 2:
+        return "needs at least two completed trials"
+    if function == "plot_intermediate_values" and not any(t.intermediate_values for t in complete):
+        return "no trial reported intermediate values"
+    return None
+
+
+def _save_optuna(plot, study, path: Path, plt) -> Path:
+    figures_before = set(plt.get_fignums())
+    try:
+        with warnings.catch_warnings():  # ExperimentalWarning: the matplotlib backend of optuna.visualization
+            warnings.simplefilter("ignore")
+            ax = plot(study)
+        fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
+        fig.set_dpi(DPI)
+        fig.tight_layout()
+        fig.savefig(path, dpi=DPI)
+    finally:  # close what this plot opened, also when it failed half-way
+        for number in set(plt.get_fignums()) - figures_before:
+            plt.close(number)
+    return path
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -15,6 +15,7 @@ Where things go (storage = --storage, default: the run folder):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -380,3 +381,55 @@ def mlflow_callbacks(cfg: SearchConfig) -> list:
     except ImportError:
         raise CxrError("--mlflow needs MLflow: pip install 'cxr-tune[mlflow]'") from None
     return [MLflowLoggerCallback(tracking_uri=cfg.mlflow, experiment_name=cfg.study_name, save_artifact=False)]
+
+
+BEST_RUN_NAME = "best"
+
+
+def log_best_to_mlflow(cfg: SearchConfig, best: dict[str, Any]) -> str | None:
+    """One MLflow run named "best" in the study's experiment, beside the trials' runs: the best
+    config and threshold as params, the test metrics (test_<name>, with _ci_low/_ci_high) and the
+    METRIC it won the sweep with as metrics, and the exported RUN/best folder as artifacts
+    (model.keras, model_card.json, metrics.json, plots). Returns its run id; None without --mlflow.
+
+    Ray's MLflowLoggerCallback only sees trials, so the model chosen after the sweep is logged here.
+    """
+    if not cfg.mlflow:
+        return None
+    from mlflow.tracking import MlflowClient  # the optional extra, checked by mlflow_callbacks()
+
+    client = MlflowClient(tracking_uri=cfg.mlflow)
+    experiment = client.get_experiment_by_name(cfg.study_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.study_name)
+    run = client.create_run(experiment_id, run_name=BEST_RUN_NAME,
+                            tags={"cxr.trial_id": str(best["trial_id"]), "cxr.run_dir": str(cfg.run_dir)})
+    run_id = run.info.run_id
+    try:
+        params = {**{k: v for k, v in best["params"].items() if v is not None},
+                  "threshold": best["threshold"], "threshold_method": best["threshold_method"],
+                  "best_epoch": best["best_epoch"]}
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+        for key, value in _test_metrics(best["metrics"]["test"]).items():
+            client.log_metric(run_id, key, value)
+        client.log_metric(run_id, f"{METRIC}_in_sweep", float(best[METRIC]))
+        client.log_artifacts(run_id, str(best["model_dir"]))
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def _test_metrics(test: dict[str, Any]) -> dict[str, float]:
+    """test_<name> (and _ci_low, _ci_high) for every metric with a finite value."""
+    out = {}
+    for name, entry in test.items():
+        if not (isinstance(entry, dict) and "value" in entry):
+            continue
+        for part, key in (("value", f"test_{name}"), ("ci_low", f"test_{name}_ci_low"),
+                          ("ci_high", f"test_{name}_ci_high")):
+            value = entry.get(part)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[key] = float(value)
+    return out

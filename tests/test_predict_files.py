@@ -93,6 +93,45 @@ def test_cxr_predict_writes_error_rows_for_bad_files_and_exits_0(model_dir, samp
     assert f"{n_samples + 2} predicted, 3 unreadable" in capsys.readouterr().err
 
 
+def test_cxr_predict_shows_progress_on_stderr_unless_quiet(model_dir, samples_dir, tmp_path, capsys, monkeypatch):
+    import cxr_model.predict
+    from cxr_search.cli import main
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(12):  # 12 real files, predicted 5 at a time: three chunks
+        shutil.copy(_sample_files(samples_dir)[i % len(_sample_files(samples_dir))], folder / f"{i:02d}.jpeg")
+    monkeypatch.setattr(cxr_model.predict, "CHUNK", 5)
+
+    assert main(["predict", str(model_dir), str(folder), "--out", str(tmp_path / "p.csv")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("predict ")]
+    # Not a terminal: the first chunk, then at most one line per 10 s, and always the last one.
+    assert lines[0].startswith("predict 5/12 files") and "files/s" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].startswith("predict 12/12 files") and "ETA" not in lines[-1]
+
+    assert main(["predict", str(model_dir), str(folder), "--out", str(tmp_path / "q.csv"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "files/s" not in err and "12 predicted, 0 unreadable" in err
+
+
+def test_file_progress_redraws_one_line_on_a_terminal():
+    import io
+
+    from cxr_model.predict import FileProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = FileProgress(stream=stream)
+    for done in (5, 10, 12):
+        progress(done, 12)
+    text = stream.getvalue()
+    assert text.count("\r") == 3 and text.count("\n") == 1 and text.endswith("\n")
+    assert "predict 10/12 files" in text and "ETA" in text
+
+
 def test_cxr_predict_reports_an_empty_folder_in_one_line(model_dir, tmp_path, capsys):
     from cxr_search.cli import main
 

@@ -45,6 +45,10 @@ def sweep(ray_session, prepared_small, tmp_path_factory):
     # MLflow (the optional extra `make test` installs) logs to a local SQLite file when present.
     mlflow = f"sqlite:///{tmp / 'mlflow.db'}" if importlib.util.find_spec("mlflow") else None
     cfg = small_config(prepared_small, tmp / "run", tmp, mlflow=mlflow)
+    if mlflow:  # artifacts under tmp: with a SQLite tracking URI MLflow's default is ./mlruns in the cwd
+        from mlflow.tracking import MlflowClient
+        MlflowClient(tracking_uri=mlflow).create_experiment(
+            cfg.study_name, artifact_location=(tmp / "mlflow-artifacts").as_uri())
     summary = run_search(cfg)
     return cfg, summary
 
@@ -136,10 +140,15 @@ def test_report_has_tables_metrics_and_plots(sweep):
     for needle in ("## Best trial", "## Test metrics", "roc_auc", "95% CI", "## Trials", summary["best"]["trial_id"],
                    "## Calibration and operating points", "AUPRC", "Brier", "ECE", "DeLong", "| sens>=0.95 |"):
         assert needle in text
-    for name in ("learning_curves.png", "params_vs_val_auc.png", "param_importances.png"):
+    for name in ("learning_curves.png", "params_vs_val_auc.png", "param_importances.png",
+                 # Optuna's own (optuna.visualization.matplotlib), from the study the sweep saved
+                 "optuna_history.png", "optuna_parallel_coordinate.png", "optuna_intermediate_values.png"):
         path = cfg.run_dir / "plots" / name
         assert path.stat().st_size > 10_000, name
         assert f"plots/{name}" in text
+    assert "Not drawn:" not in text
+    import matplotlib.pyplot as plt
+    assert plt.get_fignums() == []  # every pyplot figure Optuna opened was closed
     for name in ("confusion_test.png", "roc_test.png", "pr_test.png", "reliability_test.png"):
         assert (cfg.run_dir / "best" / "plots" / name).is_file() and f"best/plots/{name}" in text
     saved = json.loads((cfg.run_dir / "search_config.json").read_text())
@@ -214,10 +223,57 @@ def test_mlflow_gets_one_run_per_trial_with_params_and_metrics(sweep):
     cfg, summary = sweep
     client = mlflow.tracking.MlflowClient(tracking_uri=cfg.mlflow)
     experiment = client.get_experiment_by_name(cfg.study_name)
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == TRIALS
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name != "best"]
+    assert len(runs) == TRIALS  # plus the "best" run, checked below
     table = summary["table"].set_index("trial_id")
     for run in runs:
         trial_id = run.data.tags["trial_name"].rsplit("_", 1)[-1]
         assert run.data.metrics[METRIC] == pytest.approx(table.loc[trial_id, METRIC])
         assert float(run.data.params["lr"]) == pytest.approx(table.loc[trial_id, "lr"])
+
+
+def test_mlflow_logs_the_best_model_with_test_metrics_and_artifacts(sweep):
+    """After the export, one run named "best": its config, its test metrics, RUN/best as artifacts."""
+    mlflow = pytest.importorskip("mlflow", reason="the optional extra cxr-tune[mlflow] is not installed")
+
+    cfg, summary = sweep
+    best = summary["best"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=cfg.mlflow)
+    run = client.get_run(summary["mlflow_best_run"])
+    assert run.info.run_name == "best" and run.info.status == "FINISHED"
+    assert run.info.experiment_id == client.get_experiment_by_name(cfg.study_name).experiment_id
+    test = best["metrics"]["test"]
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(test["roc_auc"]["value"])
+    assert run.data.metrics["test_roc_auc_ci_low"] == pytest.approx(test["roc_auc"]["ci_low"])
+    assert float(run.data.params["lr"]) == pytest.approx(best["params"]["lr"])
+    assert float(run.data.params["threshold"]) == pytest.approx(best["threshold"])
+    assert run.data.tags["cxr.trial_id"] == best["trial_id"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.keras", "model_card.json", "metrics.json"} <= artifacts
+    card = json.loads(Path(client.download_artifacts(run.info.run_id, "model_card.json")).read_text())
+    assert card["threshold"] == pytest.approx(best["threshold"])
+
+
+def test_optuna_plots_it_cannot_draw_are_skipped_with_a_note(tmp_path):
+    """A study with one completed trial and no intermediate values: the history is drawn, parallel
+    coordinates and intermediate values are left out with their reason, nothing raises."""
+    import types
+
+    import matplotlib.pyplot as plt
+    import optuna
+
+    from cxr_search.sweep_report import OPTUNA_PLOTS, write_optuna_plots
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="one", storage=url, direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("lr", 1e-4, 1e-2, log=True), n_trials=1)
+    cfg = types.SimpleNamespace(study_name="one", optuna_url=url)
+
+    drawn, skipped = write_optuna_plots(cfg, tmp_path)
+
+    assert list(drawn) == ["Optuna optimisation history"] and drawn["Optuna optimisation history"].is_file()
+    assert skipped == {"Optuna parallel coordinates": "needs at least two completed trials",
+                       "Optuna intermediate values (per epoch)": "no trial reported intermediate values"}
+    assert set(drawn) | set(skipped) == set(OPTUNA_PLOTS) and plt.get_fignums() == []
+    gone = types.SimpleNamespace(study_name="missing", optuna_url=url)
+    assert write_optuna_plots(gone, tmp_path)[0] == {}  # an unreadable study: notes, no exception
