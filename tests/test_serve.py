@@ -26,15 +26,8 @@ MAX_UPLOAD_MB = 1  # the real samples are 0.2-0.3 MB
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """An exported 64-px model (random seeded weights, threshold 0.5)."""
-    from cxr_model import ModelConfig, TrainConfig, build_model, export
-    from cxr_model.evaluate import metrics_from_probs
-
-    cfg = TrainConfig(model=ModelConfig(image_size=SIZE, weights=None, head_units=(8,), aug_strength=0.1))
-    metrics = metrics_from_probs([0, 1, 0, 1], [0.2, 0.6, 0.4, 0.9], threshold=0.5, n_boot=50)
-    return export(build_model(cfg.model, seed=0), tmp_path_factory.mktemp("m") / "model", train_cfg=cfg,
-                  threshold=0.5, metrics=metrics, threshold_method="youden", resize="pad")
+def model_dir(exported_64):
+    return exported_64
 
 
 def _free_port() -> int:
