@@ -21,9 +21,7 @@ from cxr_model.evaluate import (
     wilson_interval,
 )
 
-# The case of test_eval_metrics: 3 NORMAL, 5 PNEUMONIA.
-LABELS = np.array([0, 0, 0, 1, 1, 1, 1, 1])
-PROBS = np.array([0.1, 0.4, 0.6, 0.3, 0.7, 0.8, 0.9, 0.55])
+from test_eval_metrics import LABELS, PROBS  # the hand-computed case: 3 NORMAL, 5 PNEUMONIA
 
 
 def test_brier_and_ece_hand_computed():
