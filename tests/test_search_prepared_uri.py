@@ -1,7 +1,7 @@
 """`cxr train`, `cxr evaluate` and `cxr search` on a prepared data set given as a URI
 (`s3://bucket/prepared` for a user; `file://` here, there is no network): the same code path as
 s3:// or gs:// (pyarrow.fs), the manifest hash of the local folder recorded, and a resume that
-refuses data other than what the sweep started on."""
+refuses data other than what the sweep started on. TFRecord shards are listed at a URI too."""
 from __future__ import annotations
 
 import dataclasses
@@ -63,6 +63,8 @@ def test_search_on_a_file_uri_records_it_and_resume_checks_its_manifest(ray_sess
     assert "TERMINATED" in results  # the trial trained on the data the driver read from the URI
     card = json.loads((run / "best" / "model_card.json").read_text())
     assert card["data"]["manifest_hash"] == cfg.prepared_hash
+    report = (run / "report.md").read_text()
+    assert f"Prepared data: `{cfg.prepared}` (manifest sha256 `{cfg.prepared_hash[:12]}...`)" in report
 
     # Resuming on data that is no longer the sweep's (re-prepared, or another copy) is refused
     # before anything runs; the same bytes under another URI are accepted as the same data.
@@ -82,3 +84,39 @@ def test_search_refuses_a_uri_that_is_not_a_prepared_folder(tmp_path, capsys):
     assert main(["search", "nosuch://bucket/prepared", "--out", str(tmp_path / "run")]) == 2
     assert "cannot open nosuch://bucket/prepared" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_tfrecord_shards_are_listed_and_streamed_through_a_file_uri(tmp_path):
+    """`Data.from_prepared(..., stream_tfrecords=True)`'s shard list: file:// URIs that tf.data
+    reads itself, the same records as the plain paths."""
+    import keras
+    import numpy as np
+    import pandas as pd
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.data path is TensorFlow-only")
+    from cxr_datasets.shards import write_tfrecord_shards
+    from cxr_model.data import tfrecord_dataset, tfrecord_files
+
+    size, n = 8, 30
+    images = np.random.default_rng(0).integers(0, 256, (n, size, size), dtype=np.uint8)
+    rows = pd.DataFrame({"image": [i.tobytes() for i in images], "height": size, "width": size,
+                         "label": np.arange(n) % 2, "label_name": "x", "patient_id": "p", "source_path": "x"})
+    write_tfrecord_shards(rows, "train", tmp_path, rows_per_shard=12)
+    (tmp_path / "train" / "notes.txt").write_text("not a shard")
+    local, uris = tfrecord_files(tmp_path, "train"), tfrecord_files(tmp_path.as_uri(), "train")
+    assert [p.rsplit("/", 1)[1] for p in local] == ["part-00000.tfrecord", "part-00001.tfrecord",
+                                                    "part-00002.tfrecord"]
+    assert uris == [f"{tmp_path.as_uri()}/train/{p.rsplit('/', 1)[1]}" for p in local]
+
+    def batches(files):
+        ds = tfrecord_dataset(files, size, batch_size=n, shuffle=False)
+        return [(x.numpy(), y.numpy()) for x, y, _w in ds]
+
+    (x_uri, y_uri), = batches(uris)
+    (x_local, y_local), = batches(local)
+    assert x_uri.tobytes() == x_local.tobytes() and (y_uri == y_local).all()
+    # tf.data interleaves the shards: every record once, in another order
+    assert sorted(i.tobytes() for i in x_uri[..., 0]) == sorted(i.tobytes() for i in images)
+    with pytest.raises(CxrError, match=f"no TFRecord shards in {tmp_path.as_uri()}/val "):
+        tfrecord_files(tmp_path.as_uri(), "val")
