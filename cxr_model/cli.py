@@ -63,7 +63,8 @@ def register(subparsers) -> None:
 def _add_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="train, evaluate and export one configuration",
                               epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
+    p.add_argument("prepared", metavar="PREPARED",
+                   help="folder written by `cxr prepare`, or its pyarrow.fs URI (s3://, gs://, file://)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="export folder to create")
     m = p.add_argument_group("model")
     m.add_argument("--head-units", type=_int_list, metavar="N[,N...]",
@@ -112,7 +113,8 @@ def _add_evaluate(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="metrics of an exported model on a prepared split",
                               epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", metavar="MODEL_DIR", help="export folder (cxr train / cxr search)")
-    p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
+    p.add_argument("prepared", metavar="PREPARED",
+                   help="folder written by `cxr prepare`, or its pyarrow.fs URI (s3://, gs://, file://)")
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default: test)")
     _add_eval_options(p, threshold=False)
     p.add_argument("--json", action="store_true",

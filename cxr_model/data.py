@@ -1,6 +1,7 @@
 """Training data in memory and the input pipeline that feeds `fit`.
 
     data = Data.from_prepared("runs/prepared")            # train + val arrays, class weights
+    data = Data.from_prepared("s3://bucket/prepared")     # or any pyarrow.fs URI (gs://, file://)
     stream = BatchStream(data.x_train, data.y_train, batch_size=64, seed=0,
                          class_weight=data.class_weight)
     for x, y_onehot, weight in stream.epoch(0): ...        # one epoch, every sample once
@@ -43,7 +44,7 @@ class Data:
     x_val: np.ndarray
     y_val: np.ndarray
     class_weight: dict[int, float] | None = None
-    source: Path | None = None  # the prepared directory, when loaded from one (provenance)
+    source: Path | str | None = None  # the prepared folder (or its URI), when loaded from one
     # TFRecord shards of the train split: fit streams them with tf.data (TensorFlow backend)
     # instead of batching x_train, unless the feature cache applies.
     train_tfrecords: tuple[str, ...] | None = None
@@ -67,18 +68,20 @@ class Data:
                       stream_tfrecords: bool = False) -> "Data":
         """Train and val splits of a `cxr prepare` output, class weights from its manifest.
 
+        prepared_dir: a local folder or a pyarrow.fs URI (s3://bucket/prepared, file:///data/p).
         stream_tfrecords: train from the split's TFRecord shards with tf.data (TensorFlow
         backend; the shards must exist) rather than from the in-memory array.
         """
         import cxr_datasets
+        from cxr_datasets.storage import Location
 
-        prepared_dir = Path(prepared_dir)
-        x_train, y_train, _ = cxr_datasets.load(prepared_dir, "train", verify=verify)
-        x_val, y_val, _ = cxr_datasets.load(prepared_dir, "val", verify=verify)
-        weights = cxr_datasets.read_manifest(prepared_dir).get("class_weights")
-        shards = tuple(tfrecord_files(prepared_dir, "train")) if stream_tfrecords else None
-        return cls(x_train, y_train, x_val, y_val, class_weight=weights, source=prepared_dir,
-                   train_tfrecords=shards)
+        prepared = Location.of(prepared_dir)  # a URI's file system is resolved once
+        x_train, y_train, _ = cxr_datasets.load(prepared, "train", verify=verify)
+        x_val, y_val, _ = cxr_datasets.load(prepared, "val", verify=verify)
+        weights = cxr_datasets.read_manifest(prepared).get("class_weights")
+        shards = tuple(tfrecord_files(prepared, "train")) if stream_tfrecords else None
+        return cls(x_train, y_train, x_val, y_val, class_weight=weights,
+                   source=prepared.local or prepared.uri, train_tfrecords=shards)
 
 
 def balanced_class_weight(labels: np.ndarray) -> dict[int, float]:
@@ -185,15 +188,21 @@ class BatchStream:
         self._stop.set()
 
 
-def tfrecord_files(prepared_dir: str | Path, split: str) -> list[str]:
-    """The TFRecord shards `cxr prepare --format tfrecord|both` wrote for one split."""
-    files = sorted(str(p) for p in (Path(prepared_dir) / split).glob("part-*.tfrecord"))
-    if not files:
-        from cxr_datasets.errors import CxrError
+def tfrecord_files(prepared_dir, split: str) -> list[str]:
+    """The TFRecord shards `cxr prepare --format tfrecord|both` wrote for one split: paths, or
+    URIs for a URI folder (tf.data reads file:// and gs://; s3:// needs tensorflow-io)."""
+    import fnmatch
 
-        raise CxrError(f"no TFRecord shards in {Path(prepared_dir) / split} "
-                       "(prepare with --format tfrecord or both)")
-    return files
+    from cxr_datasets.errors import CxrError
+    from cxr_datasets.storage import Location, list_files
+
+    folder = Location.of(prepared_dir).child(split)
+    found = list_files(folder) if folder.kind() == "dir" else []
+    names = [rel for rel, _size, is_dir in found
+             if not is_dir and "/" not in rel and fnmatch.fnmatch(rel, "part-*.tfrecord")]
+    if not names:
+        raise CxrError(f"no TFRecord shards in {folder} (prepare with --format tfrecord or both)")
+    return [str(folder.child(name)) for name in names]
 
 
 def tfrecord_dataset(files: list[str], image_size: int, batch_size: int, *, seed: int = 0,

@@ -4,6 +4,10 @@
     result = train_and_export(TrainConfig(model=ModelConfig(image_size=224)), "runs/prepared", "runs/model")
     result["metrics"]["test"]["roc_auc"]     # {"value", "ci_low", "ci_high"}
 
+The prepared data may be a local folder or a pyarrow.fs URI (s3://bucket/prepared): it is read
+through `cxr_datasets.storage.Location` once per call, and the model card records its manifest hash,
+which is the same for a folder and its copy in a bucket.
+
 `finalize` is the only code path that reads the test split to score a model before export; `cxr
 train` calls it through `train_and_export` and the search calls it for its best trial, so every
 exported model has been evaluated on test exactly once, at a threshold chosen on validation.
@@ -15,6 +19,7 @@ from pathlib import Path
 import cxr_datasets
 from cxr_datasets import manifest_hash, read_manifest
 from cxr_datasets.errors import CxrError
+from cxr_datasets.storage import Location
 
 from .config import THRESHOLD_METHODS, EvalConfig  # noqa: F401  (THRESHOLD_METHODS: re-exported)
 from .data import Data
@@ -30,11 +35,13 @@ def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str 
                      callbacks=(), feature_cache=None, data=None, extra: dict | None = None) -> dict:
     """Train `train_cfg` on the prepared data and export it to `out_dir`; returns finalize()'s dict.
 
+    prepared_dir: a local folder or a pyarrow.fs URI (s3://bucket/prepared, file:///data/p).
     data: a `cxr_model.Data` already loaded from `prepared_dir` (the search passes its shared one).
     """
     from .train import fit  # Keras (and its backend): loaded when a model is trained
 
     check_export_target(out_dir, overwrite)  # fail before training, not after
+    prepared_dir = Location.of(prepared_dir)  # a URI's file system is resolved once
     data = data if data is not None else Data.from_prepared(prepared_dir)
     _check_image_size(train_cfg, data.x_val.shape[1])
     history = fit(train_cfg, data, callbacks=callbacks, feature_cache=feature_cache)
@@ -58,6 +65,7 @@ def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
     """
     from .model import predict_proba  # Keras: a model is at hand, so it is loaded already
 
+    prepared_dir = Location.of(prepared_dir)
     x_val, y_val = val if val is not None else load_split(prepared_dir, "val")
     val_probs = predict_proba(model, x_val)
     threshold = choose_threshold(y_val, val_probs, method=threshold_method, target=target_sensitivity)
@@ -86,6 +94,7 @@ def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = 
     hash is the one the model was trained and evaluated with.
     """
     model, card = load_model(model_dir)
+    prepared_dir = Location.of(prepared_dir)
     options = read_manifest(prepared_dir)["options"]
     spec = card["input"]
     if int(options["image_size"]) != int(spec["image_size"]) or options["resize"] != spec["resize"]:

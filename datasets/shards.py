@@ -7,6 +7,12 @@ Layout of a prepared folder:
     OUT/eda/*.png, OUT/eda/summary.md
 
     images, labels, meta = cxr_datasets.load("runs/prepared", "train")   # verified against the manifest
+    images, labels, meta = cxr_datasets.load("s3://bucket/prepared", "train")  # any pyarrow.fs URI
+
+A prepared folder is read through `storage.Location` wherever it lives: a local folder with the
+OS's own reads (no extra copy), a URI (s3://, gs://, file://, ...) through its pyarrow file system.
+Either way the manifest's sha256 of every shard is checked before a byte of it is used, and
+`manifest_hash` is the same for a folder and its copy in a bucket.
 
 Parquet `image` column: the raw uint8 pixels of the [S, S] image (row-major), with `height` and
 `width` beside it. Not PNG: every trial loads whole splits into memory, and raw bytes become a numpy
@@ -30,6 +36,7 @@ import pyarrow.parquet as pq
 
 from .config import SPLITS
 from .errors import CxrError
+from .storage import Location
 
 MANIFEST = "manifest.json"
 PARQUET_SCHEMA = pa.schema([
@@ -191,14 +198,16 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
 
 
 # --- reading -------------------------------------------------------------------------------------
+# A prepared folder is a local path or any pyarrow.fs URI (s3://, gs://, file://): every read goes
+# through one `storage.Location`, so both are the same code (plain paths use the OS's own reads).
 
-def read_manifest(prepared_dir: str | os.PathLike) -> dict:
-    """The manifest of a prepared folder; CxrError if the folder is not one."""
-    path = _manifest_path(prepared_dir)
+def read_manifest(prepared_dir: str | os.PathLike | Location) -> dict:
+    """The manifest of a prepared folder (a path or URI); CxrError if the folder is not one."""
+    prepared = Location.of(prepared_dir)
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CxrError(f"cannot read {path}: {exc}") from None
+        return json.loads(_manifest_bytes(prepared))
+    except ValueError as exc:
+        raise CxrError(f"cannot read {prepared.child(MANIFEST)}: {exc}") from None
 
 
 def manifest_totals(manifest: dict) -> tuple[int, int, int]:
@@ -208,30 +217,30 @@ def manifest_totals(manifest: dict) -> tuple[int, int, int]:
     return accepted, len(manifest["rejected"]), removed
 
 
-def manifest_hash(prepared_dir: str | os.PathLike) -> str:
-    """sha256 of manifest.json: names one exact prepared data set (model cards record it)."""
-    return file_sha256(_manifest_path(prepared_dir))
+def manifest_hash(prepared_dir: str | os.PathLike | Location) -> str:
+    """sha256 of manifest.json: names one exact prepared data set (model cards record it); a
+    folder and its copy at a URI have the same hash."""
+    return hashlib.sha256(_manifest_bytes(Location.of(prepared_dir))).hexdigest()
 
 
-def _manifest_path(prepared_dir: str | os.PathLike) -> Path:
-    path = Path(prepared_dir) / MANIFEST
-    if not path.is_file():
-        raise CxrError(f"not a prepared folder (no {MANIFEST}): {prepared_dir}; run `cxr prepare` first")
-    return path
+def _manifest_bytes(prepared: Location) -> bytes:
+    return prepared.child(MANIFEST).read_file(
+        MANIFEST, missing=f"not a prepared folder (no {MANIFEST}): {prepared}; run `cxr prepare` first")
 
 
-def load(prepared_dir: str | os.PathLike, split: str, verify: bool = True):
+def load(prepared_dir: str | os.PathLike | Location, split: str, verify: bool = True):
     """(images uint8 [N, S, S, 1], labels int64 [N], meta DataFrame) of one split.
 
+    `prepared_dir`: a local folder or a pyarrow.fs URI (s3://bucket/prepared, file:///data/p).
     With `verify`, each shard's sha256 is checked against the manifest first: a damaged or swapped
     shard is a CxrError naming it, never silently wrong training data.
     """
     if split not in SPLITS:
         raise CxrError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    prepared_dir = Path(prepared_dir)
-    manifest = read_manifest(prepared_dir)
-    shards = _parquet_shards(manifest, split, prepared_dir)
-    tables = [_read_shard(prepared_dir, shard, verify) for shard in shards]
+    prepared = Location.of(prepared_dir)  # once: a URI's file system is resolved once per load
+    manifest = read_manifest(prepared)
+    shards = _parquet_shards(manifest, split, prepared)
+    tables = [_read_shard(prepared, shard, verify) for shard in shards]
     table = pa.concat_tables(tables)
     size = int(manifest["options"]["image_size"])
     images = _image_array(table.column("image"), size).reshape(-1, size, size, 1)
@@ -240,31 +249,32 @@ def load(prepared_dir: str | os.PathLike, split: str, verify: bool = True):
     return images, labels, meta
 
 
-def _parquet_shards(manifest: dict, split: str, prepared_dir: Path) -> list[dict]:
+def _parquet_shards(manifest: dict, split: str, prepared: Location) -> list[dict]:
     shards = [s for s in manifest.get("shards", [])
               if s["split"] == split and s.get("format", "parquet") == "parquet"]
     if not shards:
         fmt = manifest.get("options", {}).get("format")
         hint = " (prepared with --format tfrecord: re-run with --format parquet or both)" \
             if fmt == "tfrecord" else ""
-        raise CxrError(f"no Parquet shards for split {split!r} in {prepared_dir}{hint}")
+        raise CxrError(f"no Parquet shards for split {split!r} in {prepared}{hint}")
     return shards
 
 
-def _read_shard(prepared_dir: Path, shard: dict, verify: bool) -> pa.Table:
-    path = prepared_dir / shard["path"]
-    if not path.is_file():
-        raise CxrError(f"shard missing: {path}; re-run `cxr prepare`")
-    source = path
+def _read_shard(prepared: Location, shard: dict, verify: bool) -> pa.Table:
+    path = prepared.child(shard["path"])
     if verify:  # read once: hash the bytes, then parse the same bytes
-        data = path.read_bytes()
+        data = path.read_file("shard", missing=f"shard missing: {path}; re-run `cxr prepare`")
         actual = hashlib.sha256(data).hexdigest()
         if actual != shard["sha256"]:
             raise CxrError(f"damaged shard {path}: its sha256 does not match the manifest "
                            f"({actual[:12]}... != {shard['sha256'][:12]}...); re-run `cxr prepare`")
-        source = pa.BufferReader(data)
+        source, filesystem = pa.BufferReader(data), None
+    else:
+        if path.kind() != "file":
+            raise CxrError(f"shard missing: {path}; re-run `cxr prepare`")
+        source, filesystem = path.path, path.fs
     try:
-        table = pq.read_table(source)
+        table = pq.read_table(source, filesystem=filesystem)
     except (OSError, pa.ArrowException) as exc:
         raise CxrError(f"damaged shard {path}: {exc}") from None
     if table.num_rows != shard["rows"]:

@@ -4,8 +4,14 @@
     loc = Location.of("data/chest_xray")            # a plain path: the local file system
 
 A plain path is read with the operating system's calls (clearer reasons for broken links and
-permissions); a URI through its pyarrow file system, by the driver (listing) and by the Ray tasks
-(reading files, writing shards). `Location` is picklable, so tasks receive it as an argument.
+permissions, and no copy through Arrow's buffers); a URI through its pyarrow file system, by the
+driver (listing) and by the Ray tasks (reading files, writing shards). `Location` is picklable, so
+tasks receive it as an argument.
+
+The readers of a prepared folder (`cxr_datasets.load`, `read_manifest`, `manifest_hash`, and through
+them `cxr train|evaluate|search`) take the same `Location`s, so PREPARED may be a URI too:
+
+    data = loc.child("manifest.json").read_file("manifest")  # CxrError "manifest missing: s3://..."
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CxrError
+from .errors import CxrError, first_line
 
 
 @dataclass(frozen=True)
@@ -24,9 +30,11 @@ class Location:
     fs: object  # a pyarrow.fs.FileSystem
 
     @classmethod
-    def of(cls, where: str | os.PathLike) -> Location:
+    def of(cls, where: str | os.PathLike | Location) -> Location:
         import pyarrow.fs as pafs
 
+        if isinstance(where, Location):
+            return where
         text = os.fspath(where)
         if "://" not in text:
             absolute = str(Path(text).absolute())
@@ -34,7 +42,7 @@ class Location:
         try:
             fs, path = pafs.FileSystem.from_uri(text)
         except Exception as exc:  # pyarrow: ArrowInvalid, ArrowNotImplementedError, OSError ...
-            raise CxrError(f"cannot open {text}: {str(exc).strip().splitlines()[0]}") from None
+            raise CxrError(f"cannot open {text}: {first_line(exc)}") from None
         return cls(text.rstrip("/"), path.rstrip("/") or "/", fs)
 
     @property
@@ -64,7 +72,10 @@ class Location:
         """"dir", "file" or "missing"."""
         import pyarrow.fs as pafs
 
-        info = self.fs.get_file_info(self.path)
+        try:
+            info = self.fs.get_file_info(self.path)
+        except OSError as exc:  # no network, no credentials, no permission ...
+            raise CxrError(f"cannot access {self}: {first_line(exc)}") from None
         return {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}.get(info.type, "missing")
 
     def is_inside(self, other: Location) -> bool:
@@ -78,8 +89,29 @@ class Location:
             stream.write(data)
 
     def read_bytes(self) -> bytes:
+        if not self.is_uri:  # the operating system's read: one copy, its own error reasons
+            return Path(self.path).read_bytes()
         with self.fs.open_input_stream(self.path) as stream:
             return stream.readall()
+
+    def read_file(self, what: str = "file", missing: str | None = None) -> bytes:
+        """The bytes of this file, or a one-line CxrError naming it: `missing` (default "<what>
+        missing: URI") when it is not there, else the file system's reason (no credentials,
+        no network, a folder ...)."""
+        try:
+            return self.read_bytes()
+        except FileNotFoundError:
+            raise CxrError(missing or f"{what} missing: {self}") from None
+        except OSError as exc:
+            if self._missing():  # some file systems say "not found" in their own words
+                raise CxrError(missing or f"{what} missing: {self}") from None
+            raise CxrError(f"cannot read {what} {self}: {first_line(exc)}") from None
+
+    def _missing(self) -> bool:
+        try:
+            return self.kind() == "missing"
+        except CxrError:
+            return False
 
     def mkdir(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
@@ -95,8 +127,8 @@ class Location:
 
 
 def list_files(loc: Location) -> list[tuple[str, int, bool]]:
-    """(path relative to `loc`, size in bytes, is a folder) of everything below a URI location,
-    sorted (plain paths are walked by `discover` itself)."""
+    """(path relative to `loc`, size in bytes, is a folder) of everything below `loc`, sorted
+    (`discover` walks plain SOURCE paths itself, with the OS's reasons for unreadable entries)."""
     import pyarrow.fs as pafs
 
     infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))

@@ -2,6 +2,7 @@
 
     cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20 --gpus-per-trial 0.25
     cxr search runs/prepared --out runs/sweep --resume          # after Ctrl-C or a killed driver
+    cxr search s3://bucket/prepared --out runs/sweep            # PREPARED at any pyarrow.fs URI
     cxr demo --out runs/demo --overwrite                        # synthetic data, end to end, CPU
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ SEARCH_EPILOG = """examples:
   cxr search runs/prepared --out runs/sweep --resume         # continue an interrupted sweep
   cxr search runs/prepared --out runs/s1 --resume --storage s3://bucket/cxr/s1  # on a new head
   cxr search runs/prepared --out runs/smoke --smoke          # 2 tiny trials, random weights
+  cxr search s3://bucket/prepared --out runs/sweep           # prepared data in a bucket (gs://, file://)
   cxr search /data/prepared --out runs/s1 --address auto --storage s3://bucket/cxr/s1  # on a cluster
 
 Trials sample the space of search/space.py (override it with --space FILE, YAML or JSON), Optuna's
@@ -51,7 +53,8 @@ def register(subparsers) -> None:
 def _add_search(subparsers) -> None:
     p = subparsers.add_parser("search", help="hyperparameter sweep (Ray Tune + Optuna + ASHA), best model on test",
                               epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prepared", metavar="PREPARED", help="folder written by `cxr prepare`")
+    p.add_argument("prepared", metavar="PREPARED",
+                   help="folder written by `cxr prepare`, or its pyarrow.fs URI (s3://, gs://, file://)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (results, report, best model)")
     budget = p.add_argument_group("budget")
     budget.add_argument("--trials", type=int, help=_default("trials to run", "trials"))
@@ -127,9 +130,9 @@ def config_from_args(args) -> tuple[SearchConfig, bool]:
         return dataclasses.replace(cfg, address=flags.get("address", cfg.address)), True
     if (run_dir / CONFIG_FILE).is_file():
         raise CxrError(f"{run_dir} already holds a sweep: add --resume to continue it, or choose another --out")
-    _check_prepared(args.prepared)
+    prepared = _checked_prepared(args.prepared)
     values: dict[str, Any] = {**(SMOKE if args.smoke else {}), **flags}
-    cfg = SearchConfig(prepared=str(Path(args.prepared).resolve()), out=str(run_dir), space=load_space(args.space),
+    cfg = SearchConfig(prepared=prepared, out=str(run_dir), space=load_space(args.space),
                        verbose=0 if args.quiet else 1, **values)
     return cfg, False
 
@@ -148,9 +151,16 @@ def _saved_config(run_dir: Path, storage: str | None) -> SearchConfig:
                    "a sweep from its storage)")
 
 
-def _check_prepared(prepared: str) -> None:
-    if not (Path(prepared) / "manifest.json").is_file():
-        raise CxrError(f"{prepared} is not a prepared data set (no manifest.json): run `cxr prepare` first")
+def _checked_prepared(prepared: str) -> str:
+    """PREPARED as the sweep records it: a folder's absolute path, or the URI as given (s3://,
+    gs://, file://); CxrError if it holds no manifest.json."""
+    from cxr_datasets.shards import MANIFEST
+    from cxr_datasets.storage import Location
+
+    where = Location.of(prepared)
+    if where.child(MANIFEST).kind() != "file":
+        raise CxrError(f"{prepared} is not a prepared data set (no {MANIFEST}): run `cxr prepare` first")
+    return where.uri if where.is_uri else str(Path(prepared).resolve())
 
 
 def handle_demo(args) -> int:

@@ -27,7 +27,7 @@ EXPERIMENT_NAME = "tune"  # Tune's experiment folder inside the storage location
 
 @dataclass(frozen=True)
 class SearchConfig:
-    prepared: str                     # the `cxr prepare` output: shards + manifest.json
+    prepared: str                     # the `cxr prepare` output (a folder or s3:// gs:// file:// URI)
     out: str                          # the run folder: config, results, report, best model
     trials: int = 32                  # TPE needs ~10 random start-up trials before it models anything
     max_epochs: int = 20              # ASHA's max_t: the budget of a trial that is never stopped
@@ -52,6 +52,8 @@ class SearchConfig:
     asha: bool = True                 # early stopping by ASHA; False runs every trial to max_epochs
     verbose: int = 1                  # Tune's console output: 0 silent, 1 status table, 2 per result
     mlflow: str | None = None         # MLflow tracking URI: one MLflow run per trial (pip install 'cxr-tune[mlflow]')
+    prepared_hash: str | None = None  # sha256 of PREPARED's manifest.json when the sweep started;
+    #                                   a resume refuses other data (set by run_search)
 
     def __post_init__(self):
         # "none", "null" and "" (flags, JSON) mean random init, as in ModelConfig

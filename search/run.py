@@ -5,6 +5,11 @@
     summary["best"]["metrics"]["test"]["roc_auc"]
 
 `cxr search` and `cxr demo` call this; the steps live in tuner.py, results.py, best.py, sweep_report.py.
+
+Only this driver reads the prepared data (`cfg.prepared`: a folder or an s3:// / gs:// / file://
+URI, through `cxr_datasets.storage.Location`): train + val go into Ray's object store for the
+trials, which never open PREPARED themselves, and test is read once for the best trial. The
+manifest's hash is saved with the config when the sweep starts; `--resume` refuses other data.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import dataclasses
 import time
 from typing import Any, Sequence
 
+from cxr_datasets import manifest_hash
+from cxr_datasets.errors import CxrError
 from cxr_model import Data
 from cxr_search.best import export_best
 from cxr_search.config import CONFIG_FILE, SearchConfig
@@ -29,11 +36,15 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
     """
     start = time.perf_counter()
     check_weights(cfg.weights)  # before cfg.save(): a failed start must not look like a sweep to resume
+    data_hash = manifest_hash(cfg.prepared)  # CxrError naming PREPARED (folder or URI) if it is not one
     if not resume:
-        cfg = dataclasses.replace(cfg, study=cfg.study_name)  # fixed now: the run folder may move
+        # fixed now: the run folder may move, and a resume must train on the same data
+        cfg = dataclasses.replace(cfg, study=cfg.study_name, prepared_hash=data_hash)
         cfg.save()
-    elif not (cfg.run_dir / CONFIG_FILE).is_file():
-        cfg.save()  # resumed from --storage into a new folder: keep the config here too
+    else:
+        check_same_data(cfg, data_hash)
+        if not (cfg.run_dir / CONFIG_FILE).is_file():
+            cfg.save()  # resumed from --storage into a new folder: keep the config here too
     # Loaded once: the trials train on it and the best trial's threshold is chosen on its val split.
     data = Data.from_prepared(cfg.prepared)  # train + val only; the test split stays on disk
     grid = run_sweep(cfg, resume=resume, callbacks=callbacks, data=data)
@@ -48,3 +59,12 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
         summary["report"] = write_report(cfg, table, summary["best"], wall_time_s=summary["wall_time_s"])
     summary["wall_time_s"] = time.perf_counter() - start
     return summary
+
+
+def check_same_data(cfg: SearchConfig, data_hash: str) -> None:
+    """A resumed sweep continues on the data its finished trials were scored on: PREPARED (a
+    folder or URI) must still hold the manifest the sweep started with."""
+    if cfg.prepared_hash and cfg.prepared_hash != data_hash:
+        raise CxrError(f"{cfg.prepared} is not the prepared data this sweep started with (manifest.json "
+                       f"sha256 {data_hash[:12]}..., the sweep's {cfg.prepared_hash[:12]}...): restore it, "
+                       "or start a new sweep with another --out")

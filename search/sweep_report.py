@@ -95,7 +95,12 @@ def _summary(cfg: SearchConfig, table: pd.DataFrame, wall_time_s: float | None) 
     nodes = table["node_id"].nunique()
     return (f"{len(table)} trials{wall} on {nodes} node(s), up to {cfg.max_epochs} epochs each "
             f"(ASHA grace {cfg.grace_period}, reduction factor {cfg.reduction_factor}); ended by: {parts}. "
-            f"Prepared data: `{cfg.prepared}`; base weights: {cfg.weights or 'none (random init)'}.\n")
+            f"Prepared data: `{cfg.prepared}`{_data_hash(cfg)}; base weights: "
+            f"{cfg.weights or 'none (random init)'}.\n")
+
+
+def _data_hash(cfg: SearchConfig) -> str:
+    return f" (manifest sha256 `{cfg.prepared_hash[:12]}...`)" if cfg.prepared_hash else ""
 
 
 def _best_section(best: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
-"""Where the data lives: files a Ray worker cannot read, and SOURCE/OUT as pyarrow.fs URIs."""
+"""Where the data lives: files a Ray worker cannot read, SOURCE/OUT as pyarrow.fs URIs, and a
+prepared folder read back through a URI (what `cxr train|evaluate|search s3://...` do)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -93,3 +95,59 @@ def test_file_uri_source_and_out_give_the_same_shards(synth_source, prepared_sma
 def test_a_missing_uri_source_is_one_line(tmp_path):
     with pytest.raises(CxrError, match="source folder not found: file://"):
         cxr_datasets.prepare(f"file://{tmp_path}/missing", tmp_path / "out", verbose=False)
+
+
+# --- a prepared folder read back through a URI ---------------------------------------------------
+
+def test_every_split_loads_from_a_file_uri_byte_for_byte_as_from_the_folder(prepared_small):
+    from cxr_datasets.storage import Location
+
+    uri = prepared_small.as_uri()
+    assert uri.startswith("file:///") and Location.of(uri).is_uri  # the pyarrow.fs path, not the OS's
+    for split in cxr_datasets.SPLITS:
+        for verify in (True, False):
+            x_uri, y_uri, meta_uri = cxr_datasets.load(uri, split, verify=verify)
+            x, y, meta = cxr_datasets.load(prepared_small, split, verify=verify)
+            assert len(y) > 0 and x_uri.dtype == x.dtype and x_uri.shape == x.shape
+            assert x_uri.tobytes() == x.tobytes() and y_uri.tobytes() == y.tobytes()
+            assert meta_uri.equals(meta)
+    assert cxr_datasets.read_manifest(uri + "/") == cxr_datasets.read_manifest(prepared_small)
+    assert cxr_datasets.manifest_hash(uri) == cxr_datasets.manifest_hash(prepared_small)
+
+
+def _copy_as_uri(prepared: Path, tmp_path: Path) -> tuple[Path, str]:
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    return copy, copy.as_uri()
+
+
+def test_a_damaged_or_missing_shard_behind_a_uri_is_one_line_naming_it(prepared_small, tmp_path):
+    copy, uri = _copy_as_uri(prepared_small, tmp_path)
+    shard = copy / "val" / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: Parquet may still parse it, the checksum may not
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CxrError) as info:
+        cxr_datasets.load(uri, "val")
+    message = str(info.value)
+    assert message.startswith(f"damaged shard {uri}/val/part-00000.parquet: its sha256 does not match")
+    assert "\n" not in message
+    cxr_datasets.load(uri, "train")  # the other splits' shards are intact and still load
+    shard.unlink()
+    for verify in (True, False):
+        with pytest.raises(CxrError, match=f"^shard missing: {re.escape(uri)}/val/part-00000.parquet; re-run"):
+            cxr_datasets.load(uri, "val", verify=verify)
+
+
+def test_a_uri_without_a_manifest_or_with_an_unknown_scheme_is_one_line(prepared_small, tmp_path):
+    copy, uri = _copy_as_uri(prepared_small, tmp_path)
+    (copy / "manifest.json").unlink()
+    for read in (lambda where: cxr_datasets.load(where, "train"), cxr_datasets.read_manifest,
+                 cxr_datasets.manifest_hash):
+        with pytest.raises(CxrError, match=f"^not a prepared folder \\(no manifest.json\\): {re.escape(uri)}; run"):
+            read(uri)
+    with pytest.raises(CxrError, match="^cannot open nosuch://bucket/prepared: Unrecognized filesystem"):
+        cxr_datasets.load("nosuch://bucket/prepared", "train")
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(CxrError, match=f"^cannot read {re.escape(uri)}/manifest.json: "):
+        cxr_datasets.read_manifest(uri)
