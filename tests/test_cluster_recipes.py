@@ -110,7 +110,7 @@ def test_the_files_the_image_copies_build_the_project(repo_root, tmp_path):
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == \
         {"cxr_datasets", "cxr_model", "cxr_search"}
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "cxr = cxr_search.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "cxr = cxr_search.cli:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 # ----------------------------------------------------------------------------- KubeRay
