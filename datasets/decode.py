@@ -49,8 +49,11 @@ def decode_files(paths: list[str], cfg: PrepareConfig, fs=None, verbose: bool = 
     progress = Progress("decoding", len(paths), enabled=verbose)
     rows, pixels = [], []
     head = head_start.finish() if head_start is not None else []
+    node = META_COLUMNS.index("node")
+    here = ray.util.get_node_ip_address()  # what Ray calls the driver's node (before it was up,
+    #                                        the head start could only guess its address)
     for part_rows, images in _joined(head, cfg.files_per_task):
-        rows += [(*row, len(pixels)) for row in part_rows]
+        rows += [(*row[:node], here, *row[node + 1:], len(pixels)) for row in part_rows]
         pixels.append(ray.put(images))
         del images
     first = len(rows)
