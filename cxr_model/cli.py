@@ -6,6 +6,8 @@
 
 `search/cli.py` calls `register(subparsers)`; each handler returns the exit code. The work itself is
 in `cxr_model.pipeline` and `cxr_model.predict`, so the search reuses it instead of this module.
+Each handler imports its own work (pandas, and Keras in turn): every `cxr` command builds the
+whole parser, and `cxr prepare` should not load what `cxr train` needs (see search/cli.py).
 """
 from __future__ import annotations
 
@@ -15,9 +17,6 @@ import math
 import sys
 
 from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
-from cxr_model.evaluate import format_metrics
-from cxr_model.pipeline import evaluate_export, train_and_export
-from cxr_model.predict import FileProgress, predict_paths
 from cxr_datasets import read_manifest
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
@@ -140,6 +139,8 @@ def _add_predict(subparsers) -> None:
 
 
 def _train(args) -> int:
+    from cxr_model.evaluate import format_metrics
+    from cxr_model.pipeline import train_and_export
     from cxr_model.train import EpochProgress  # Keras: loaded here, as the training needs it anyway
 
     cfg = _train_config(args)
@@ -155,6 +156,9 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from cxr_model.evaluate import format_metrics
+    from cxr_model.pipeline import evaluate_export
+
     result = evaluate_export(args.model_dir, args.prepared, split=args.split,
                              n_boot=EvalConfig(**given(args, EvalConfig)).n_boot)
     if args.json:
@@ -168,6 +172,8 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
+    from cxr_model.predict import FileProgress, predict_paths
+
     table = predict_paths(args.model_dir, args.paths, batch_size=args.batch_size, gradcam_dir=args.gradcam,
                           progress=None if args.quiet else FileProgress())
     if args.out:

@@ -1,4 +1,5 @@
-"""`cxr search` and `cxr demo`: argument parsing and printing only; the work is in cxr_search.run.
+"""`cxr search` and `cxr demo`: argument parsing and printing only; the work is in cxr_search.run
+(imported by the handlers, so that other `cxr` commands do not load it).
 
     cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20 --gpus-per-trial 0.25
     cxr search runs/prepared --out runs/sweep --resume          # after Ctrl-C or a killed driver
@@ -16,10 +17,7 @@ from cxr_model.config import THRESHOLD_METHODS
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
 from cxr_search.config import CONFIG_FILE, SearchConfig
-from cxr_search.demo import run_demo
-from cxr_search.run import run_search
 from cxr_search.space import load_space
-from cxr_search.summary import print_summary
 
 SEARCH_EPILOG = """examples:
   cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20
@@ -109,6 +107,10 @@ def _add_demo(subparsers) -> None:
 
 
 def handle_search(args) -> int:
+    # The work's modules (pandas, matplotlib, then Ray and Keras) load only for this command.
+    from cxr_search.run import run_search
+    from cxr_search.summary import print_summary
+
     cfg, resume = config_from_args(args)
     print(f"cxr search: {cfg.trials} trials, up to {cfg.max_epochs} epochs each, run folder {cfg.run_dir}"
           + (" (resuming)" if resume else ""))
@@ -164,4 +166,6 @@ def _checked_prepared(prepared: str) -> str:
 
 
 def handle_demo(args) -> int:
+    from cxr_search.demo import run_demo
+
     return run_demo(Path(args.out), overwrite=args.overwrite)
