@@ -30,17 +30,18 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pandas as pd
 
 from .config import SPLITS, PrepareConfig
-from .workers import META_COLUMNS, decode_chunk, pick_images, write_shard
+from .workers import decode_chunk, pick_images, write_shard
 
 
 def decode_files(paths: list[str], cfg: PrepareConfig, fs=None,
                  verbose: bool = True) -> tuple[pd.DataFrame, list]:
-    """(one metadata row per path, in input order: META_COLUMNS plus `chunk`; the object refs of
-    the decoded chunks). An accepted row's image is row `pos` of chunk `chunk`. Needs a running
-    Ray (see `LocalRay`)."""
+    """(one metadata row per path, in input order: META_COLUMNS but `idx`, plus `node` and
+    `chunk`; the object refs of the decoded chunks). An accepted row's image is row `pos` of chunk
+    `chunk`. Needs a running Ray (see `LocalRay`)."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -55,21 +56,58 @@ def decode_files(paths: list[str], cfg: PrepareConfig, fs=None,
         pixels.append(images)
     chunk_of = {ref: number for number, ref in enumerate(metas)}
     progress = Progress("decoding", len(paths), enabled=verbose)
-    rows, pending = [], list(metas)
+    columns = DecodedColumns(len(paths))
+    pending = metas
+    del metas
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=None)
         for ref in done:
-            part = ray.get(ref)
-            rows += [(*row, chunk_of[ref]) for row in part]
-            progress.update(len(part))
+            progress.update(columns.add(ray.get(ref), chunk_of.pop(ref)))
     progress.done()
-    table = pd.DataFrame(rows, columns=[*META_COLUMNS, "chunk"]).sort_values("idx") \
-        .reset_index(drop=True)
-    if table["idx"].tolist() != list(range(len(paths))):
-        # Callers join results to their file list by position: never let a lost or repeated row
-        # shift every label after it.
-        raise RuntimeError(f"decoding returned {len(table)} rows for {len(paths)} files")
-    return table, pixels
+    return columns.table(), pixels
+
+
+class DecodedColumns:
+    """The decode tasks' metadata, written in place as each chunk arrives: one preallocated array
+    per column, indexed by file. No tuple per file and no sort, so the driver's share is a few
+    dozen bytes per file; the strings are the ones the tasks sent (a node address and an image
+    mode are one shared object each)."""
+
+    NUMBERS = ("orig_width", "orig_height", "pos", "chunk")
+    STRINGS = ("reason", "sha256", "orig_mode", "node")
+
+    def __init__(self, n_files: int):
+        self.seen = np.zeros(n_files, np.int32)
+        self.numbers = {name: np.full(n_files, -1, np.int64) for name in self.NUMBERS}
+        self.strings = {name: np.full(n_files, None, object) for name in self.STRINGS}
+
+    def add(self, meta: dict, chunk: int) -> int:
+        """Store one task's metadata (see `decode_chunk`); returns its number of files."""
+        idx = np.asarray(meta["idx"], np.int64)
+        np.add.at(self.seen, idx, 1)
+        for name in ("orig_width", "orig_height", "pos"):
+            self.numbers[name][idx] = meta[name]
+        self.numbers["chunk"][idx] = chunk
+        for name in ("reason", "sha256"):
+            self.strings[name][idx] = meta[name]
+        self.strings["orig_mode"][idx] = [None if m is None else sys.intern(m)
+                                          for m in meta["orig_mode"]]
+        self.strings["node"][idx] = sys.intern(meta["node"])
+        return len(idx)
+
+    def table(self) -> pd.DataFrame:
+        if not (self.seen == 1).all():
+            # Callers join results to their file list by position: never let a lost or repeated
+            # row shift every label after it.
+            raise RuntimeError(f"decoding returned {int(self.seen.sum())} rows for "
+                               f"{len(self.seen)} files")
+        # object columns, not pandas' Arrow-backed default strings: filtering and sorting then
+        # copy 8-byte pointers instead of every string's bytes.
+        return pd.DataFrame({
+            **{name: pd.Series(self.strings[name], dtype=object, copy=False)
+               for name in self.STRINGS},
+            **self.numbers,
+        })
 
 
 def write_shards(rows: pd.DataFrame, pixels: list, out, cfg: PrepareConfig) -> list[dict]:
