@@ -95,12 +95,14 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
             accepted, report = _select(table, found, cfg)
         with staging(out) as tmp:
             manifest = _manifest(source, cfg, found, table, accepted, report)
+            n_files = len(table)
+            del table, found  # the per-file lists the writing stage needs no more: free them now
             with clock("write_and_eda"):
                 manifest["shards"] = _write_outputs(accepted, pixels, tmp, cfg, manifest,
                                                     local_ray)
             with clock("ray_stop_wait"):
                 local_ray.join()
-            manifest.update(_timing(len(table), clock))
+            manifest.update(_timing(n_files, clock))
             write_manifest(tmp, manifest)
     finally:
         local_ray.stop()
