@@ -170,7 +170,7 @@ def naming_scheme(file_name: str) -> str:
 
 
 def _parse(file_name: str) -> tuple[str, str | None]:
-    stem = Path(file_name).name
+    stem = os.path.basename(file_name.rstrip("/"))  # not Path(...).name: pathlib interns it
     if match := _PERSON.match(stem):
         return "kaggle_person", f"person{int(match.group(1))}_{match.group(2).lower()}"
     if match := _IM.match(stem):
@@ -208,19 +208,20 @@ def _walk_uri(loc: Location) -> tuple[list[_Candidate], int]:
 
 def _walk(source: Path) -> tuple[list[_Candidate], int]:
     candidates, ignored = [], 0
+    # Strings joined per file, not a pathlib.Path per file: pathlib interns every file name in
+    # the interpreter's table of interned strings, which then stays sized for all of them.
     for dirpath, dirnames, filenames in os.walk(source):
-        here = Path(dirpath)
-        below = here.relative_to(source).as_posix()
+        below = Path(dirpath).relative_to(source).as_posix()
         prefix = "" if below == "." else below + "/"
         # A folder named like an image is reported (it is where a file was expected), not entered.
         for name in [d for d in dirnames if is_image_name(d)]:
-            candidates.append(_classify_rel(prefix + name, str(here / name)))
+            candidates.append(_classify_rel(prefix + name, os.path.join(dirpath, name)))
         dirnames[:] = sorted(d for d in dirnames if enter_folder(d) and not is_image_name(d))
         for name in sorted(filenames):
             if not is_image_name(name):
                 ignored += 1
                 continue
-            candidates.append(_classify_rel(prefix + name, str(here / name)))
+            candidates.append(_classify_rel(prefix + name, os.path.join(dirpath, name)))
     return candidates, ignored
 
 
