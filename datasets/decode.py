@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pandas as pd
 
 from .config import SPLITS, PrepareConfig
@@ -40,50 +41,85 @@ from .workers import META_COLUMNS, decode_chunk, pick_images, write_shard
 
 def decode_files(paths: list[str], cfg: PrepareConfig, fs=None, verbose: bool = True,
                  head_start: HeadStart | None = None) -> tuple[pd.DataFrame, list]:
-    """(one metadata row per path, in input order: META_COLUMNS plus `chunk`; the object refs of
-    the decoded chunks). An accepted row's image is row `pos` of chunk `chunk`. Needs a running
-    Ray (see `LocalRay`). `head_start`: the files its driver thread decoded while Ray started
-    (the first ones of `paths`) go into the object store as they are; Ray tasks decode the rest."""
+    """(one metadata row per path, in input order: META_COLUMNS but `idx`, plus `node` and
+    `chunk`; the object refs of the decoded chunks). An accepted row's image is row `pos` of chunk
+    `chunk`. Needs a running Ray (see `LocalRay`). `head_start`: the files its driver thread
+    decoded while Ray started (the first ones of `paths`) go into the object store as they are;
+    Ray tasks decode the rest."""
     import ray
 
     progress = Progress("decoding", len(paths), enabled=verbose)
-    rows, pixels = [], []
+    columns = DecodedColumns(len(paths))
+    pixels: list = []
+    first = 0
     head = head_start.finish() if head_start is not None else []
-    node = META_COLUMNS.index("node")
-    here = ray.util.get_node_ip_address()  # what Ray calls the driver's node (before it was up,
-    #                                        the head start could only guess its address)
-    for part_rows, images in _joined(head, cfg.files_per_task):
-        rows += [(*row[:node], here, *row[node + 1:], len(pixels)) for row in part_rows]
+    for meta, images in _joined(head, cfg.files_per_task):
+        # What Ray calls the driver's node: before Ray was up, the head start could only guess.
+        meta["node"] = ray.util.get_node_ip_address()
+        first += columns.add(meta, len(pixels))
         pixels.append(ray.put(images))
         del images
-    first = len(rows)
     progress.update(first)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = _chunk_size(len(paths) - first, cfg.files_per_task, cpus)
     task = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(decode_chunk)
-    metas = []
+    chunk_of = {}
     for start in range(first, len(paths), size):
         items = [(i, paths[i]) for i in range(start, min(start + size, len(paths)))]
         meta, images = task.remote(items, fs, cfg.image_size, cfg.resize, cfg.max_pixels,
                                    cfg.min_size)
-        metas.append(meta)
+        chunk_of[meta] = len(pixels)
         pixels.append(images)
-    chunk_of = {ref: len(pixels) - len(metas) + number for number, ref in enumerate(metas)}
-    pending = list(metas)
+    pending = list(chunk_of)
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=None)
         for ref in done:
-            part = ray.get(ref)
-            rows += [(*row, chunk_of[ref]) for row in part]
-            progress.update(len(part))
+            progress.update(columns.add(ray.get(ref), chunk_of.pop(ref)))
     progress.done()
-    table = pd.DataFrame(rows, columns=[*META_COLUMNS, "chunk"]).sort_values("idx") \
-        .reset_index(drop=True)
-    if table["idx"].tolist() != list(range(len(paths))):
-        # Callers join results to their file list by position: never let a lost or repeated row
-        # shift every label after it.
-        raise RuntimeError(f"decoding returned {len(table)} rows for {len(paths)} files")
-    return table, pixels
+    return columns.table(), pixels
+
+
+class DecodedColumns:
+    """The decode tasks' metadata, written in place as each chunk arrives: one preallocated array
+    per column, indexed by file. No tuple per file and no sort, so the driver's share is a few
+    dozen bytes per file; the strings are the ones the tasks sent (a node address and an image
+    mode are one shared object each)."""
+
+    NUMBERS = ("orig_width", "orig_height", "pos", "chunk")
+    STRINGS = ("reason", "sha256", "orig_mode", "node")
+
+    def __init__(self, n_files: int):
+        self.seen = np.zeros(n_files, np.int32)
+        self.numbers = {name: np.full(n_files, -1, np.int64) for name in self.NUMBERS}
+        self.strings = {name: np.full(n_files, None, object) for name in self.STRINGS}
+
+    def add(self, meta: dict, chunk: int) -> int:
+        """Store one task's metadata (see `decode_chunk`); returns its number of files."""
+        idx = np.asarray(meta["idx"], np.int64)
+        np.add.at(self.seen, idx, 1)
+        for name in ("orig_width", "orig_height", "pos"):
+            self.numbers[name][idx] = meta[name]
+        self.numbers["chunk"][idx] = chunk
+        for name in ("reason", "sha256"):
+            self.strings[name][idx] = meta[name]
+        self.strings["orig_mode"][idx] = [None if m is None else sys.intern(m)
+                                          for m in meta["orig_mode"]]
+        self.strings["node"][idx] = sys.intern(meta["node"])
+        return len(idx)
+
+    def table(self) -> pd.DataFrame:
+        if not (self.seen == 1).all():
+            # Callers join results to their file list by position: never let a lost or repeated
+            # row shift every label after it.
+            raise RuntimeError(f"decoding returned {int(self.seen.sum())} rows for "
+                               f"{len(self.seen)} files")
+        # object columns, not pandas' Arrow-backed default strings: filtering and sorting then
+        # copy 8-byte pointers instead of every string's bytes.
+        return pd.DataFrame({
+            **{name: pd.Series(self.strings[name], dtype=object, copy=False)
+               for name in self.STRINGS},
+            **self.numbers,
+        })
 
 
 class HeadStart:
@@ -105,7 +141,7 @@ class HeadStart:
         self.paths, self.cfg, self.fs = paths, cfg, fs
         self.max_bytes = int(cfg.head_start_mib * (1 << 20))
         self.files_done = 0  # for the manifest's profile
-        self.parts: list[tuple[list[tuple], object]] = []  # (rows, uint8 [accepted, S*S])
+        self.parts: list[tuple[dict, object]] = []  # (metadata columns, uint8 [accepted, S*S])
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="decode-head-start", daemon=True)
@@ -122,9 +158,9 @@ class HeadStart:
             while (not self._stop.is_set() and done < len(self.paths)
                    and held + step_bytes <= self.max_bytes):
                 items = [(i, self.paths[i]) for i in range(done, min(done + step, len(self.paths)))]
-                rows, images = decode_chunk(items, self.fs, cfg.image_size, cfg.resize,
+                meta, images = decode_chunk(items, self.fs, cfg.image_size, cfg.resize,
                                             cfg.max_pixels, cfg.min_size)
-                self.parts.append((rows, images))
+                self.parts.append((meta, images))
                 done, held = done + len(items), held + images.nbytes
                 self.files_done = done
         except BaseException as exc:  # decode_chunk turns a file's failure into its row: a bug
@@ -136,11 +172,12 @@ class HeadStart:
         self._thread.join()
         self.parts = []
 
-    def finish(self) -> list[tuple[list[tuple], object]]:
+    def finish(self) -> list[tuple[dict, object]]:
         """Stop after the step in progress; the parts decoded, in path order (they cover the
         first files of `paths`, without a gap)."""
         self._stop.set()
         self._thread.join()
+        self.paths = []  # the caller's list: not kept alive past the decode stage
         if self._error is not None:
             raise self._error
         parts, self.parts = self.parts, []
@@ -201,23 +238,23 @@ def fetch_images(rows: pd.DataFrame, pixels: list) -> list[bytes]:
     return images
 
 
-def _joined(parts: list[tuple[list[tuple], object]], files_per_chunk: int) -> Iterator[tuple]:
-    """Consecutive decoded parts joined into chunks of about `files_per_chunk` files (fewer, larger
-    objects for the shard tasks to fetch), each accepted row's `pos` renumbered into its chunk."""
-    import numpy as np
-
-    assert META_COLUMNS[-1] == "pos"
-    rows: list[tuple] = []
+def _joined(parts: list[tuple[dict, object]], files_per_chunk: int) -> Iterator[tuple[dict, object]]:
+    """Consecutive decoded parts (`decode_chunk`'s results) joined into chunks of about
+    `files_per_chunk` files (fewer, larger objects for the shard tasks to fetch), each accepted
+    file's `pos` renumbered into its chunk."""
+    meta: dict = {name: [] for name in META_COLUMNS}
     arrays: list = []
-    for part_rows, images in parts:
+    for part, images in parts:
         offset = sum(len(a) for a in arrays)
-        rows += [row if row[-1] < 0 else (*row[:-1], row[-1] + offset) for row in part_rows]
+        for name in META_COLUMNS:
+            meta[name] += part[name] if name != "pos" else \
+                [p if p < 0 else p + offset for p in part["pos"]]
         arrays.append(images)
-        if len(rows) >= files_per_chunk:
-            yield rows, np.concatenate(arrays)
-            rows, arrays = [], []
-    if rows:
-        yield rows, np.concatenate(arrays)
+        if len(meta["idx"]) >= files_per_chunk:
+            yield meta, np.concatenate(arrays)
+            meta, arrays = {name: [] for name in META_COLUMNS}, []
+    if meta["idx"]:
+        yield meta, np.concatenate(arrays)
 
 
 def _chunk_size(n_files: int, files_per_task: int, cpus: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
@@ -99,14 +100,16 @@ class Discovery:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Candidate:
+    # Plain strings and slots, no PurePosixPath: a candidate exists for every file, and the
+    # driver's peak memory should not grow with the data more than it must.
     path: str
-    rel: PurePosixPath
+    rel: str  # relative to SOURCE, POSIX separators
     label: int | None
-    split: str | None
+    split: str | None  # interned: one shared object per split name
     root: tuple[str, ...]  # the folders above the split (or class) folder
-    key: tuple[str, ...]  # the path below the root, lower-cased: equal keys are mirror copies
+    key: str  # the path below the root, lower-cased: equal keys are mirror copies
     reason: str | None = None
     size: int | None = None  # known from a URI listing; local files are asked when needed
 
@@ -127,11 +130,11 @@ def discover(source: str | os.PathLike | Location) -> Discovery:
         raise CxrError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {source}")
     kept, skipped, mirror_roots = _drop_mirror_copies([c for c in candidates if c.reason is None])
     layout = "official" if any(c.split for c in kept) else "flat"
-    rejected = [{"path": str(c.rel), "reason": c.reason} for c in candidates if c.reason]
+    rejected = [{"path": c.rel, "reason": c.reason} for c in candidates if c.reason]
     files = []
     for cand in kept:
         if layout == "official" and cand.split is None:
-            rejected.append({"path": str(cand.rel), "reason": "outside the train/val/test folders"})
+            rejected.append({"path": cand.rel, "reason": "outside the train/val/test folders"})
             continue
         files.append(_source_file(cand))
     if not files:
@@ -167,7 +170,7 @@ def naming_scheme(file_name: str) -> str:
 
 
 def _parse(file_name: str) -> tuple[str, str | None]:
-    stem = Path(file_name).name
+    stem = os.path.basename(file_name.rstrip("/"))  # not Path(...).name: pathlib interns it
     if match := _PERSON.match(stem):
         return "kaggle_person", f"person{int(match.group(1))}_{match.group(2).lower()}"
     if match := _IM.match(stem):
@@ -198,24 +201,27 @@ def _walk_uri(loc: Location) -> tuple[list[_Candidate], int]:
         if not is_image_name(parts[-1]):
             ignored += 1
             continue
-        cand = _classify_rel(PurePosixPath(rel), loc.child(rel).path)
+        cand = _classify_rel(str(PurePosixPath(rel)), loc.child(rel).path)
         candidates.append(replace(cand, size=-1 if is_dir else size))
     return candidates, ignored
 
 
 def _walk(source: Path) -> tuple[list[_Candidate], int]:
     candidates, ignored = [], 0
+    # Strings joined per file, not a pathlib.Path per file: pathlib interns every file name in
+    # the interpreter's table of interned strings, which then stays sized for all of them.
     for dirpath, dirnames, filenames in os.walk(source):
-        here = Path(dirpath)
+        below = Path(dirpath).relative_to(source).as_posix()
+        prefix = "" if below == "." else below + "/"
         # A folder named like an image is reported (it is where a file was expected), not entered.
         for name in [d for d in dirnames if is_image_name(d)]:
-            candidates.append(_classify(source, here / name))
+            candidates.append(_classify_rel(prefix + name, os.path.join(dirpath, name)))
         dirnames[:] = sorted(d for d in dirnames if enter_folder(d) and not is_image_name(d))
         for name in sorted(filenames):
             if not is_image_name(name):
                 ignored += 1
                 continue
-            candidates.append(_classify(source, here / name))
+            candidates.append(_classify_rel(prefix + name, os.path.join(dirpath, name)))
     return candidates, ignored
 
 
@@ -233,25 +239,23 @@ def is_image_name(name: str) -> bool:
     return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _classify(source: Path, path: Path) -> _Candidate:
-    return _classify_rel(PurePosixPath(path.relative_to(source).as_posix()), str(path))
-
-
-def _classify_rel(rel: PurePosixPath, path: str) -> _Candidate:
-    folders = rel.parts[:-1]
+def _classify_rel(rel: str, path: str) -> _Candidate:
+    """`rel`: a normalised POSIX path relative to SOURCE."""
+    parts = rel.split("/")
+    folders = tuple(parts[:-1])
     upper = [f.upper() for f in folders]
     label_at = max((i for i, f in enumerate(upper) if f in CLASS_NAMES), default=None)
     if label_at is None:
-        return _Candidate(path, rel, None, None, (), (), reason=_no_label_reason(folders))
+        return _Candidate(path, rel, None, None, (), "", reason=_no_label_reason(folders))
     split_at = max((i for i in range(label_at) if folders[i].lower() in SPLITS), default=None)
     root_end = label_at if split_at is None else split_at
     return _Candidate(
         path=path,
         rel=rel,
         label=CLASS_NAMES.index(upper[label_at]),
-        split=None if split_at is None else folders[split_at].lower(),
+        split=None if split_at is None else sys.intern(folders[split_at].lower()),
         root=folders[:root_end],
-        key=tuple(part.lower() for part in rel.parts[root_end:]),
+        key="/".join(parts[root_end:]).lower(),
     )
 
 
@@ -269,8 +273,8 @@ def _drop_mirror_copies(candidates: list[_Candidate]) -> tuple[list[_Candidate],
     Sibling roots (`site1/NORMAL/1.png`, `site2/NORMAL/1.png`) are different images and both kept;
     true duplicates anywhere are still caught later by content hash.
     """
-    by_key: dict[tuple[str, ...], list[_Candidate]] = {}
-    for cand in sorted(candidates, key=lambda c: (len(c.root), str(c.rel))):
+    by_key: dict[str, list[_Candidate]] = {}
+    for cand in sorted(candidates, key=lambda c: (len(c.root), c.rel)):
         by_key.setdefault(cand.key, []).append(cand)
     kept, skipped = [], []
     for group in by_key.values():
@@ -280,7 +284,7 @@ def _drop_mirror_copies(candidates: list[_Candidate]) -> tuple[list[_Candidate],
             (skipped if is_copy else group_kept).append(cand)
         kept.extend(group_kept)
     mirror_roots = sorted({"/".join(c.root) for c in skipped})
-    return sorted(kept, key=lambda c: str(c.rel)), len(skipped), mirror_roots
+    return sorted(kept, key=lambda c: c.rel), len(skipped), mirror_roots
 
 
 def _encloses(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
@@ -297,10 +301,10 @@ def _same_size(a: _Candidate, b: _Candidate) -> bool:
 
 
 def _source_file(cand: _Candidate) -> SourceFile:
-    parsed = patient_id(cand.rel.name)
+    parsed = patient_id(cand.rel.rsplit("/", 1)[-1])
     return SourceFile(
         path=cand.path,
-        rel_path=str(cand.rel),
+        rel_path=cand.rel,
         label=int(cand.label),
         official_split=cand.split,
         patient_id=parsed if parsed else f"file:{cand.rel}",

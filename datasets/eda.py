@@ -62,7 +62,8 @@ def summary_markdown(table: pd.DataFrame, manifest: dict) -> str:
                      + f" | {patients[split]} |")
     lines += ["", f"Class weights (train): {manifest['class_weights']}", "",
               "## Original sizes (median width x height)", ""]
-    for name, group in table.groupby("label_name"):
+    for name, group in table[["label_name", "orig_mode", "orig_width", "orig_height"]] \
+            .groupby("label_name"):
         modes = dict(Counter(group["orig_mode"]))
         lines.append(f"- {name}: {int(group['orig_width'].median())} x "
                      f"{int(group['orig_height'].median())} px, modes {modes}")
@@ -108,7 +109,7 @@ def _grouped_bars(ax, table: pd.DataFrame, column: str, categories: list[str]) -
     width = 0.8 / len(CLASS_NAMES)
     positions = np.arange(len(categories))
     for i, name in enumerate(CLASS_NAMES):
-        counts = table[table["label_name"] == name][column].value_counts()
+        counts = table.loc[table["label_name"] == name, column].value_counts()
         heights = [int(counts.get(c, 0)) for c in categories]
         bars = ax.bar(positions + (i - (len(CLASS_NAMES) - 1) / 2) * width, heights, width,
                       label=name, color=_PALETTE[name])
@@ -131,7 +132,7 @@ def _sizes(table: pd.DataFrame):
     fig = _figure(6, 5)
     ax = fig.add_subplot()
     for name in CLASS_NAMES:
-        rows = table[table["label_name"] == name]
+        rows = table.loc[table["label_name"] == name, ["orig_width", "orig_height"]]
         ax.scatter(rows["orig_width"], rows["orig_height"], s=12, alpha=0.5, linewidths=0,
                    color=_PALETTE[name], label=f"{name} (median {int(rows['orig_width'].median())}"
                                                f" x {int(rows['orig_height'].median())})")
@@ -155,14 +156,15 @@ def _modes(table: pd.DataFrame):
 
 
 def sample_rows(table: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """The training rows the sample grid shows: up to SAMPLES_PER_CLASS per class, seeded."""
-    pool = table[table["split"] == "train"]
+    """The training rows the sample grid shows: up to SAMPLES_PER_CLASS per class, seeded. Picked
+    by position, so only the picked rows are copied."""
+    train = (table["split"] == "train").to_numpy()
     rng = np.random.default_rng(seed)
     picks = []
     for name in CLASS_NAMES:
-        rows = pool[pool["label_name"] == name]
-        picks.append(rows.iloc[rng.permutation(len(rows))[:SAMPLES_PER_CLASS]])
-    return pd.concat(picks)
+        where = np.flatnonzero(train & (table["label_name"] == name).to_numpy())
+        picks.append(where[rng.permutation(len(where))[:SAMPLES_PER_CLASS]])
+    return table.iloc[np.concatenate(picks)]
 
 
 def _samples(samples: pd.DataFrame):

@@ -24,7 +24,6 @@ writer threads finish, may leave `.OUT.partial-*` behind, which is safe to delet
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import platform
 import sys
@@ -36,15 +35,16 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import splits as split_rules
 from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
 from .decode import HeadStart, LocalRay, decode_files, fetch_images, write_shards
-from .discover import Discovery, SourceFile, discover, patient_id_rules
+from .discover import Discovery, discover, patient_id_rules
 from .eda import sample_rows, write_eda
 from .errors import CxrError
-from .shards import MANIFEST, manifest_totals, write_manifest
+from .shards import MANIFEST, PARQUET_SCHEMA, manifest_totals, write_manifest
 from .storage import Location, list_files
 
 
@@ -103,12 +103,14 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
             accepted, report = _select(table, found, cfg)
         with staging(out) as tmp:
             manifest = _manifest(source, cfg, found, table, accepted, report)
+            n_files = len(table)
+            del table, found  # the per-file lists the writing stage needs no more: free them now
             with clock("write_and_eda"):
                 manifest["shards"] = _write_outputs(accepted, pixels, tmp, cfg, manifest,
                                                     local_ray)
             with clock("ray_stop_wait"):
                 local_ray.join()
-            manifest.update(_timing(len(table), clock, head_start))
+            manifest.update(_timing(n_files, clock, head_start))
             write_manifest(tmp, manifest)
     finally:
         if head_start is not None:
@@ -189,12 +191,19 @@ def staging(out: Location) -> Iterator[Location]:
 def _decode(found: Discovery, cfg: PrepareConfig, fs, verbose: bool,
             head_start: HeadStart | None) -> tuple[pd.DataFrame, list]:
     """File metadata joined with the decode results (one row per discovered file), and the refs
-    of the decoded pixels."""
-    files = pd.DataFrame({field.name: [getattr(f, field.name) for f in found.files]
-                          for field in dataclasses.fields(SourceFile)})
-    results, pixels = decode_files(files["path"].tolist(), cfg, fs=fs, verbose=verbose,
+    of the decoded pixels. The file columns hold the very strings of `found.files` (object
+    columns: no second copy of every path and patient id); `path` is left out, only the decode
+    tasks need it."""
+    results, pixels = decode_files([f.path for f in found.files], cfg, fs=fs, verbose=verbose,
                                    head_start=head_start)
-    return pd.concat([files, results.drop(columns="idx")], axis=1), pixels
+    for name, dtype in FILE_COLUMNS.items():
+        results[name] = pd.Series([getattr(f, name) for f in found.files], dtype=dtype)
+    return results, pixels
+
+
+# The SourceFile fields the rules and the manifest read, and their column types.
+FILE_COLUMNS = {"rel_path": object, "label": "int64", "official_split": object,
+                "patient_id": object, "patient_from_name": bool}
 
 
 def _select(table: pd.DataFrame, found: Discovery, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict]:
@@ -236,25 +245,26 @@ def check_rejections(table: pd.DataFrame, layout: str) -> None:
                        f"'{common}', e.g. {example}); the manifest of a run lists each file")
 
 
+# What the shard tasks, the EDA and the manifest's counts need of each accepted row.
+ROW_COLUMNS = [*(name for name in PARQUET_SCHEMA.names if name != "image"), "patient_from_name",
+               "chunk", "pos"]
+
+
 def _shard_rows(usable: pd.DataFrame, image_size: int) -> pd.DataFrame:
-    """The shard columns in the shard schema's types (decoding leaves object columns with None for
-    rejected rows; these rows are accepted ones, so the casts are safe), and where each image
-    lies (`chunk`, `pos`)."""
-    rows = usable.assign(
+    """The shard columns (PARQUET_SCHEMA's names, renamed rather than copied), sorted by split and
+    path, with where each image lies (`chunk`, `pos`); the columns no later step reads are
+    dropped before the sort copies the rest."""
+    rows = usable.rename(columns={"rel_path": "source_path", "sha256": "source_sha256"}).assign(
         height=image_size,
         width=image_size,
-        label_name=usable["label"].map(lambda i: CLASS_NAMES[i]),
-        source_path=usable["rel_path"],
-        source_sha256=usable["sha256"].astype(str),
-        orig_width=usable["orig_width"].astype("int64"),
-        orig_height=usable["orig_height"].astype("int64"),
-        orig_mode=usable["orig_mode"].astype(str),
-        chunk=usable["chunk"].astype("int64"),
-        pos=usable["pos"].astype("int64"),
-    )
-    order = rows["split"].map(SPLITS.index)
-    return rows.assign(_order=order).sort_values(["_order", "source_path"]).drop(columns="_order") \
-        .reset_index(drop=True)
+        label_name=pd.Series(np.array(CLASS_NAMES, dtype=object)[usable["label"].to_numpy()],
+                             index=usable.index, dtype=object),
+    )[ROW_COLUMNS]
+    # Two stable sorts (path, then split) rather than sort_values on both: pandas sorts several
+    # string keys through Arrow-backed categories, which leaves megabytes in Arrow's allocator.
+    by_path = np.argsort(rows["source_path"].to_numpy(), kind="stable")
+    split_rank = rows["split"].map(SPLITS.index).to_numpy()[by_path]
+    return rows.take(by_path[np.argsort(split_rank, kind="stable")]).reset_index(drop=True)
 
 
 def _write_outputs(rows: pd.DataFrame, pixels: list, out: Location, cfg: PrepareConfig,

@@ -61,7 +61,9 @@ def assign_splits(
         chosen.update({p: "test" for p in test_patients})
     else:
         chosen = _carve(patients, {"test": test_fraction, "val": val_fraction}, seed)
-    return table["patient_id"].map(lambda p: chosen.get(p, "train")).rename("split")
+    # An object column of three shared strings (pandas' default string type would copy each).
+    return pd.Series([chosen.get(p, "train") for p in table["patient_id"]], index=table.index,
+                     dtype=object, name="split")
 
 
 def check_splits(table: pd.DataFrame, mode: str, source_has_test: bool) -> None:
@@ -104,8 +106,13 @@ def class_weights(counts: dict) -> dict:
 
 
 def _patient_labels(table: pd.DataFrame) -> pd.Series:
-    """One class per patient for stratification: the majority label (ties go to PNEUMONIA)."""
-    return table.groupby("patient_id")["label"].agg(lambda s: int(s.mean() >= 0.5)).sort_index()
+    """One class per patient for stratification: the majority label (ties go to PNEUMONIA),
+    indexed by the sorted patient ids. Counted with numpy on an object index: pandas would group
+    by Arrow-backed string keys, and leave megabytes behind in Arrow's allocator."""
+    ids, inverse = np.unique(table["patient_id"].to_numpy(dtype=object), return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(ids))
+    share = np.bincount(inverse, weights=table["label"].to_numpy(np.float64), minlength=len(ids)) / counts
+    return pd.Series((share >= 0.5).astype("int64"), index=pd.Index(ids, dtype=object))
 
 
 def _official_test_patients(table: pd.DataFrame) -> list[str]:

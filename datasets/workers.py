@@ -20,35 +20,40 @@ import numpy as np
 from .errors import ImageRejected
 from .image import preprocess_bytes, read_file_bytes
 
-# One tuple per file, in this order (the driver builds its table from them).
-META_COLUMNS = ("idx", "reason", "sha256", "orig_width", "orig_height", "orig_mode", "node", "pos")
+# The metadata a decode task returns for its files: a dict of these columns (lists, one entry per
+# file, in the order of its items) plus "node", the one address of the node that ran it. Columns,
+# not one tuple per file: the driver copies them straight into its per-file arrays.
+META_COLUMNS = ("idx", "reason", "sha256", "orig_width", "orig_height", "orig_mode", "pos")
 
 
 def decode_chunk(items: list[tuple[int, str]], fs, image_size: int, resize: str, max_pixels: int,
-                 min_size: int) -> tuple[list[tuple], np.ndarray]:
-    """(metadata rows, uint8 [accepted, S*S]) for (idx, path) items. `fs`: None for local paths,
-    else the pyarrow file system of a URI source. Every failure becomes its row's `reason`."""
-    node = node_ip()
-    rows, images = [], []
+                 min_size: int) -> tuple[dict, np.ndarray]:
+    """(metadata columns, uint8 [accepted, S*S]) for (idx, path) items. `fs`: None for local
+    paths, else the pyarrow file system of a URI source. Every failure becomes its file's
+    `reason`; a rejected file has `orig_*` -1 (None for the mode) and `pos` -1."""
+    meta: dict = {name: [] for name in META_COLUMNS}
+    images = []
     for idx, path in items:
-        sha = None
+        sha = reason = None
         try:
             data = read_file_bytes(path) if fs is None else _read_fs(fs, path)
             sha = hashlib.sha256(data).hexdigest()
-            image, meta = preprocess_bytes(data, image_size, resize, name=path,
+            image, info = preprocess_bytes(data, image_size, resize, name=path,
                                            max_pixels=max_pixels, min_size=min_size)
         except ImageRejected as exc:
-            rows.append((int(idx), exc.reason, sha, None, None, None, node, -1))
-            continue
+            reason = exc.reason
         except Exception as exc:  # a bug or a library surprise must not lose the other files
             reason = f"unexpected error: {type(exc).__name__}: {exc}"[:300]
-            rows.append((int(idx), reason, sha, None, None, None, node, -1))
-            continue
-        rows.append((int(idx), None, sha, meta["orig_width"], meta["orig_height"],
-                     meta["orig_mode"], node, len(images)))
-        images.append(image.reshape(-1))
+        if reason is None:
+            row = (sha, info["orig_width"], info["orig_height"], info["orig_mode"], len(images))
+            images.append(image.reshape(-1))
+        else:
+            row = (sha, -1, -1, None, -1)
+        for name, value in zip(META_COLUMNS, (int(idx), reason, *row)):
+            meta[name].append(value)
+    meta["node"] = node_ip()
     pixels = np.stack(images) if images else np.empty((0, image_size * image_size), np.uint8)
-    return rows, pixels
+    return meta, pixels
 
 
 def _read_fs(fs, path: str) -> bytes:
