@@ -118,7 +118,10 @@ def tfrecord_bytes(chunk: pd.DataFrame) -> bytes:
         path = os.path.join(tmp, "part.tfrecord")
         with tf.io.TFRecordWriter(path) as writer:
             for row in chunk.itertuples(index=False):
-                writer.write(_example(tf, row).SerializeToString())
+                # deterministic: protobuf writes the feature map in an order that differs from
+                # process to process otherwise, and identical inputs must give identical shards
+                # (the manifest hash and a sweep's resume check depend on it)
+                writer.write(_example(tf, row).SerializeToString(deterministic=True))
         with open(path, "rb") as handle:
             return handle.read()
 

@@ -238,6 +238,27 @@ def test_tfrecords_read_back_with_plain_tf_data(prepared, manifest, loaded):
     assert np.array_equal(decoded, images)
 
 
+TFRECORD_DIGEST = """
+import hashlib, pandas as pd
+from cxr_datasets.shards import tfrecord_bytes
+rows = pd.DataFrame({"image": [bytes(range(64))] * 3, "height": [8] * 3, "width": [8] * 3,
+                     "label": [0, 1, 1], "label_name": ["NORMAL", "PNEUMONIA", "PNEUMONIA"],
+                     "patient_id": ["a", "b", "c"], "source_path": ["1.jpeg", "2.jpeg", "3.jpeg"]})
+print(hashlib.sha256(tfrecord_bytes(rows)).hexdigest())
+"""
+
+
+def test_tfrecord_shards_are_the_same_bytes_in_every_process():
+    """Protobuf writes tf.train.Features' map in an order of its own that changes from process to
+    process (three runs gave three digests) unless it serialises deterministically; identical
+    rows must give an identical shard, or the manifest hash differs between identical runs."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    digests = {subprocess.run([sys.executable, "-c", TFRECORD_DIGEST], capture_output=True,
+                              text=True, timeout=120, env=env, check=True).stdout.split()[-1]
+               for _ in range(3)}
+    assert len(digests) == 1, digests
+
+
 def test_eda_plots_and_summary(prepared):
     eda = prepared / "eda"
     for name in ("class_balance.png", "sizes.png", "modes.png", "samples.png"):
