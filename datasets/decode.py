@@ -52,8 +52,8 @@ def decode_files(paths: list[str], cfg: PrepareConfig, fs=None, verbose: bool = 
     columns = DecodedColumns(len(paths))
     pixels: list = []
     first = 0
-    head = head_start.finish() if head_start is not None else []
-    for meta, images in _joined(head, cfg.files_per_task):
+    for meta, images in _joined(head_start.finish() if head_start is not None else [],
+                                cfg.files_per_task):
         # What Ray calls the driver's node: before Ray was up, the head start could only guess.
         meta["node"] = ray.util.get_node_ip_address()
         first += columns.add(meta, len(pixels))
@@ -241,10 +241,13 @@ def fetch_images(rows: pd.DataFrame, pixels: list) -> list[bytes]:
 def _joined(parts: list[tuple[dict, object]], files_per_chunk: int) -> Iterator[tuple[dict, object]]:
     """Consecutive decoded parts (`decode_chunk`'s results) joined into chunks of about
     `files_per_chunk` files (fewer, larger objects for the shard tasks to fetch), each accepted
-    file's `pos` renumbered into its chunk."""
+    file's `pos` renumbered into its chunk. Consumes `parts` as it goes, so that a part's pixels
+    are freed once joined rather than held twice until the end."""
     meta: dict = {name: [] for name in META_COLUMNS}
     arrays: list = []
-    for part, images in parts:
+    parts.reverse()
+    while parts:
+        part, images = parts.pop()
         offset = sum(len(a) for a in arrays)
         for name in META_COLUMNS:
             meta[name] += part[name] if name != "pos" else \
