@@ -71,7 +71,7 @@ class FileProgress:
         rate = done / elapsed
         eta = (total - done) / rate if rate > 0 else float("inf")
         line = (f"predict {done}/{total} files  {rate:.1f} files/s  "
-                + (f"ETA {_duration(eta)}" if not last else f"{_duration(elapsed)}"))
+                + (f"ETA {format_duration(eta)}" if not last else f"{format_duration(elapsed)}"))
         if self.tty:
             # Pad over a longer previous line; the last update ends the line.
             print(f"\r{line:<70}", end="\n" if last else "", file=self.stream, flush=True)
@@ -79,7 +79,8 @@ class FileProgress:
             print(line, file=self.stream, flush=True)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """`42 s`, `3 min 05 s`; `?` for an unknown (infinite) time. Progress lines and ETAs."""
     if seconds == float("inf"):
         return "?"
     minutes, secs = divmod(int(round(seconds)), 60)

@@ -25,6 +25,7 @@ from .config import METRIC, MODE, TrainConfig
 from .data import BatchStream, Data, one_hot, tfrecord_dataset
 from .features import FeatureCache
 from .model import build_model, compile_model, feature_extractor
+from .predict import format_duration
 
 VAL_BATCH = 128      # evaluation has no gradients: larger batches are cheaper
 
@@ -186,10 +187,5 @@ class EpochProgress(keras.callbacks.Callback):
         eta = (now - self._start) / done * (self.epochs - done)
         print(f"epoch {done}/{self.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
               f"{METRIC} {logs.get(METRIC, float('nan')):.4f}  {now - self._epoch_start:.1f} s"
-              + (f"  ETA <= {_duration(eta)}" if done < self.epochs else ""),
+              + (f"  ETA <= {format_duration(eta)}" if done < self.epochs else ""),
               file=self.stream or sys.stderr, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"

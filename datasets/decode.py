@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .config import SPLITS, PrepareConfig
-from .workers import META_COLUMNS, decode_chunk, pick_images, write_shard
+from .workers import META_COLUMNS, decode_chunk, decode_task, pick_images, write_shard
 
 
 def decode_files(paths: list[str], cfg: PrepareConfig, fs=None, verbose: bool = True,
@@ -52,22 +52,21 @@ def decode_files(paths: list[str], cfg: PrepareConfig, fs=None, verbose: bool = 
     columns = DecodedColumns(len(paths))
     pixels: list = []
     first = 0
+    here = ray.util.get_node_ip_address()  # the head start's files were decoded on this node
     for meta, images in _joined(head_start.finish() if head_start is not None else [],
                                 cfg.files_per_task):
-        # What Ray calls the driver's node: before Ray was up, the head start could only guess.
-        meta["node"] = ray.util.get_node_ip_address()
+        meta["node"] = here
         first += columns.add(meta, len(pixels))
         pixels.append(ray.put(images))
         del images
     progress.update(first)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = _chunk_size(len(paths) - first, cfg.files_per_task, cpus)
-    task = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(decode_chunk)
+    task = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(decode_task)
     chunk_of = {}
     for start in range(first, len(paths), size):
-        items = [(i, paths[i]) for i in range(start, min(start + size, len(paths)))]
-        meta, images = task.remote(items, fs, cfg.image_size, cfg.resize, cfg.max_pixels,
-                                   cfg.min_size)
+        meta, images = task.remote(_items(paths, start, size), fs, cfg.image_size, cfg.resize,
+                                   cfg.max_pixels, cfg.min_size)
         chunk_of[meta] = len(pixels)
         pixels.append(images)
     pending = list(chunk_of)
@@ -157,31 +156,33 @@ class HeadStart:
         try:
             while (not self._stop.is_set() and done < len(self.paths)
                    and held + step_bytes <= self.max_bytes):
-                items = [(i, self.paths[i]) for i in range(done, min(done + step, len(self.paths)))]
-                meta, images = decode_chunk(items, self.fs, cfg.image_size, cfg.resize,
-                                            cfg.max_pixels, cfg.min_size)
+                meta, images = decode_chunk(_items(self.paths, done, step), self.fs,
+                                            cfg.image_size, cfg.resize, cfg.max_pixels,
+                                            cfg.min_size)
                 self.parts.append((meta, images))
-                done, held = done + len(items), held + images.nbytes
+                done, held = done + len(meta["idx"]), held + images.nbytes
                 self.files_done = done
         except BaseException as exc:  # decode_chunk turns a file's failure into its row: a bug
             self._error = exc
 
     def cancel(self) -> None:
         """Stop the thread (after an error elsewhere), dropping what it decoded."""
-        self._stop.set()
-        self._thread.join()
+        self._halt()
         self.parts = []
 
     def finish(self) -> list[tuple[dict, object]]:
         """Stop after the step in progress; the parts decoded, in path order (they cover the
         first files of `paths`, without a gap)."""
-        self._stop.set()
-        self._thread.join()
-        self.paths = []  # the caller's list: not kept alive past the decode stage
+        self._halt()
         if self._error is not None:
             raise self._error
         parts, self.parts = self.parts, []
         return parts
+
+    def _halt(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.paths = []  # the caller's list: not kept alive past the decode stage
 
 
 def write_shards(rows: pd.DataFrame, pixels: list, out, cfg: PrepareConfig) -> list[dict]:
@@ -236,6 +237,11 @@ def fetch_images(rows: pd.DataFrame, pixels: list) -> list[bytes]:
         for (order, _), data in zip(items, ray.get(calls[chunk])):
             images[order] = data
     return images
+
+
+def _items(paths: list[str], start: int, size: int) -> list[tuple[int, str]]:
+    """(index, path) of up to `size` paths from `start`: what `decode_chunk` takes."""
+    return [(i, paths[i]) for i in range(start, min(start + size, len(paths)))]
 
 
 def _joined(parts: list[tuple[dict, object]], files_per_chunk: int) -> Iterator[tuple[dict, object]]:

@@ -25,14 +25,12 @@ SAMPLES_PER_CLASS = 8
 _PALETTE = {"NORMAL": "#4C72B0", "PNEUMONIA": "#DD8452"}
 
 
-def write_eda(eda_dir: Path, table: pd.DataFrame, manifest: dict, seed: int = 0,
-              samples: pd.DataFrame | None = None) -> list[str]:
+def write_eda(eda_dir: Path, table: pd.DataFrame, manifest: dict,
+              samples: pd.DataFrame) -> list[str]:
     """Plots and summary.md for `table` (accepted rows: split, label_name, orig_*, height, width).
-    `samples`: `sample_rows(table, seed)` with an `image` column (raw bytes) added; by default
-    taken from `table`, which then needs the `image` column. Returns the written file names."""
+    `samples`: `sample_rows(table, seed)` with an `image` column (raw bytes) added. Returns the
+    written file names."""
     eda_dir.mkdir(parents=True, exist_ok=True)
-    if samples is None:
-        samples = sample_rows(table, seed)
     written = [
         _save(_class_balance(table), eda_dir / "class_balance.png"),
         _save(_sizes(table), eda_dir / "sizes.png"),

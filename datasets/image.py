@@ -30,13 +30,23 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def read_file_bytes(path: str | os.PathLike) -> bytes:
-    """The file's content, or `ImageRejected` saying why it cannot be read (never a raw OSError)."""
-    path = Path(path)
+_NOT_A_FILE = "not a regular file (a directory with an image name)"
+
+
+def read_file_bytes(path: str | os.PathLike, fs=None) -> bytes:
+    """The file's content, or `ImageRejected` saying why it cannot be read (never a raw OSError).
+    `fs`: the pyarrow file system of a URI source to read `path` from; None: a local path."""
+    data = _read_local(Path(path)) if fs is None else _read_fs(fs, str(path))
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    return data
+
+
+def _read_local(path: Path) -> bytes:
     try:
         if path.is_dir():
-            raise ImageRejected("not a regular file (a directory with an image name)")
-        data = path.read_bytes()
+            raise ImageRejected(_NOT_A_FILE)
+        return path.read_bytes()
     except FileNotFoundError:
         reason = "unreadable: broken link" if path.is_symlink() else "unreadable: file not found"
         raise ImageRejected(reason) from None
@@ -44,9 +54,24 @@ def read_file_bytes(path: str | os.PathLike) -> bytes:
         raise ImageRejected("unreadable: permission denied") from None
     except OSError as exc:
         raise ImageRejected(f"unreadable: {exc.strerror or exc}") from None
-    if not data:
-        raise ImageRejected("empty file (0 bytes)")
-    return data
+
+
+def _read_fs(fs, path: str) -> bytes:
+    """A file of a pyarrow file system (its own words for what went wrong)."""
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.readall()
+    except FileNotFoundError:
+        raise ImageRejected("unreadable: file not found") from None
+    except PermissionError:
+        raise ImageRejected("unreadable: permission denied") from None
+    except IsADirectoryError:
+        raise ImageRejected(_NOT_A_FILE) from None
+    except OSError as exc:
+        text = str(exc).strip().splitlines()
+        if "directory" in (text[0].lower() if text else ""):
+            raise ImageRejected(_NOT_A_FILE) from None
+        raise ImageRejected(f"unreadable: {text[0] if text else type(exc).__name__}"[:200]) from None
 
 
 def read_gray(

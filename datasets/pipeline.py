@@ -165,7 +165,7 @@ def check_output(source: Location, out: Location, overwrite: bool) -> None:
         return
     if not overwrite:
         raise CxrError(f"output {out} already exists; pass --overwrite to replace it")
-    if kind != "dir" or (list_files(out) and out.child(MANIFEST).kind() != "file"):
+    if kind != "dir" or (out.child(MANIFEST).kind() != "file" and list_files(out)):
         raise CxrError(f"refusing to replace {out}: it is not a prepared folder (no {MANIFEST})")
 
 
@@ -278,7 +278,7 @@ def _write_outputs(rows: pd.DataFrame, pixels: list, out: Location, cfg: Prepare
             contextlib.ExitStack() as cleanup:
         eda_dir = out.local / "eda" if out.local else \
             Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cxr-eda-")))
-        plots = eda.submit(write_eda, eda_dir, rows, manifest, seed=cfg.seed, samples=samples)
+        plots = eda.submit(write_eda, eda_dir, rows, manifest, samples)
         shards = write_shards(rows, pixels, out, cfg)
         pixels.clear()  # the last references to the decoded images: Ray may free them now
         local_ray.stop()

@@ -26,8 +26,6 @@ import hashlib
 import io
 import json
 import os
-from concurrent.futures import Executor
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -58,43 +56,20 @@ META_COLUMNS = [f.name for f in PARQUET_SCHEMA if f.name != "image"]
 
 # --- writing -------------------------------------------------------------------------------------
 
-def write_parquet_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_shard: int,
-                         executor: Executor | None = None) -> list[dict]:
-    """`rows` (PARQUET_SCHEMA columns) as OUT/<split>/part-NNNNN.parquet; returns manifest entries
-    in shard order. With an `executor`, shards are written concurrently (Arrow's zstd compression
-    and file writes release the GIL, so threads use several cores)."""
-    return _write_chunks(_write_parquet_shard, rows, split, out, rows_per_shard, executor)
-
-
-def write_tfrecord_shards(rows: pd.DataFrame, split: str, out: Path, rows_per_shard: int,
-                          executor: Executor | None = None) -> list[dict]:
-    """tf.train.Example shards: image (PNG bytes), label, label_name, patient_id, source_path,
-    height, width. TensorFlow is imported here only, so Parquet-only runs never load it. With an
-    `executor` the shards are written concurrently, though building the protos holds the GIL."""
-    import tensorflow  # noqa: F401  (imported once here, not first inside a writer thread)
-
-    return _write_chunks(_write_tfrecord_shard, rows, split, out, rows_per_shard, executor)
-
-
-def _write_chunks(write_one, rows, split, out, rows_per_shard, executor) -> list[dict]:
-    jobs = [(chunk, out, split, out / split / f"part-{number:05d}") for number, chunk
-            in enumerate(_chunks(rows, rows_per_shard))]
-    if jobs:
-        (out / split).mkdir(parents=True, exist_ok=True)
-    mapper = executor.map if executor is not None else map
-    return list(mapper(lambda job: write_one(*job), jobs))
-
-
-def _write_parquet_shard(chunk: pd.DataFrame, out: Path, split: str, stem: Path) -> dict:
-    path = stem.with_suffix(".parquet")
-    path.write_bytes(parquet_bytes(chunk))
-    return _shard_entry(path, out, split, len(chunk), "parquet")
-
-
-def _write_tfrecord_shard(chunk: pd.DataFrame, out: Path, split: str, stem: Path) -> dict:
-    path = stem.with_suffix(".tfrecord")
-    path.write_bytes(tfrecord_bytes(chunk))
-    return _shard_entry(path, out, split, len(chunk), "tfrecord")
+def write_tfrecord_shards(rows: pd.DataFrame, split: str, out: str | os.PathLike,
+                          rows_per_shard: int) -> list[dict]:
+    """`rows` as OUT/<split>/part-NNNNN.tfrecord (what `cxr prepare --format tfrecord` writes,
+    without Ray: for tests and tools); returns the manifest entries in shard order."""
+    folder = Location.of(out)
+    entries = []
+    for number, start in enumerate(range(0, len(rows), rows_per_shard)):
+        chunk = rows.iloc[start:start + rows_per_shard]
+        rel_path = f"{split}/part-{number:05d}.tfrecord"
+        data = tfrecord_bytes(chunk)
+        folder.child(split).mkdir()
+        folder.child(rel_path).write_bytes(data)
+        entries.append(shard_entry(rel_path, split, len(chunk), "tfrecord", data))
+    return entries
 
 
 def parquet_bytes(chunk: pd.DataFrame) -> bytes:
@@ -150,28 +125,7 @@ def tfrecord_feature_spec() -> dict:
 def write_manifest(out, manifest: dict) -> None:
     """OUT/manifest.json; `out` is a folder or a `storage.Location`."""
     text = json.dumps(manifest, indent=2) + "\n"
-    if isinstance(out, (str, os.PathLike)):
-        (Path(out) / MANIFEST).write_text(text)
-    else:
-        out.child(MANIFEST).write_bytes(text.encode())
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _chunks(rows: pd.DataFrame, size: int):
-    for start in range(0, len(rows), size):
-        yield rows.iloc[start:start + size]
-
-
-def _shard_entry(path: Path, out: Path, split: str, rows: int, fmt: str) -> dict:
-    return {"path": path.relative_to(out).as_posix(), "split": split, "format": fmt, "rows": rows,
-            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    Location.of(out).child(MANIFEST).write_bytes(text.encode())
 
 
 def _example(tf, row):

@@ -21,8 +21,9 @@ from .errors import ImageRejected
 from .image import preprocess_bytes, read_file_bytes
 
 # The metadata a decode task returns for its files: a dict of these columns (lists, one entry per
-# file, in the order of its items) plus "node", the one address of the node that ran it. Columns,
-# not one tuple per file: the driver copies them straight into its per-file arrays.
+# file, in the order of its items) plus "node", the one address of the node that ran it
+# (`decode_task`). Columns, not one tuple per file: the driver copies them straight into its
+# per-file arrays.
 META_COLUMNS = ("idx", "reason", "sha256", "orig_width", "orig_height", "orig_mode", "pos")
 
 
@@ -36,7 +37,7 @@ def decode_chunk(items: list[tuple[int, str]], fs, image_size: int, resize: str,
     for idx, path in items:
         sha = reason = None
         try:
-            data = read_file_bytes(path) if fs is None else _read_fs(fs, path)
+            data = read_file_bytes(path, fs)
             sha = hashlib.sha256(data).hexdigest()
             image, info = preprocess_bytes(data, image_size, resize, name=path,
                                            max_pixels=max_pixels, min_size=min_size)
@@ -51,30 +52,16 @@ def decode_chunk(items: list[tuple[int, str]], fs, image_size: int, resize: str,
             row = (sha, -1, -1, None, -1)
         for name, value in zip(META_COLUMNS, (int(idx), reason, *row)):
             meta[name].append(value)
-    meta["node"] = node_ip()
     pixels = np.stack(images) if images else np.empty((0, image_size * image_size), np.uint8)
     return meta, pixels
 
 
-def _read_fs(fs, path: str) -> bytes:
-    """A file of a pyarrow file system, or `ImageRejected` saying why it cannot be read."""
-    try:
-        with fs.open_input_stream(path) as stream:
-            data = stream.readall()
-    except FileNotFoundError:
-        raise ImageRejected("unreadable: file not found") from None
-    except PermissionError:
-        raise ImageRejected("unreadable: permission denied") from None
-    except IsADirectoryError:
-        raise ImageRejected("not a regular file (a directory with an image name)") from None
-    except OSError as exc:
-        text = str(exc).strip().splitlines()
-        if "directory" in (text[0].lower() if text else ""):
-            raise ImageRejected("not a regular file (a directory with an image name)") from None
-        raise ImageRejected(f"unreadable: {text[0] if text else type(exc).__name__}"[:200]) from None
-    if not data:
-        raise ImageRejected("empty file (0 bytes)")
-    return data
+def decode_task(*args) -> tuple[dict, np.ndarray]:
+    """`decode_chunk` as a Ray task: its metadata also names the node that decoded the files (the
+    driver's own head start names it once Ray is up, see decode.py)."""
+    meta, pixels = decode_chunk(*args)
+    meta["node"] = node_ip()
+    return meta, pixels
 
 
 def write_shard(rows, out, rel_path: str, split: str, fmt: str, *chunks: np.ndarray) -> dict:

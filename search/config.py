@@ -98,9 +98,7 @@ class SearchConfig:
     @property
     def storage_path(self) -> str:
         """Where Tune keeps experiment state and checkpoints (absolute for local folders)."""
-        if self.storage and "://" in self.storage:
-            return self.storage.rstrip("/")
-        return str(Path(self.storage or self.out).resolve())
+        return _storage_path(self.storage or self.out)
 
     @property
     def experiment_path(self) -> str:

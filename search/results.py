@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.fs
 
-from cxr_search.config import SearchConfig
+from cxr_search.config import SearchConfig, write_to_storage
 from cxr_search.space import EPOCH_METRIC, METRIC, MODE, param_columns
 
 EPOCH_PREFIX = f"{METRIC}_e"  # METRIC of epoch N is the column f"{EPOCH_PREFIX}{N}"
@@ -122,8 +120,8 @@ def write_results(table: pd.DataFrame, cfg: SearchConfig) -> list[str]:
         path = cfg.run_dir / name
         path.write_bytes(data)
         written.append(str(path))
-        if cfg.storage and "://" in cfg.storage:
-            written.append(_write_remote(f"{cfg.storage_path}/{name}", data))
+        if cfg.remote_storage:
+            written.append(write_to_storage(f"{cfg.storage_path}/{name}", data))
     return written
 
 
@@ -131,11 +129,3 @@ def _parquet_bytes(table: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     return buffer.getvalue()
-
-
-def _write_remote(uri: str, data: bytes) -> str:
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    fs.create_dir(str(Path(path).parent), recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
-    return uri
