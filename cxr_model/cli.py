@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
+from cxr_model.export import json_safe
 from cxr_datasets import read_manifest
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
@@ -162,7 +162,7 @@ def _evaluate(args) -> int:
     result = evaluate_export(args.model_dir, args.prepared, split=args.split,
                              n_boot=EvalConfig(**given(args, EvalConfig)).n_boot)
     if args.json:
-        print(json.dumps({args.split: _json_safe(result["metrics"])}, indent=2))
+        print(json.dumps({args.split: json_safe(result["metrics"])}, indent=2, allow_nan=False))
     else:
         print(format_metrics({args.split: result["metrics"]}))
     if not result["same_data"]:
@@ -186,18 +186,6 @@ def _predict(args) -> int:
         raise CxrError(f"none of the {n_bad} input file(s) could be read (see the error column{where})")
     print(f"{len(table) - n_bad} predicted, {n_bad} unreadable{where}", file=sys.stderr)
     return 0
-
-
-def _json_safe(obj):
-    """NaN (an undefined metric) as null, numpy scalars and arrays as plain JSON values."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) or hasattr(obj, "tolist"):
-        obj = obj.tolist() if hasattr(obj, "tolist") else obj
-        return [_json_safe(v) for v in obj] if isinstance(obj, list) else _json_safe(obj)
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    return obj
 
 
 def _train_config(args) -> TrainConfig:

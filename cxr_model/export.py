@@ -294,17 +294,17 @@ def _history_dict(history) -> dict:
 
 def _write_json(path: Path, obj) -> None:
     # allow_nan=False guarantees strict JSON: undefined metrics were turned into null.
-    path.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """Plain JSON values: NaN/inf -> None, numpy scalars -> Python numbers, tuples -> lists."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
-        return _json_safe(obj.tolist())
+        return json_safe(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj

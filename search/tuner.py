@@ -153,10 +153,11 @@ def restored_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     with _quiet_unreported_trials():
         tuner = tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
-    # Callbacks are not part of the saved state: this driver's own are given again.
+    # The saved run config's callbacks belong to the interrupted driver: this driver's own (the
+    # same set a new sweep gets, MLflow's logger included) replace them.
     local = getattr(tuner, "_local_tuner", None)  # None with Ray Client, where the tuner runs remotely
     if local is not None:
-        local._run_config.callbacks = list(callbacks) or None
+        local._run_config.callbacks = _run_callbacks(cfg, callbacks)
     return tuner
 
 
@@ -331,7 +332,7 @@ def build_run_config(cfg: SearchConfig, callbacks: Sequence[Any] = ()):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         verbose=cfg.verbose,
-        callbacks=[*callbacks, *mlflow_callbacks(cfg)] or None,
+        callbacks=_run_callbacks(cfg, callbacks),
     )
 
 
@@ -366,6 +367,12 @@ def close_orphaned_optuna_trials(cfg: SearchConfig) -> int:
     for trial in orphans:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(orphans)
+
+
+def _run_callbacks(cfg: SearchConfig, callbacks) -> list | None:
+    """The driver's callbacks plus, with --mlflow, MLflow's logger: for a new sweep and a
+    restored one alike."""
+    return [*callbacks, *mlflow_callbacks(cfg)] or None
 
 
 def mlflow_callbacks(cfg: SearchConfig) -> list:
