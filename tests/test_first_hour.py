@@ -33,7 +33,9 @@ def test_train_shows_each_epoch_and_evaluate_prints_json(prepared_small, tmp_pat
     card = json.loads((out / "model_card.json").read_text())
 
     assert main(["evaluate", str(out), str(prepared_small), "--split", "test", "--n-boot", "50", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)  # the whole of stdout is one JSON document
+    # the whole of stdout is one strict JSON document: no NaN or Infinity (e.g. the ROC curve's
+    # first threshold), which Python reads but other JSON parsers refuse
+    result = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(name))
     test = result["test"]
     assert test["n"] == card["metrics"]["test"]["n"]
     assert test["roc_auc"]["value"] == pytest.approx(card["metrics"]["test"]["roc_auc"]["value"])
