@@ -55,23 +55,26 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
 
             raise CxrError(gpu_check.line) from None
         raise
-    if not cfg.optuna_storage:
-        export_study(cfg)
+    exported = None if cfg.optuna_storage else export_study(cfg)
     if sweep_finished(cfg, grid):
         close_orphaned_optuna_trials(cfg)
+    if exported is not None and cfg.remote_storage:
+        # after the orphans are closed: the storage's copy says what RUN/optuna.db says
+        from cxr_search.config import write_to_storage
+
+        write_to_storage(f"{cfg.storage_path}/optuna.db", exported.read_bytes())
     return grid
 
 
 def export_study(cfg: SearchConfig) -> Path | None:
     """Copy the study in Tune's newest searcher state to RUN/optuna.db (replaced whole, never
-    half-written) and, with a remote --storage, next to the experiment. None if no state yet."""
+    half-written); `run_sweep` then copies it next to the experiment with a remote --storage.
+    None if no state yet."""
     import pickle
     import tempfile
 
     import optuna
     import pyarrow.fs
-
-    from cxr_search.config import write_to_storage
 
     fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(cfg.experiment_path))
     states = [f for f in fs.get_file_info(pyarrow.fs.FileSelector(root))
@@ -87,10 +90,7 @@ def export_study(cfg: SearchConfig) -> Path | None:
         staged = Path(tmp) / "optuna.db"
         optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
                           to_storage=f"sqlite:///{staged}", to_study_name=cfg.study_name)
-        data = staged.read_bytes()
         os.replace(staged, target)
-    if cfg.remote_storage:
-        write_to_storage(f"{cfg.storage_path}/optuna.db", data)
     return target
 
 
