@@ -16,7 +16,8 @@ import argparse
 import dataclasses
 from typing import Any
 
-from .config import FORMATS, RESIZE_MODES, SPLIT_MODES, PrepareConfig
+from .config import (FORMATS, LABEL_FORMATS, NEGATIVES, RESIZE_MODES, SPLIT_MODES, UNCERTAIN, VIEWS,
+                     PrepareConfig)
 
 
 def with_default(text: str, cls: type, name: str) -> str:
@@ -43,6 +44,7 @@ PREPARE_EPILOG = """examples:
   cxr prepare ~/Downloads/chest_xray runs/prepared                  # the unzipped Kaggle archive
   cxr prepare data/synth runs/prepared --image-size 64 --overwrite  # small, quick
   cxr prepare hospital_export runs/hosp --split random --test-fraction 0.2 --format both
+  cxr prepare rsna runs/rsna --labels rsna/stage_2_train_labels.csv        # a labelled archive
 
 SOURCE holds {train,val,test}/{NORMAL,PNEUMONIA}/ at any depth, or NORMAL/ and PNEUMONIA/ only.
 OUT gets <split>/part-*.parquet, manifest.json (counts, class weights, rejected files, checksums)
@@ -109,6 +111,19 @@ def _add_prepare(subparsers) -> None:
                         help=with_default("decoded pixels the driver may hold, decoding the first "
                                           "files itself while the Ray it started comes up; 0: "
                                           "none", PrepareConfig, "head_start_mib"))
+    parser.add_argument("--labels", metavar="FILE",
+                        help="label file instead of NORMAL/PNEUMONIA folders: path,label[,patient_id]"
+                             "[,split] CSV, RSNA, NIH ChestX-ray14 or CheXpert (docs/ARCHIVES.md)")
+    parser.add_argument("--labels-format", choices=LABEL_FORMATS,
+                        help="force the label file's format (default: detected from its header)")
+    parser.add_argument("--negatives", choices=NEGATIVES,
+                        help=with_default("all: images that are neither normal nor pneumonia "
+                                          "(RSNA, NIH, CheXpert) count as NORMAL", PrepareConfig, "negatives"))
+    parser.add_argument("--uncertain", choices=UNCERTAIN,
+                        help=with_default("CheXpert's uncertain Pneumonia: ignore (excluded), zeros, "
+                                          "ones", PrepareConfig, "uncertain"))
+    parser.add_argument("--views", choices=VIEWS,
+                        help=with_default("CheXpert views", PrepareConfig, "views"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=_run_prepare)

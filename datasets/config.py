@@ -16,6 +16,10 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".dcm")
 RESIZE_MODES: tuple[str, ...] = ("pad", "crop", "squash")
 SPLIT_MODES: tuple[str, ...] = ("official", "random")
 FORMATS: tuple[str, ...] = ("parquet", "tfrecord", "both")
+LABEL_FORMATS: tuple[str, ...] = ("csv", "rsna", "nih", "chexpert")  # datasets/labels.py
+NEGATIVES: tuple[str, ...] = ("default", "all")
+UNCERTAIN: tuple[str, ...] = ("ignore", "zeros", "ones")
+VIEWS: tuple[str, ...] = ("frontal", "all")
 SCHEMA_VERSION = 1
 
 
@@ -38,11 +42,21 @@ class PrepareConfig:
     files_per_task: int = 64  # images per Ray task: amortises the ~ms task overhead, still balances load
     head_start_mib: float = 48.0  # decoded pixels the driver may hold, decoding while its own Ray
     #                               starts (decode.HeadStart); 0: the driver decodes nothing
+    labels: str | None = None  # a label file (labels.py) instead of NORMAL/PNEUMONIA folders
+    labels_format: str | None = None  # None: detected from the label file's header
+    negatives: str = "default"  # "all": an archive's other negatives (not normal) count as NORMAL
+    uncertain: str = "ignore"  # CheXpert's uncertain Pneumonia (-1.0): ignore, zeros or ones
+    views: str = "frontal"  # CheXpert: frontal views only, or all
 
     def __post_init__(self):
         _check_choice("resize", self.resize, RESIZE_MODES)
         _check_choice("split", self.split, SPLIT_MODES)
         _check_choice("format", self.format, FORMATS)
+        if self.labels_format is not None:
+            _check_choice("labels format", self.labels_format, LABEL_FORMATS)
+        _check_choice("negatives", self.negatives, NEGATIVES)
+        _check_choice("uncertain", self.uncertain, UNCERTAIN)
+        _check_choice("views", self.views, VIEWS)
         if not 16 <= self.image_size <= 4096:
             raise ConfigError(f"image size must be between 16 and 4096 pixels, got {self.image_size}")
         for name in ("val_fraction", "test_fraction"):

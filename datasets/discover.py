@@ -88,6 +88,7 @@ class Discovery:
     mirror_copies_skipped: int = 0
     mirror_roots: list[str] = field(default_factory=list)  # layout roots whose files were copies
     ignored_files: int = 0  # non-image files, hidden files, AppleDouble files
+    labels: dict | None = None  # from a label file (labels.read_labels): format, rules, exclusions
 
     def summary(self) -> dict:
         return {
@@ -97,6 +98,7 @@ class Discovery:
             "mirror_roots": self.mirror_roots,
             "ignored_files": self.ignored_files,
             "patients_not_from_name": sum(not f.patient_from_name for f in self.files),
+            **({"label_file": self.labels["label_file"]} if self.labels else {}),
         }
 
 

@@ -85,7 +85,7 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
     source, out = Location.of(source), Location.of(out)
     check_output(source, out, overwrite)
     with clock("discover"):
-        found = discover(source)
+        found = _discover(source, cfg)
     _say(verbose, f"found {len(found.files)} images under {source} ({found.layout} layout, "
                   f"{found.mirror_copies_skipped} nested copies skipped, "
                   f"{len(found.rejected)} files rejected)")
@@ -121,6 +121,18 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
         print(summary_line(manifest, out), flush=True)
         _say(verbose, f"details: {out.child(MANIFEST)}, plots and summary: {out.child('eda')}/")
     return manifest
+
+
+def _discover(source: Location, cfg: PrepareConfig) -> Discovery:
+    """The folder layout, or the archive's label file (`--labels`, local SOURCE only)."""
+    if cfg.labels is None:
+        return discover(source)
+    if not source.local:
+        raise CxrError(f"--labels needs a local SOURCE folder, got {source}")
+    from .labels import read_labels  # only for label files
+
+    return read_labels(source.local, cfg.labels, cfg.labels_format, negatives=cfg.negatives,
+                       uncertain=cfg.uncertain, views=cfg.views)
 
 
 class StageClock:
@@ -218,9 +230,10 @@ def _select(table: pd.DataFrame, found: Discovery, cfg: PrepareConfig) -> tuple[
     usable = usable.assign(split=split_rules.assign_splits(
         usable, mode, cfg.val_fraction, cfg.test_fraction, cfg.seed))
     has_test = bool((usable["official_split"] == "test").any())
-    split_rules.check_splits(usable, mode, source_has_test=has_test)
+    warnings = split_rules.check_splits(usable, mode, source_has_test=has_test)
     rows = _shard_rows(usable, cfg.image_size)
-    return rows, {"mode": mode, "duplicates": duplicates, "patient_overlap": overlap}
+    return rows, {"mode": mode, "duplicates": duplicates, "patient_overlap": overlap,
+                  "split_warnings": warnings}
 
 
 UNREADABLE_HINT = "SOURCE must be on storage that every node sees: a shared file system or s3://"
@@ -312,7 +325,10 @@ def _manifest(source: Location, cfg: PrepareConfig, found: Discovery, table: pd.
                   "dtype": "uint8", "encoding": "raw row-major bytes"},
         "discovery": found.summary(),
         "patients_not_from_name": int((~rows["patient_from_name"]).sum()),
-        "patient_id_rule": patient_id_rules(f.rel_path for f in found.files),
+        "patient_id_rule": (found.labels["patient_rule"] if found.labels else
+                            patient_id_rules(f.rel_path for f in found.files)),
+        "labels": found.labels,
+        "split_warnings": report["split_warnings"],
         "rejected": sorted(rejected, key=lambda r: r["path"]),
         "duplicates": report["duplicates"],
         "patient_overlap": report["patient_overlap"],

@@ -66,22 +66,30 @@ def assign_splits(
                      dtype=object, name="split")
 
 
-def check_splits(table: pd.DataFrame, mode: str, source_has_test: bool) -> None:
-    """Every split needs both classes: a metric on one class is meaningless. One clear line if not."""
+def check_splits(table: pd.DataFrame, mode: str, source_has_test: bool) -> list[str]:
+    """An empty or one-class train is an error (one clear line): nothing can be learnt from it. A
+    val or test split that is empty or one-class (a small archive) is returned as a warning for
+    the manifest: its metrics are meaningless, so the user is told, but the data still prepares."""
     if mode == "official" and not source_has_test:
         raise CxrError(
             "the source has split folders but no test/ folder with usable images; "
             "add one or use --split random to carve a test split out of the data"
         )
+    warnings = []
     for split in SPLITS:
         present = set(table.loc[table["split"] == split, "label"])
         for label, name in enumerate(CLASS_NAMES):
-            if label not in present:
+            if label in present:
+                continue
+            if split == "train":
                 raise CxrError(
-                    f"no {name} images in the {split} split after preprocessing "
-                    f"({_counts_line(table)}): each split needs both classes; add images or "
+                    f"no {name} images in the train split after preprocessing "
+                    f"({_counts_line(table)}): train needs both classes; add images or "
                     f"change --val-fraction/--test-fraction"
                 )
+            warnings.append(f"no {name} images in the {split} split ({_counts_line(table)}): "
+                            f"its metrics are not meaningful")
+    return warnings
 
 
 def split_counts(table: pd.DataFrame) -> dict:

@@ -225,9 +225,9 @@ def test_test_patients_are_removed_from_train():
     assert overlap["images_removed_from_train"] == 1
 
 
-def test_a_class_missing_from_a_split_is_an_error():
+def test_a_class_missing_from_val_is_reported_not_an_error():
     table = metadata()  # its official val is one NORMAL patient
-    with pytest.raises(CxrError, match="no PNEUMONIA images in the val split"):
-        check_splits(table.assign(split=table["official_split"]), "official", True)
+    warnings = check_splits(table.assign(split=table["official_split"]), "official", True)
+    assert any("no PNEUMONIA images in the val split" in w for w in warnings)
     with pytest.raises(CxrError, match="no test/ folder"):
         check_splits(table.assign(split=table["official_split"]), "official", source_has_test=False)
