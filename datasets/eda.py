@@ -67,9 +67,26 @@ def summary_markdown(table: pd.DataFrame, manifest: dict) -> str:
                      f"{int(group['orig_height'].median())} px, modes {modes}")
     lines += ["", "![class balance](class_balance.png)", "![sizes](sizes.png)",
               "![modes](modes.png)", "![samples](samples.png)", ""]
+    lines += _labels_section(manifest.get("labels"), manifest.get("split_warnings") or [])
     lines += _rejected_section(manifest["rejected"]) + [""]
     lines += _duplicates_section(manifest["duplicates"], manifest.get("patient_overlap"))
     return "\n".join(lines) + "\n"
+
+
+def _labels_section(labels: dict | None, warnings: list[str]) -> list[str]:
+    """The label file's rules (rows per source label and rule) and what each exclusion removed."""
+    lines = [f"- warning: {w}" for w in warnings] + ([""] if warnings else [])
+    if not labels:
+        return lines
+    lines += [f"## Labels from `{labels['label_file']}` ({labels['format']})", "",
+              f"Patients: {labels['patient_rule']}", "", "| rule | label | rows |", "|---|---|---|"]
+    lines += [f"| {r['rule']} | {r.get('label', '')} | {r['rows']} |" for r in labels["rules"].values()]
+    lines += ["", "| excluded | rows | e.g. |", "|---|---|---|"]
+    problems = {**labels["excluded"], "label row without its image": labels["missing_images"],
+                "image without a label row": labels["unlabelled_images"]}
+    lines += [f"| {why} | {e['count']} | {', '.join(map(str, e['examples'][:2]))} |"
+              for why, e in problems.items()]
+    return lines + [""]
 
 
 def _rejected_section(rejected: list[dict]) -> list[str]:

@@ -75,7 +75,7 @@ def read_labels(source: str | os.PathLike, label_file: str | os.PathLike, fmt: s
                 negatives: str = "default", uncertain: str = "ignore",
                 views: str = "frontal") -> Discovery:
     """The labelled images of a local `source` folder, read from `label_file` (pure: no Ray)."""
-    source, label_file = Path(source).resolve(), Path(label_file)
+    source, label_file = Path(source).absolute(), Path(label_file)  # as found, like discover()
     if not source.is_dir():
         raise CxrError(f"source folder not found: {source}")
     if not label_file.is_absolute() and not label_file.exists():
@@ -214,9 +214,14 @@ def read_chexpert(source: Path, label_file: Path, images: dict, tally: _Tally, n
             raw = (row.get("Path") or "").strip()
             first, _, rest = raw.partition("/")
             # SOURCE is the archive folder itself: drop its name from the front of the path
-            rel_raw = rest if first == source.name and not (source / first).is_dir() else raw
-            rel = _inside(rel_raw, path, line, tally)
+            inside_archive = first == source.name and not (source / first).is_dir()
+            rel = _inside(rest if inside_archive else raw, path, line, tally)
             if rel is None:
+                continue
+            if not inside_archive and rel.split("/")[0] != first:  # "Archive/../x": out of the archive
+                tally.exclude("path escapes SOURCE (absolute or ..)", f"{path.name}:{line}: {raw}")
+                tally.rejected.append({"path": raw, "reason": f"{path.name} row {line}: path "
+                                                              "escapes the archive folder"})
                 continue
             if views == "frontal" and (row.get("Frontal/Lateral") or "").strip() != "Frontal":
                 tally.exclude("lateral view (--views all: included)", rel)

@@ -145,6 +145,16 @@ def test_chexpert_rules_and_path_prefix(source):
     assert ex["neither Pneumonia 1.0 nor No Finding 1.0 (--negatives all: NORMAL)"]["count"] == 3
 
 
+def test_chexpert_path_may_not_leave_the_archive(tmp_path):
+    shutil.copytree(ARCHIVES / "chexpert", tmp_path / "c")
+    train = tmp_path / "c/CheXpert-v1.0-small/train.csv"
+    lines = train.read_text().splitlines()
+    lines.append(lines[1].replace("CheXpert-v1.0-small/train/", "CheXpert-v1.0-small/../"))
+    train.write_text("\n".join(lines) + "\n")
+    found = read_labels(tmp_path / "c", train)
+    assert [r["path"] for r in found.rejected] == ["CheXpert-v1.0-small/../patient00001/study1/view1_frontal.jpg"]
+
+
 @pytest.mark.parametrize("kw,n,pneumonia", [
     ({"uncertain": "ones"}, 7, 4), ({"uncertain": "zeros", "negatives": "all"}, 10, 3),
     ({"views": "all"}, 8, 4), ({"negatives": "all"}, 9, 3)])
@@ -166,3 +176,5 @@ def test_prepare_with_generic_csv_end_to_end(tmp_path, ray_session):
     assert manifest["labels"]["format"] == "csv"
     saved = json.loads((tmp_path / "out/manifest.json").read_text())
     assert saved["labels"]["missing_images"]["count"] == 1
+    summary = (tmp_path / "out/eda/summary.md").read_text()
+    assert "| label column PNEUMONIA or 1 | PNEUMONIA | 6 |" in summary
