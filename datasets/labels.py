@@ -36,6 +36,7 @@ class _Tally:
                      "missing_images": {"count": 0, "examples": []},
                      "unlabelled_images": {"count": 0, "examples": []}}
         self.rejected: list[dict] = []  # the manifest's `rejected`: rows whose path escapes SOURCE
+        self.seen: set[str] = set()  # paths and file names of excluded rows: labelled, not "unlabelled"
 
     def rule(self, rule: str, description: str, label: int | None = None) -> None:
         entry = self.info["rules"].setdefault(rule, {"rule": description, "rows": 0})
@@ -43,7 +44,9 @@ class _Tally:
             entry["label"] = CLASS_NAMES[label]
         entry["rows"] += 1
 
-    def exclude(self, reason: str, example: str) -> None:
+    def exclude(self, reason: str, example: str, seen: str | None = None) -> None:
+        if seen:
+            self.seen.add(seen)
         _count(self.info["excluded"].setdefault(reason, {"count": 0, "examples": []}), example)
 
     def missing(self, example: str) -> None:
@@ -151,7 +154,7 @@ def read_rsna(label_file: Path, images: dict, tally: _Tally, negatives: str) -> 
                 label = _NEG
             else:
                 tally.exclude(f"class {cls!r}" + (" (neither; --negatives all: NORMAL)"
-                              if cls == "No Lung Opacity / Not Normal" else ""), pid)
+                              if cls == "No Lung Opacity / Not Normal" else ""), pid, f"{pid}.dcm")
                 continue
             tally.rule(f"class={cls}", f"class {cls!r}", label)
         else:
@@ -184,13 +187,13 @@ def read_nih(label_file: Path, images: dict, tally: _Tally, negatives: str) -> l
         elif negatives == "all":
             label, rule = _NEG, "other findings, no Pneumonia (--negatives all)"
         else:
-            tally.exclude("other findings, no Pneumonia (--negatives all: NORMAL)", name)
+            tally.exclude("other findings, no Pneumonia (--negatives all: NORMAL)", name, name)
             continue
         split = None
         if split_of:
             split = split_of.get(name)
             if split is None:
-                tally.exclude("in neither train_val_list.txt nor test_list.txt", name)
+                tally.exclude("in neither train_val_list.txt nor test_list.txt", name, name)
                 continue
         tally.rule(rule, rule, label)
         rows.append((_by_name(images, name), label, (row.get("Patient ID") or "").strip() or None,
@@ -203,7 +206,7 @@ def read_chexpert(source: Path, label_file: Path, images: dict, tally: _Tally, n
                   uncertain: str, views: str) -> list[tuple]:
     """train.csv and, beside it, valid.csv (the test split). `Path` starts with the archive's
     folder (CheXpert-v1.0-small/...): SOURCE may be that folder or the one holding it."""
-    files = [(label_file, "train")]
+    files = [(label_file, "test" if label_file.name == "valid.csv" else "train")]
     valid = label_file.parent / "valid.csv"
     if label_file.name != "valid.csv" and valid.is_file():
         files.append((valid, "test"))
@@ -224,12 +227,12 @@ def read_chexpert(source: Path, label_file: Path, images: dict, tally: _Tally, n
                                                               "escapes the archive folder"})
                 continue
             if views == "frontal" and (row.get("Frontal/Lateral") or "").strip() != "Frontal":
-                tally.exclude("lateral view (--views all: included)", rel)
+                tally.exclude("lateral view (--views all: included)", rel, rel)
                 continue
             value = _float(row.get("Pneumonia"))
             if value == -1.0:
                 if uncertain == "ignore":
-                    tally.exclude("Pneumonia uncertain (-1.0), U-Ignore", rel)
+                    tally.exclude("Pneumonia uncertain (-1.0), U-Ignore", rel, rel)
                     continue
                 value = 1.0 if uncertain == "ones" else 0.0
             if value == 1.0:
@@ -240,7 +243,7 @@ def read_chexpert(source: Path, label_file: Path, images: dict, tally: _Tally, n
             elif negatives == "all" and value in (0.0, None):
                 label, rule = _NEG, "Pneumonia 0.0 or blank (--negatives all)"
             else:
-                tally.exclude("neither Pneumonia 1.0 nor No Finding 1.0 (--negatives all: NORMAL)", rel)
+                tally.exclude("neither Pneumonia 1.0 nor No Finding 1.0 (--negatives all: NORMAL)", rel, rel)
                 continue
             patient = next((p for p in rel.split("/") if p.startswith("patient")), None)
             tally.rule(rule, rule, label)
@@ -266,7 +269,7 @@ def _discovery(source: Path, rows: list[tuple], images: dict, tally: _Tally) -> 
             official_split=None if split is None else sys.intern(split),
             patient_id=patient or f"file:{rel}", patient_from_name=patient is not None))
     for rel in sorted(images["rel"]):
-        if rel not in used:
+        if rel not in used and rel not in tally.seen and rel.rsplit("/", 1)[-1] not in tally.seen:
             _count(tally.info["unlabelled_images"], rel)
     # Test rows in the label file: its splits are official; otherwise patients split by fraction.
     layout = "official" if any(f.official_split == "test" for f in files) else "flat"

@@ -86,6 +86,7 @@ def test_rsna_class_rules_and_negatives():
     assert info["rules"]["class=Lung Opacity"]["rows"] == 4  # one per patient, not per box
     excluded = info["excluded"]["class 'No Lung Opacity / Not Normal' (neither; --negatives all: NORMAL)"]
     assert excluded["count"] == 4  # rsna-08..11 (rsna-11 has no image either)
+    assert info["unlabelled_images"]["count"] == 0
     everything = read_labels(ARCHIVES / "rsna", ARCHIVES / "rsna/stage_2_train_labels.csv", negatives="all")
     assert Counter(v[0] for v in labels_of(everything).values()) == {"PNEUMONIA": 4, "NORMAL": 7}
     assert everything.labels["missing_images"]["count"] == 1  # rsna-11 has no .dcm
@@ -119,6 +120,7 @@ def test_nih_findings_patients_official_lists():
     assert Counter(v[0] for v in got.values()) == {"PNEUMONIA": 4, "NORMAL": 5}
     assert Counter(v[2] for v in got.values()) == {"train": 6, "test": 3}
     assert found.labels["excluded"]["other findings, no Pneumonia (--negatives all: NORMAL)"]["count"] == 3
+    assert found.labels["unlabelled_images"]["count"] == 0  # excluded rows are labelled, not unlabelled
     assert len(labels_of(read_labels(ARCHIVES / "nih", ARCHIVES / "nih/Data_Entry_2017_v2020.csv",
                                      negatives="all"))) == 12
 
@@ -143,6 +145,12 @@ def test_chexpert_rules_and_path_prefix(source):
     assert ex["lateral view (--views all: included)"]["count"] == 2
     assert ex["Pneumonia uncertain (-1.0), U-Ignore"]["count"] == 1
     assert ex["neither Pneumonia 1.0 nor No Finding 1.0 (--negatives all: NORMAL)"]["count"] == 3
+    assert found.labels["unlabelled_images"]["count"] == 0
+
+
+def test_chexpert_valid_csv_alone_is_test():
+    found = read_labels(ARCHIVES / "chexpert", ARCHIVES / "chexpert/CheXpert-v1.0-small/valid.csv")
+    assert {f.official_split for f in found.files} == {"test"} and len(found.files) == 2
 
 
 def test_chexpert_path_may_not_leave_the_archive(tmp_path):
@@ -178,3 +186,21 @@ def test_prepare_with_generic_csv_end_to_end(tmp_path, ray_session):
     assert saved["labels"]["missing_images"]["count"] == 1
     summary = (tmp_path / "out/eda/summary.md").read_text()
     assert "| label column PNEUMONIA or 1 | PNEUMONIA | 6 |" in summary
+
+
+@pytest.mark.parametrize("archive,label_file,argv,total", [
+    ("rsna", "rsna/stage_2_train_labels.csv", [], 8),  # JPEG Baseline DICOMs, decoded in Ray tasks
+    ("nih", "nih/Data_Entry_2017_v2020.csv", [], 9),
+    ("chexpert", "chexpert/CheXpert-v1.0-small/train.csv", ["--uncertain", "ones"], 7),
+])
+def test_cxr_prepare_labels_per_archive(tmp_path, ray_session, archive, label_file, argv, total):
+    from cxr_search.cli import main
+
+    out = tmp_path / "out"
+    assert main(["prepare", str(ARCHIVES / archive), str(out), "--labels", str(ARCHIVES / label_file),
+                 "--image-size", "32", "--head-start-mib", "0", "--quiet", *argv]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(sum(c.values()) for c in manifest["counts"].values()) == total
+    assert not [r for r in manifest["rejected"] if "node" in r]  # every image decoded
+    assert manifest["labels"]["format"] == archive
+    assert manifest["split_used"] == ("random" if archive == "rsna" else "official")
