@@ -2,6 +2,7 @@
 
     cxr prepare data/chest_xray runs/prepared --image-size 224
     cxr_datasets.prepare("data/chest_xray", "runs/prepared", image_size=224)   # returns the manifest
+    cxr prepare rsna runs/rsna --labels rsna/stage_2_train_labels.csv   # a label file: docs/ARCHIVES.md
 
     cxr prepare s3://bucket/chest_xray s3://bucket/prepared         # any pyarrow.fs URI
 
@@ -65,6 +66,11 @@ def prepare(
     min_size: int = PrepareConfig.min_size,
     num_cpus: int | None = PrepareConfig.num_cpus,
     head_start_mib: float = PrepareConfig.head_start_mib,
+    labels: str | os.PathLike | None = PrepareConfig.labels,
+    labels_format: str | None = PrepareConfig.labels_format,
+    negatives: str = PrepareConfig.negatives,
+    uncertain: str = PrepareConfig.uncertain,
+    views: str = PrepareConfig.views,
     verbose: bool = True,
 ) -> dict:
     """Prepare `source` into `out` and return the manifest (also written to OUT/manifest.json)."""
@@ -72,7 +78,8 @@ def prepare(
         image_size=image_size, resize=resize, split=split, val_fraction=val_fraction,
         test_fraction=test_fraction, seed=seed, rows_per_shard=rows_per_shard, format=fmt,
         max_pixels=max_pixels, min_size=min_size, num_cpus=num_cpus,
-        head_start_mib=head_start_mib,
+        head_start_mib=head_start_mib, labels=None if labels is None else str(labels),
+        labels_format=labels_format, negatives=negatives, uncertain=uncertain, views=views,
     )
     return run(source, out, cfg, overwrite=overwrite, verbose=verbose)
 

@@ -173,11 +173,10 @@ def test_chexpert_flags(kw, n, pneumonia):
 
 
 def test_prepare_with_generic_csv_end_to_end(tmp_path, ray_session):
-    from cxr_datasets.config import PrepareConfig
-    from cxr_datasets.pipeline import run
+    import cxr_datasets
 
-    cfg = PrepareConfig(image_size=32, labels=str(ARCHIVES / "csv/labels.csv"), head_start_mib=0)
-    manifest = run(ARCHIVES / "csv", tmp_path / "out", cfg, verbose=False)
+    manifest = cxr_datasets.prepare(ARCHIVES / "csv", tmp_path / "out", image_size=32,
+                                    labels=ARCHIVES / "csv/labels.csv", head_start_mib=0, verbose=False)
     assert manifest["split_used"] == "official"
     assert manifest["counts"]["test"] == {"NORMAL": 2, "PNEUMONIA": 2}
     assert sum(sum(c.values()) for c in manifest["counts"].values()) == 12
