@@ -46,7 +46,8 @@ PREPARE_EPILOG = """examples:
   cxr prepare hospital_export runs/hosp --split random --test-fraction 0.2 --format both
   cxr prepare rsna runs/rsna --labels rsna/stage_2_train_labels.csv        # a labelled archive
 
-SOURCE holds {train,val,test}/{NORMAL,PNEUMONIA}/ at any depth, or NORMAL/ and PNEUMONIA/ only.
+SOURCE holds {train,val,test}/{NORMAL,PNEUMONIA}/ at any depth, or NORMAL/ and PNEUMONIA/ only;
+with --labels FILE, the labels come from the archive's label file instead (docs/ARCHIVES.md).
 OUT gets <split>/part-*.parquet, manifest.json (counts, class weights, rejected files, checksums)
 and eda/ (plots, summary.md). Bad files are rejected with a reason, never fatal.
 """
