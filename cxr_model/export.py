@@ -75,8 +75,13 @@ def export(model, run_dir, *, train_cfg, threshold: float, metrics: dict, manife
     return run_dir
 
 
-def load_model(run_dir):
-    """(keras.Model, card dict) from an export folder; the model is loaded with safe_mode=True."""
+def load_model(run_dir, verify: bool = True):
+    """(keras.Model, card dict) from an export folder; the model is loaded with safe_mode=True.
+
+    verify: model.keras must have the sha256 the card records (`model_sha256`), so a model file
+    swapped for another is refused instead of being used with this card's threshold and metrics.
+    `--no-verify` turns it off for a user who knowingly edits the model.
+    """
     import keras
 
     import cxr_model.model  # noqa: F401  registers the custom layers that safe-mode loading needs
@@ -88,9 +93,25 @@ def load_model(run_dir):
             raise CxrError(f"{run_dir} is not an exported model: {name} is missing "
                            "(create one with `cxr train` or `cxr search`)")
     card = read_card(run_dir)
+    if verify:
+        verify_model_file(run_dir, card)
     # compile=False: prediction and evaluation need no optimizer state, and loading is faster.
     model = keras.saving.load_model(run_dir / MODEL_FILE, safe_mode=True, compile=False)
     return model, card
+
+
+def verify_model_file(run_dir, card: dict) -> None:
+    """CxrError unless the export's model.keras has the sha256 its model card records."""
+    from cxr_datasets.errors import CxrError
+
+    expected = card.get("model_sha256")
+    if not expected:
+        raise CxrError(f"{Path(run_dir) / CARD_FILE} records no model_sha256, so {MODEL_FILE} cannot be "
+                       "verified (re-export it, or pass --no-verify)")
+    actual = sha256_file(Path(run_dir) / MODEL_FILE)
+    if actual != expected:
+        raise CxrError(f"{Path(run_dir) / MODEL_FILE} is not the model its card describes: sha256 {actual}, "
+                       f"the card says {expected} (pass --no-verify to use it anyway)")
 
 
 def read_card(run_dir) -> dict:

@@ -87,13 +87,14 @@ def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
             "metrics": metrics}
 
 
-def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = _EVAL.n_boot, seed: int = 0) -> dict:
+def evaluate_export(model_dir, prepared_dir, split: str = "test", n_boot: int = _EVAL.n_boot, seed: int = 0,
+                    verify: bool = True) -> dict:
     """Metrics of an exported model on a prepared split, at the threshold in its model card.
 
     Returns {"metrics", "card", "same_data"}; same_data tells whether the prepared data's manifest
     hash is the one the model was trained and evaluated with.
     """
-    model, card = load_model(model_dir)
+    model, card = load_model(model_dir, verify=verify)
     prepared_dir = Location.of(prepared_dir)
     options = read_manifest(prepared_dir)["options"]
     spec = card["input"]

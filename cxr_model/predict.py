@@ -22,19 +22,20 @@ COLUMNS = ["path", "p_pneumonia", "label", "threshold", "error"]
 CHUNK = 256
 
 
-def predict_paths(model_dir, paths, batch_size: int = 32, gradcam_dir=None, progress=None):
+def predict_paths(model_dir, paths, batch_size: int = 32, gradcam_dir=None, progress=None, verify: bool = True):
     """A pandas DataFrame with one row per image file: path, p_pneumonia, label, threshold, error.
 
     paths: files and folders (searched recursively for .jpeg .jpg .png .dcm, any letter case).
     gradcam_dir: when given, a Grad-CAM overlay PNG per predicted image is written there and its
     path is added as a `gradcam` column.
     progress: called as progress(files_done, files_total) after each chunk (e.g. a FileProgress).
+    verify: refuse a model.keras whose sha256 is not the card's (`export.load_model`).
     """
     import pandas as pd
 
     from cxr_model.export import load_model
 
-    model, card = load_model(model_dir)
+    model, card = load_model(model_dir, verify=verify)
     files = expand_paths(paths)
     rows = []
     for start in range(0, len(files), CHUNK):

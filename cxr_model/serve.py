@@ -60,6 +60,7 @@ class ServeConfig:
     max_upload_mb: float = 64.0    # larger bodies are refused with 413 before decoding
     cpus_per_replica: float = 1.0  # Ray's CPU reservation per replica
     address: str | None = None     # a Ray cluster to deploy onto; None: a local Ray of our own
+    verify: bool = True            # refuse a model.keras whose sha256 is not the card's
 
     def __post_init__(self):
         from cxr_datasets.errors import CxrError
@@ -104,7 +105,7 @@ def _make_deployment():
             from cxr_model.export import load_model
 
             self.cfg = cfg
-            self.model, self.card = load_model(cfg.model_dir)
+            self.model, self.card = load_model(cfg.model_dir, verify=cfg.verify)
             self.spec = self.card["input"]
             self.sha256 = self.card.get("model_sha256") or _sha256_of(cfg.model_dir)
             self.predict_batch.set_max_batch_size(cfg.max_batch_size)
@@ -247,6 +248,15 @@ def build_app(cfg: ServeConfig):
     return deployment.bind(cfg)
 
 
+def check_export(cfg: ServeConfig) -> None:
+    """A wrong folder or a swapped model file fails here in one line, not inside a replica."""
+    from cxr_model.export import read_card, verify_model_file
+
+    card = read_card(cfg.model_dir)
+    if cfg.verify:
+        verify_model_file(cfg.model_dir, card)
+
+
 def start(cfg: ServeConfig):
     """Start Ray (local unless cfg.address), Serve's HTTP proxy on cfg.host:cfg.port, and the app.
 
@@ -255,9 +265,7 @@ def start(cfg: ServeConfig):
     import ray
     from ray import serve
 
-    from cxr_model.export import read_card
-
-    read_card(cfg.model_dir)  # a wrong folder fails here in one line, not inside a replica
+    check_export(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -282,9 +290,7 @@ def stop() -> None:
 
 def serve_forever(cfg: ServeConfig) -> int:
     """`cxr serve`: start, print where it listens, block until Ctrl-C / SIGTERM, shut down."""
-    from cxr_model.export import read_card
-
-    read_card(cfg.model_dir)  # not an export folder: one line, before Ray starts
+    check_export(cfg)  # before Ray starts
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
@@ -317,6 +323,8 @@ def register(subparsers) -> None:
                    help="larger uploads get 413 (default: 64)")
     p.add_argument("--cpus-per-replica", type=float, default=defaults.cpus_per_replica, help="(default: 1)")
     p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to deploy onto (default: a local Ray)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="serve model.keras even if its sha256 is not the one in model_card.json")
     p.set_defaults(func=_handle)
 
 
