@@ -68,26 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     prepare_s, manifest = time_prepare(source, BENCH_DIR / "prepared", args.image_size, args.cpus,
                                        address)
     stages = ", ".join(f"{k} {v:.1f}" for k, v in manifest["stage_s"].items())
-    by_driver = manifest.get("decoded_by_driver", 0)
-    print(amortisation(len(files), naive_s, prepare_s, manifest["stage_s"]["decode"], by_driver))
-    print(f"cxr stages (s):  {stages}; files decoded by the driver while Ray started: "
-          f"{by_driver}")
+    print(amortisation(len(files), naive_s, prepare_s, manifest["stage_s"]["decode"]))
+    print(f"cxr stages (s):  {stages}")
     print(f"cxr img/s:       {len(files) / prepare_s:7.1f}  ({prepare_s:.1f} s end to end)")
     print(f"speed-up: {naive_s / prepare_s:.2f}x")
     return 0
 
 
-def amortisation(n: int, naive_s: float, prepare_s: float, decode_s: float,
-                 by_driver: int = 0) -> str:
+def amortisation(n: int, naive_s: float, prepare_s: float, decode_s: float) -> str:
     """What the end-to-end figure is made of: the time outside the decode stage (process start,
-    Ray start, writing, ...) and the decode stage's own rate, on the files the driver had not
-    already decoded while Ray started. That stage also holds the worker start of its first
+    Ray start, writing, ...) and the decode stage's own rate. That stage also holds the worker start of its first
     tasks, so at small N its rate understates the per-image speed; compare runs at several N
     (README) rather than extrapolating from one."""
-    fixed_s, left = prepare_s - decode_s, n - by_driver
-    per_image = (left / decode_s) / (n / naive_s) if decode_s > 0 else float("nan")
-    return (f"outside the decode stage: {fixed_s:.1f} s; decode stage: {left} files at "
-            f"{left / max(decode_s, 1e-9):.1f} img/s = {per_image:.2f}x the naive loop per image")
+    fixed_s = prepare_s - decode_s
+    per_image = (n / decode_s) / (n / naive_s) if decode_s > 0 else float("nan")
+    return (f"outside the decode stage: {fixed_s:.1f} s; decode stage: {n} files at "
+            f"{n / max(decode_s, 1e-9):.1f} img/s = {per_image:.2f}x the naive loop per image")
 
 
 def parse_args(argv):

@@ -8,10 +8,8 @@ and reads that process's own peak resident memory (`ru_maxrss`; Ray's workers an
 other processes, and hold the pixels). The synthetic images (the small default `cxr synth` kind:
 the decode cost is not what this measures) are generated once under bench/out/. Goal: the large
 run's peak is less than 10% above the small one's, though it has 4x the images (~400 MB of
-decoded pixels at 8,000; a driver that gathered them would grow by that much). Both peaks hold
-the head start's pixels (up to `--head-start-mib`, decoded by the driver while its Ray starts), a
-bound that does not grow with N; `--head-start-mib 0` measures without it. Prints both peaks
-and, last, their ratio.
+decoded pixels at 8,000; a driver that gathered them would grow by that much). Prints both
+peaks and, last, their ratio.
 """
 from __future__ import annotations
 
@@ -24,8 +22,6 @@ from pathlib import Path
 
 from common import synthetic_source  # bench/common.py, beside this script
 
-from cxr_datasets import PrepareConfig
-
 BENCH_DIR = Path(__file__).resolve().parent / "out"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,19 +29,19 @@ CHILD = """
 import json, resource, sys
 import cxr_datasets
 manifest = cxr_datasets.prepare(sys.argv[1], sys.argv[2], overwrite=True, verbose=False,
-                            num_cpus=int(sys.argv[3]), head_start_mib=float(sys.argv[4]))
+                            num_cpus=int(sys.argv[3]))
 accepted = sum(sum(c.values()) for c in manifest["counts"].values())
 print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "accepted": accepted, "elapsed_s": manifest["elapsed_s"]}))
 """
 
 
-def peak_rss(n: int, cpus: int, head_start_mib: float) -> dict:
+def peak_rss(n: int, cpus: int) -> dict:
     source = synthetic_source(BENCH_DIR / f"synth-n{n}-seed0", n)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     done = subprocess.run([sys.executable, "-c", CHILD, str(source), str(BENCH_DIR / f"mem-out-{n}"),
-                           str(cpus), str(head_start_mib)], cwd=REPO, env=env, capture_output=True,
+                           str(cpus)], cwd=REPO, env=env, capture_output=True,
                           text=True)
     if done.returncode != 0:
         raise SystemExit(f"prepare of {n} images failed:\n{done.stderr[-3000:]}")
@@ -57,12 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--large", type=int, default=8000)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--head-start-mib", type=float, default=PrepareConfig.head_start_mib,
-                        help="pixels the driver may decode while its Ray starts (a constant "
-                             "part of both peaks; 0 shows the growth without it)")
     args = parser.parse_args(argv)
-    small = peak_rss(args.small, args.cpus, args.head_start_mib)
-    large = peak_rss(args.large, args.cpus, args.head_start_mib)
+    small = peak_rss(args.small, args.cpus)
+    large = peak_rss(args.large, args.cpus)
     for n, run in ((args.small, small), (args.large, large)):
         print(f"{n} images: driver peak RSS {run['peak_mib']:.0f} MiB "
               f"({run['accepted']} accepted, {run['elapsed_s']:.1f} s)")

@@ -119,7 +119,7 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the metrics as JSON (value, ci_low, ci_high per metric; n, threshold, "
                         "confusion_matrix) instead of a table")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
+    p.add_argument("--no-verify", action="store_true",
                    help="use model.keras even if its sha256 is not the one in model_card.json")
     p.set_defaults(func=_evaluate)
 
@@ -134,7 +134,7 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress lines (files done / total, rate, ETA) on stderr")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
+    p.add_argument("--no-verify", action="store_true",
                    help="use model.keras even if its sha256 is not the one in model_card.json")
     p.set_defaults(func=_predict)
 
@@ -164,7 +164,7 @@ def _evaluate(args) -> int:
     from cxr_model.pipeline import evaluate_export
 
     result = evaluate_export(args.model_dir, args.prepared, split=args.split,
-                             n_boot=EvalConfig(**given(args, EvalConfig)).n_boot, verify=args.verify)
+                             n_boot=EvalConfig(**given(args, EvalConfig)).n_boot, verify=not args.no_verify)
     if args.json:
         print(json.dumps({args.split: json_safe(result["metrics"])}, indent=2, allow_nan=False))
     else:
@@ -179,7 +179,7 @@ def _predict(args) -> int:
     from cxr_model.predict import FileProgress, predict_paths
 
     table = predict_paths(args.model_dir, args.paths, batch_size=args.batch_size, gradcam_dir=args.gradcam,
-                          progress=None if args.quiet else FileProgress(), verify=args.verify)
+                          progress=None if args.quiet else FileProgress(), verify=not args.no_verify)
     if args.out:
         table.to_csv(args.out, index=False)
     else:

@@ -323,12 +323,12 @@ def register(subparsers) -> None:
                    help="larger uploads get 413 (default: 64)")
     p.add_argument("--cpus-per-replica", type=float, default=defaults.cpus_per_replica, help="(default: 1)")
     p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to deploy onto (default: a local Ray)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
+    p.add_argument("--no-verify", action="store_true",
                    help="serve model.keras even if its sha256 is not the one in model_card.json")
     p.set_defaults(func=_handle)
 
 
 def _handle(args) -> int:
     fields = {f.name for f in dataclasses.fields(ServeConfig)}
-    cfg = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields}, verify=not args.no_verify)
     return serve_forever(cfg)

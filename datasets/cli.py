@@ -108,10 +108,6 @@ def _add_prepare(subparsers) -> None:
     parser.add_argument("--num-cpus", type=int,
                         help="CPUs of the local Ray instance (default: all; ignored when joining "
                              "a running Ray: under `ray job submit` or with RAY_ADDRESS set)")
-    parser.add_argument("--head-start-mib", type=float,
-                        help=with_default("decoded pixels the driver may hold, decoding the first "
-                                          "files itself while the Ray it started comes up; 0: "
-                                          "none", PrepareConfig, "head_start_mib"))
     parser.add_argument("--labels", metavar="FILE",
                         help="label file instead of NORMAL/PNEUMONIA folders: path,label[,patient_id]"
                              "[,split] CSV, RSNA, NIH ChestX-ray14 or CheXpert (docs/ARCHIVES.md)")

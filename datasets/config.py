@@ -40,8 +40,6 @@ class PrepareConfig:
     min_size: int = 64  # shorter side in pixels below which an image carries no usable detail
     num_cpus: int | None = None  # CPUs for a Ray instance we start ourselves; None = all of them
     files_per_task: int = 64  # images per Ray task: amortises the ~ms task overhead, still balances load
-    head_start_mib: float = 48.0  # decoded pixels the driver may hold, decoding while its own Ray
-    #                               starts (decode.HeadStart); 0: the driver decodes nothing
     labels: str | None = None  # a label file (labels.py) instead of NORMAL/PNEUMONIA folders
     labels_format: str | None = None  # None: detected from the label file's header
     negatives: str = "default"  # "all": an archive's other negatives (not normal) count as NORMAL
@@ -66,8 +64,6 @@ class PrepareConfig:
         for name in ("rows_per_shard", "max_pixels", "min_size", "files_per_task"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        if self.head_start_mib < 0:
-            raise ConfigError(f"head start mib must be at least 0, got {self.head_start_mib}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"num cpus must be at least 1, got {self.num_cpus}")
 

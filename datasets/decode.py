@@ -11,9 +11,7 @@ one map over a list with no operator to stream into.
 The pixels stay where they were decoded: each decode task returns its metadata (to the driver)
 and its images as one array that remains in Ray's object store (see workers.py). When the rules
 have seen every file, one task per shard gathers its rows' images and writes the shard to OUT
-itself. The driver holds metadata only, so its memory does not grow with the images. The one
-exception is bounded: while a Ray instance of its own starts, the driver decodes the first files
-itself (`HeadStart`, at most `head_start_mib` of pixels) and hands them to the object store.
+itself. The driver holds metadata only, so its memory does not grow with the images.
 
 `LocalRay` (what `prepare` uses) joins the running Ray (a cluster, a test session, the search
 driver) or starts a local one for the command. On a multi-node cluster the tasks open SOURCE and
@@ -36,35 +34,24 @@ import numpy as np
 import pandas as pd
 
 from .config import SPLITS, PrepareConfig
-from .workers import META_COLUMNS, decode_chunk, decode_task, pick_images, write_shard
+from .workers import decode_task, pick_images, write_shard
 
 
-def decode_files(paths: list[str], cfg: PrepareConfig, fs=None, verbose: bool = True,
-                 head_start: HeadStart | None = None) -> tuple[pd.DataFrame, list]:
+def decode_files(paths: list[str], cfg: PrepareConfig, fs=None,
+                 verbose: bool = True) -> tuple[pd.DataFrame, list]:
     """(one metadata row per path, in input order: META_COLUMNS but `idx`, plus `node` and
     `chunk`; the object refs of the decoded chunks). An accepted row's image is row `pos` of chunk
-    `chunk`. Needs a running Ray (see `LocalRay`). `head_start`: the files its driver thread
-    decoded while Ray started (the first ones of `paths`) go into the object store as they are;
-    Ray tasks decode the rest."""
+    `chunk`. Needs a running Ray (see `LocalRay`)."""
     import ray
 
     progress = Progress("decoding", len(paths), enabled=verbose)
     columns = DecodedColumns(len(paths))
     pixels: list = []
-    first = 0
-    here = ray.util.get_node_ip_address()  # the head start's files were decoded on this node
-    for meta, images in _joined(head_start.finish() if head_start is not None else [],
-                                cfg.files_per_task):
-        meta["node"] = here
-        first += columns.add(meta, len(pixels))
-        pixels.append(ray.put(images))
-        del images
-    progress.update(first)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = _chunk_size(len(paths) - first, cfg.files_per_task, cpus)
+    size = _chunk_size(len(paths), cfg.files_per_task, cpus)
     task = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(decode_task)
     chunk_of = {}
-    for start in range(first, len(paths), size):
+    for start in range(0, len(paths), size):
         meta, images = task.remote(_items(paths, start, size), fs, cfg.image_size, cfg.resize,
                                    cfg.max_pixels, cfg.min_size)
         chunk_of[meta] = len(pixels)
@@ -119,70 +106,6 @@ class DecodedColumns:
                for name in self.STRINGS},
             **self.numbers,
         })
-
-
-class HeadStart:
-    """The driver decodes the first files itself, in a thread, while its local Ray starts.
-
-    Starting Ray takes ~2.5 s on 2 cores, most of it waiting for Ray's own processes to come up,
-    and a core stays idle meanwhile: measured, a driver thread decodes ~750 of the benchmark's
-    real originals in that time and delays Ray's start by ~0.3 s. It runs the tasks' own
-    `decode_chunk` (Pillow and hashlib release the GIL), so its rows are the same as a task's.
-    Its pixels go into the object store as soon as Ray is up (`decode_files`); until then it holds
-    at most `cfg.head_start_mib` of them, a bound that does not grow with the data. Use it only when this
-    command starts Ray itself: joining a running Ray takes well under a second, and the driver of
-    a cluster has no decoding of its own to do.
-    """
-
-    FILES_PER_STEP = 8  # how often it checks for Ray being ready (~20-60 ms of decoding)
-
-    def __init__(self, paths: list[str], cfg: PrepareConfig, fs=None):
-        self.paths, self.cfg, self.fs = paths, cfg, fs
-        self.max_bytes = int(cfg.head_start_mib * (1 << 20))
-        self.files_done = 0  # for the manifest's profile
-        self.parts: list[tuple[dict, object]] = []  # (metadata columns, uint8 [accepted, S*S])
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="decode-head-start", daemon=True)
-
-    def start(self) -> HeadStart:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        cfg, step = self.cfg, self.FILES_PER_STEP
-        step_bytes = step * cfg.image_size * cfg.image_size
-        done = held = 0
-        try:
-            while (not self._stop.is_set() and done < len(self.paths)
-                   and held + step_bytes <= self.max_bytes):
-                meta, images = decode_chunk(_items(self.paths, done, step), self.fs,
-                                            cfg.image_size, cfg.resize, cfg.max_pixels,
-                                            cfg.min_size)
-                self.parts.append((meta, images))
-                done, held = done + len(meta["idx"]), held + images.nbytes
-                self.files_done = done
-        except BaseException as exc:  # decode_chunk turns a file's failure into its row: a bug
-            self._error = exc
-
-    def cancel(self) -> None:
-        """Stop the thread (after an error elsewhere), dropping what it decoded."""
-        self._halt()
-        self.parts = []
-
-    def finish(self) -> list[tuple[dict, object]]:
-        """Stop after the step in progress; the parts decoded, in path order (they cover the
-        first files of `paths`, without a gap)."""
-        self._halt()
-        if self._error is not None:
-            raise self._error
-        parts, self.parts = self.parts, []
-        return parts
-
-    def _halt(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.paths = []  # the caller's list: not kept alive past the decode stage
 
 
 def write_shards(rows: pd.DataFrame, pixels: list, out, cfg: PrepareConfig) -> list[dict]:
@@ -244,28 +167,6 @@ def _items(paths: list[str], start: int, size: int) -> list[tuple[int, str]]:
     return [(i, paths[i]) for i in range(start, min(start + size, len(paths)))]
 
 
-def _joined(parts: list[tuple[dict, object]], files_per_chunk: int) -> Iterator[tuple[dict, object]]:
-    """Consecutive decoded parts (`decode_chunk`'s results) joined into chunks of about
-    `files_per_chunk` files (fewer, larger objects for the shard tasks to fetch), each accepted
-    file's `pos` renumbered into its chunk. Consumes `parts` as it goes, so that a part's pixels
-    are freed once joined rather than held twice until the end."""
-    meta: dict = {name: [] for name in META_COLUMNS}
-    arrays: list = []
-    parts.reverse()
-    while parts:
-        part, images = parts.pop()
-        offset = sum(len(a) for a in arrays)
-        for name in META_COLUMNS:
-            meta[name] += part[name] if name != "pos" else \
-                [p if p < 0 else p + offset for p in part["pos"]]
-        arrays.append(images)
-        if len(meta["idx"]) >= files_per_chunk:
-            yield meta, np.concatenate(arrays)
-            meta, arrays = {name: [] for name in META_COLUMNS}, []
-    if meta["idx"]:
-        yield meta, np.concatenate(arrays)
-
-
 def _chunk_size(n_files: int, files_per_task: int, cpus: int) -> int:
     """Enough files per task to amortise its overhead, and at least 4 tasks per CPU so that no
     core idles while the last slow chunk finishes."""
@@ -277,9 +178,8 @@ class LocalRay:
 
     `stop()` shuts down only an instance that `start()` started; one that was already running (a
     cluster, a test session, the search driver) is left alone. It returns at once: Ray's
-    shut-down is ~0.3 s (~1.3 s without `_stop_autoscaler_monitor`), nearly all of it waiting
-    for its processes to exit, which `cxr prepare` overlaps with writing plots and the manifest. `join()` waits for it; call
-    it before anything may start Ray again.
+    shut-down (~1.3 s, nearly all of it waiting for its processes to exit) overlaps with writing
+    plots and the manifest. `join()` waits for it; call it before anything may start Ray again.
     """
 
     def __init__(self, num_cpus: int | None = None):
@@ -287,14 +187,6 @@ class LocalRay:
         self.started = False
         self._stopper: threading.Thread | None = None
         self._stop_error: BaseException | None = None
-
-    def will_start_local(self) -> bool:
-        """Whether `start()` is going to start a Ray instance (rather than join one)
-        (a `ray start --head` on this machine without RAY_ADDRESS is found only by `ray.init`).
-        Does not import Ray (~0.4 s, which a head start can use): a Ray never imported is not
-        running in this process."""
-        ray = sys.modules.get("ray")
-        return not (ray is not None and ray.is_initialized()) and not _joins_cluster()
 
     def start(self) -> None:
         import ray
@@ -333,7 +225,6 @@ class LocalRay:
 
         def shutdown() -> None:
             try:
-                _stop_autoscaler_monitor(ray)
                 ray.shutdown()
             except BaseException as exc:  # reported by join(), not lost in a thread's traceback
                 self._stop_error = exc
@@ -363,25 +254,6 @@ def _joins_cluster() -> bool:
     they are, and Ray refuses num_cpus there. RAY_ADDRESS=local starts an instance."""
     address = os.environ.get("RAY_ADDRESS", "")
     return bool(address) and address != "local"
-
-
-def _stop_autoscaler_monitor(ray) -> None:
-    """Kill the autoscaler monitor of a Ray instance this process started, before `ray.shutdown`.
-
-    Ray's shut-down stops the GCS before the monitor; the monitor's SIGTERM handler then tries to
-    report to the dead GCS and is killed only after Ray's 1 s grace period: a whole second of the
-    ~1.3 s shut-down (measured with Ray 2.60). A one-command instance's monitor has no state to
-    save. Ray's own process table is private API: if it changes, this does nothing and Ray's
-    shut-down kills the monitor as before.
-    """
-    try:
-        node = ray._private.worker._global_node
-        monitors = list(node.all_processes.get("monitor", [])) if node is not None else []
-        for info in monitors:
-            info.process.kill()
-            info.process.wait(timeout=1)
-    except Exception:  # noqa: BLE001  private API: never let it break the shut-down
-        pass
 
 
 @contextlib.contextmanager

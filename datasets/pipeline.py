@@ -12,11 +12,9 @@ stratified splits -> shards written by Ray tasks (Parquet and/or TFRecord), EDA 
 manifest.json. The pixels stay in Ray's object store between the decode and the shard tasks:
 the driver holds metadata only, and the rules see every file before any shard is written.
 
-While a Ray instance of its own starts (~2.5 s on 2 cores, a core of it idle), the driver
-decodes the first files itself (`decode.HeadStart`; the manifest's `decoded_by_driver`). That
-instance shuts down in the background once the shards are written, while the EDA plots (a
+A Ray instance that prepare started for itself shuts down in the background once the shards are written, while the EDA plots (a
 thread, started with the shard tasks) finish and the manifest is written (the manifest's
-`ray_stop_wait` is whatever of the ~0.3 s shut-down was left to wait for).
+`ray_stop_wait` is whatever of the shut-down was left to wait for).
 
 Everything is written to a hidden folder beside OUT and renamed into place at the end, so an
 interrupted run never leaves a half-written OUT (a killed run, or one interrupted twice while its
@@ -41,7 +39,7 @@ import pandas as pd
 
 from . import splits as split_rules
 from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
-from .decode import HeadStart, LocalRay, decode_files, fetch_images, write_shards
+from .decode import LocalRay, decode_files, fetch_images, write_shards
 from .discover import Discovery, discover, patient_id_rules
 from .eda import sample_rows, write_eda
 from .errors import CxrError
@@ -65,7 +63,6 @@ def prepare(
     max_pixels: int = PrepareConfig.max_pixels,
     min_size: int = PrepareConfig.min_size,
     num_cpus: int | None = PrepareConfig.num_cpus,
-    head_start_mib: float = PrepareConfig.head_start_mib,
     labels: str | os.PathLike | None = PrepareConfig.labels,
     labels_format: str | None = PrepareConfig.labels_format,
     negatives: str = PrepareConfig.negatives,
@@ -78,7 +75,7 @@ def prepare(
         image_size=image_size, resize=resize, split=split, val_fraction=val_fraction,
         test_fraction=test_fraction, seed=seed, rows_per_shard=rows_per_shard, format=fmt,
         max_pixels=max_pixels, min_size=min_size, num_cpus=num_cpus,
-        head_start_mib=head_start_mib, labels=None if labels is None else str(labels),
+        labels=None if labels is None else str(labels),
         labels_format=labels_format, negatives=negatives, uncertain=uncertain, views=views,
     )
     return run(source, out, cfg, overwrite=overwrite, verbose=verbose)
@@ -98,14 +95,11 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
                   f"{len(found.rejected)} files rejected)")
     local_ray = LocalRay(cfg.num_cpus)
     fs = None if source.local else source.fs
-    head_start = None
     try:
         with clock("ray_start"):
-            if cfg.head_start_mib > 0 and local_ray.will_start_local():
-                head_start = HeadStart([f.path for f in found.files], cfg, fs).start()
             local_ray.start()
         with clock("decode"):
-            table, pixels = _decode(found, cfg, fs, verbose, head_start)
+            table, pixels = _decode(found, cfg, fs, verbose)
         with clock("select"):
             accepted, report = _select(table, found, cfg)
         with staging(out) as tmp:
@@ -117,11 +111,9 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
                                                     local_ray)
             with clock("ray_stop_wait"):
                 local_ray.join()
-            manifest.update(_timing(n_files, clock, head_start))
+            manifest.update(_timing(n_files, clock))
             write_manifest(tmp, manifest)
     finally:
-        if head_start is not None:
-            head_start.cancel()  # after an error: its thread stops before Ray does
         local_ray.stop()
         local_ray.join()
     if verbose:
@@ -207,14 +199,12 @@ def staging(out: Location) -> Iterator[Location]:
     old.remove_tree()
 
 
-def _decode(found: Discovery, cfg: PrepareConfig, fs, verbose: bool,
-            head_start: HeadStart | None) -> tuple[pd.DataFrame, list]:
+def _decode(found: Discovery, cfg: PrepareConfig, fs, verbose: bool) -> tuple[pd.DataFrame, list]:
     """File metadata joined with the decode results (one row per discovered file), and the refs
     of the decoded pixels. The file columns hold the very strings of `found.files` (object
     columns: no second copy of every path and patient id); `path` is left out, only the decode
     tasks need it."""
-    results, pixels = decode_files([f.path for f in found.files], cfg, fs=fs, verbose=verbose,
-                                   head_start=head_start)
+    results, pixels = decode_files([f.path for f in found.files], cfg, fs=fs, verbose=verbose)
     for name, dtype in FILE_COLUMNS.items():
         results[name] = pd.Series([getattr(f, name) for f in found.files], dtype=dtype)
     return results, pixels
@@ -344,11 +334,10 @@ def _manifest(source: Location, cfg: PrepareConfig, found: Discovery, table: pd.
     }
 
 
-def _timing(n_files: int, clock: StageClock, head_start: HeadStart | None) -> dict:
+def _timing(n_files: int, clock: StageClock) -> dict:
     elapsed = clock.elapsed()
     return {"elapsed_s": round(elapsed, 3), "images_per_s": round(n_files / max(elapsed, 1e-9), 1),
-            "stage_s": dict(clock.seconds),
-            "decoded_by_driver": head_start.files_done if head_start is not None else 0}
+            "stage_s": dict(clock.seconds)}
 
 
 def _versions(cfg: PrepareConfig) -> dict:

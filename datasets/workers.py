@@ -57,8 +57,7 @@ def decode_chunk(items: list[tuple[int, str]], fs, image_size: int, resize: str,
 
 
 def decode_task(*args) -> tuple[dict, np.ndarray]:
-    """`decode_chunk` as a Ray task: its metadata also names the node that decoded the files (the
-    driver's own head start names it once Ray is up, see decode.py)."""
+    """`decode_chunk` as a Ray task: its metadata also names the node that decoded the files."""
     meta, pixels = decode_chunk(*args)
     meta["node"] = node_ip()
     return meta, pixels

@@ -176,7 +176,7 @@ def test_prepare_with_generic_csv_end_to_end(tmp_path, ray_session):
     import cxr_datasets
 
     manifest = cxr_datasets.prepare(ARCHIVES / "csv", tmp_path / "out", image_size=32,
-                                    labels=ARCHIVES / "csv/labels.csv", head_start_mib=0, verbose=False)
+                                    labels=ARCHIVES / "csv/labels.csv", verbose=False)
     assert manifest["split_used"] == "official"
     assert manifest["counts"]["test"] == {"NORMAL": 2, "PNEUMONIA": 2}
     assert sum(sum(c.values()) for c in manifest["counts"].values()) == 12
@@ -197,7 +197,7 @@ def test_cxr_prepare_labels_per_archive(tmp_path, ray_session, archive, label_fi
 
     out = tmp_path / "out"
     assert main(["prepare", str(ARCHIVES / archive), str(out), "--labels", str(ARCHIVES / label_file),
-                 "--image-size", "32", "--head-start-mib", "0", "--quiet", *argv]) == 0
+                 "--image-size", "32", "--quiet", *argv]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(sum(c.values()) for c in manifest["counts"].values()) == total
     assert not [r for r in manifest["rejected"] if "node" in r]  # every image decoded
