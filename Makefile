@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
 
-.PHONY: install lock demo test test-slow test-all bench clean
+.PHONY: install lock demo test test-fast test-slow test-all lint bench clean
 
 install: $(STAMP)
 
@@ -40,13 +40,22 @@ demo: $(STAMP)
 	$(BIN)/cxr demo --out $(DEMO_DIR) --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# No Ray, no subprocess (markers set in tests/conftest.py): the unit tests, in about a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15 -m 'not slow and not ray and not subprocess' $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 -m slow $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
+
+# ruff (lint and import order) and mypy, configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/input_pipeline.py

@@ -39,6 +39,7 @@ def parse_args(argv=None):
 
 def stock_stack(seed=0):
     import keras
+
     from cxr_model.augment import AUG_MAX
 
     m = AUG_MAX
@@ -100,7 +101,7 @@ def bench_backend(args) -> float:
     ours.build(x.shape)
     stock = stock_stack()
     stock.build(x.shape)
-    stock_jits = all(l.supports_jit for l in stock.layers)
+    stock_jits = all(layer.supports_jit for layer in stock.layers)
     backend = keras.backend.backend()
     rows = [
         ("xray_augment", images_per_s(compiled(ours, jit=ours.supports_jit), x, args.batches)),

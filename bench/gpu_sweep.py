@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common import timed_run_sweep  # noqa: E402  (bench/common.py, beside this script)
+
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the GPU machine has no TensorFlow
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

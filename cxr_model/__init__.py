@@ -11,6 +11,7 @@ for loading Keras and TensorFlow. Importing `cxr_model.model` registers the cust
 `cxr_model.load_model` does that for you.
 """
 import importlib
+from typing import TYPE_CHECKING
 
 # Light modules (no Keras at import), imported eagerly: the functions `evaluate` and `export`
 # share their modules' names, and binding them now keeps `cxr_model.evaluate` the function even
@@ -18,6 +19,23 @@ import importlib
 from .config import ModelConfig, TrainConfig
 from .evaluate import choose_threshold, evaluate
 from .export import export, load_model
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors (never run)
+    from .augment import AUG_MAX, XrayAugment, augmentation_layer
+    from .data import BatchStream, Data, tfrecord_dataset
+    from .features import FeatureCache
+    from .model import (
+        ClassAUC,
+        VGGPreprocess,
+        build_base,
+        build_head,
+        build_model,
+        compile_model,
+        feature_extractor,
+        inference_model,
+        predict_proba,
+    )
+    from .train import fit
 
 # name -> the submodule that defines it
 _EXPORTS = {

@@ -15,11 +15,11 @@ import argparse
 import json
 import sys
 
-from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
-from cxr_model.export import json_safe
 from cxr_datasets import read_manifest
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
+from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
+from cxr_model.export import json_safe
 
 TRAIN_EPILOG = """example:
   cxr train runs/prepared --out runs/model --head-units 512,128 --dropout 0.3 --epochs 10

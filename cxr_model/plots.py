@@ -19,8 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cxr_model.config import METRIC, MODE
 from cxr_datasets.config import CLASS_NAMES  # label 0, 1
+from cxr_model.config import METRIC, MODE
 
 DPI = 120
 # Curves shown side by side when the history has them, in this order.

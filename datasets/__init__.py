@@ -15,11 +15,17 @@ eagerly: the function shares its module's name, and binding it now keeps `cxr_da
 function even after `from cxr_datasets.synth import SynthConfig` has loaded the module.
 """
 import importlib
+from typing import TYPE_CHECKING
 
 from .config import CLASS_NAMES, SPLITS, PrepareConfig
 from .discover import patient_id
 from .errors import CxrError, ImageRejected
 from .synth import SynthConfig, synth
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors (never run)
+    from .image import preprocess_bytes, preprocess_file, read_gray, resize_gray
+    from .pipeline import prepare
+    from .shards import load, manifest_hash, read_manifest, tfrecord_feature_spec
 
 # name -> the submodule that defines it
 _EXPORTS = {

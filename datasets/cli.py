@@ -22,7 +22,7 @@ from .config import (FORMATS, LABEL_FORMATS, NEGATIVES, RESIZE_MODES, SPLIT_MODE
 
 def with_default(text: str, cls: type, name: str) -> str:
     """`text (default: D)`, D read from the field `name` of the dataclass `cls`."""
-    field = cls.__dataclass_fields__[name]
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
     value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     if isinstance(value, (tuple, list)):
         value = ",".join(map(str, value))

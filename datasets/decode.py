@@ -150,7 +150,7 @@ def fetch_images(rows: pd.DataFrame, pixels: list) -> list[bytes]:
     import ray
 
     task = ray.remote(num_cpus=1)(pick_images)
-    wanted = {}
+    wanted: dict = {}
     for order, (chunk, pos) in enumerate(zip(rows["chunk"], rows["pos"])):
         wanted.setdefault(int(chunk), []).append((order, int(pos)))
     calls = {chunk: task.remote([p for _, p in items], pixels[chunk])

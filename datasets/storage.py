@@ -19,6 +19,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CxrError, first_line
 
@@ -27,7 +28,7 @@ from .errors import CxrError, first_line
 class Location:
     uri: str  # what the user gave (absolute for plain paths): the manifest's `source`
     path: str  # the path inside `fs` (POSIX separators)
-    fs: object  # a pyarrow.fs.FileSystem
+    fs: Any  # a pyarrow.fs.FileSystem (pyarrow has no type stubs)
 
     @classmethod
     def of(cls, where: str | os.PathLike | Location) -> Location:

@@ -90,7 +90,7 @@ def _plan_class(label: int, count: int, cfg: SynthConfig, rng: np.random.Generat
 
 def _patients(count: int, cfg: SynthConfig, rng: np.random.Generator) -> list[int]:
     """Images per patient, summing to `count`."""
-    sizes = []
+    sizes: list = []
     while sum(sizes) < count:
         sizes.append(int(rng.choice(len(cfg.images_per_patient), p=cfg.images_per_patient)) + 1)
     sizes[-1] -= sum(sizes) - count

@@ -33,7 +33,7 @@ def decode_chunk(items: list[tuple[int, str]], fs, image_size: int, resize: str,
     paths, else the pyarrow file system of a URI source. Every failure becomes its file's
     `reason`; a rejected file has `orig_*` -1 (None for the mode) and `pos` -1."""
     meta: dict = {name: [] for name in META_COLUMNS}
-    images = []
+    images: list = []
     for idx, path in items:
         sha = reason = None
         try:

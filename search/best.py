@@ -17,9 +17,9 @@ from typing import Any
 
 import pandas as pd
 
+from cxr_datasets.errors import CxrError
 from cxr_model import TrainConfig
 from cxr_model.pipeline import finalize
-from cxr_datasets.errors import CxrError
 from cxr_search.checkpoint import STATE_FILE, WEIGHTS_FILE, load_weights
 from cxr_search.config import SearchConfig
 from cxr_search.space import METRIC, MODE, result_params

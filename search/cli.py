@@ -17,9 +17,9 @@ import os
 import sys
 from importlib import metadata
 
-from cxr_model import cli as model_cli
 from cxr_datasets import cli as data_cli
 from cxr_datasets.errors import CxrError
+from cxr_model import cli as model_cli
 from cxr_search import commands as search_cli
 
 EXAMPLES = __doc__.split("\n\n")[1]

@@ -13,9 +13,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from cxr_model.config import THRESHOLD_METHODS
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
+from cxr_model.config import THRESHOLD_METHODS
 from cxr_search.config import CONFIG_FILE, SearchConfig
 from cxr_search.space import load_space
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr_model.config import THRESHOLD_METHODS, EvalConfig, normalise_weights, reject_unknown
 from cxr_datasets.errors import ConfigError
 from cxr_datasets.storage import Location
+from cxr_model.config import THRESHOLD_METHODS, EvalConfig, normalise_weights, reject_unknown
 from cxr_search.space import resolve_space
 
 CONFIG_FILE = "search_config.json"

@@ -36,8 +36,9 @@ from typing import Any
 
 import yaml
 
-from cxr_model.config import METRIC, MODE, TrainConfig  # METRIC, MODE: re-exported for search/
 from cxr_datasets.errors import ConfigError
+from cxr_model.config import METRIC, TrainConfig  # METRIC, MODE: re-exported for search/
+from cxr_model.config import MODE as MODE
 
 # What trials report besides METRIC (their best so far, see search/trial_reporter.py): the value
 # of the epoch itself, which the results table keeps per epoch as METRIC_e1, METRIC_e2, ...

@@ -48,8 +48,8 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
 
     from cxr_model import fit
     from cxr_model.train import uses_feature_cache
-    from cxr_search.trial_reporter import ReportCallback, ResumeState
     from cxr_search.space import to_train_config
+    from cxr_search.trial_reporter import ReportCallback, ResumeState
 
     # One "Checkpoint successfully created" line per improving epoch would drown Tune's status.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)

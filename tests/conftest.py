@@ -21,6 +21,27 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 DATA_DIR = REPO_ROOT / "tests" / "data"
 
+# `make test-fast` runs `-m 'not slow and not ray and not subprocess'`. A test is marked `ray` when it
+# uses a Ray fixture, `subprocess` when its module starts processes (subprocess or sys.executable
+# appear in its source): decided here once, so no test file has to remember to mark itself.
+_RAY_FIXTURES = {"ray_session", "ray_cluster", "prepared_small", "cluster"}
+_RAY_WORDS = ("ray_session", "ray_cluster", "prepared_small", "ray.init", "run_search", "run_sweep",
+              "cxr_datasets.prepare", "prepare(", "cli.main", "entry(", "demo(")
+_SUBPROCESS_WORDS = ("subprocess", "sys.executable", "Popen")
+
+
+def pytest_collection_modifyitems(config, items):
+    sources: dict[str, str] = {}
+    for item in items:
+        path = str(item.path)
+        if path not in sources:
+            sources[path] = Path(path).read_text(encoding="utf-8")
+        source = sources[path]
+        if _RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or any(w in source for w in _RAY_WORDS):
+            item.add_marker(pytest.mark.ray)
+        if any(w in source for w in _SUBPROCESS_WORDS):
+            item.add_marker(pytest.mark.subprocess)
+
 
 def _samples_root() -> Path:
     env = os.environ.get("CXR_SAMPLES")

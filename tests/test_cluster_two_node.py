@@ -50,6 +50,7 @@ def space_file(tmp_path) -> Path:
 # ----------------------------------------------------------------------------- the tests
 
 
+@pytest.mark.slow  # make test-slow: test_cluster_jobs runs the documented sweep on the same kind of cluster
 def test_trials_run_on_both_nodes_with_shared_storage(cluster, prepared_small, space_file, tmp_path, repo_root):
     run = tmp_path / "run"
     log = tmp_path / "driver.log"
@@ -78,6 +79,7 @@ def _terminated_trials(run: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in trials if t["status"] == "TERMINATED"}
 
 
+@pytest.mark.slow  # make test-slow: resume after a kill is test_search_resume's mid-trial test in make test
 def test_resume_after_the_driver_is_killed(cluster, prepared_small, space_file, tmp_path, repo_root):
     import optuna
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from cxr_model.config import EvalConfig, ModelConfig, TrainConfig
 from cxr_datasets.config import PrepareConfig
 from cxr_datasets.errors import ConfigError, CxrError
+from cxr_model.config import EvalConfig, ModelConfig, TrainConfig
 from cxr_search.cli import build_parser, main
 from cxr_search.config import SearchConfig
 

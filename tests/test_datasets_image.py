@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_util import write_dicom
 from PIL import Image
 
 import cxr_datasets
 from cxr_datasets import ImageRejected, preprocess_file, read_gray, resize_gray
-from dicom_util import write_dicom
 
 REAL_SIZES = {  # from tests/data/README.md
     "NORMAL/NORMAL2-IM-0736-0001.jpeg": (1432, 1184, "L"),

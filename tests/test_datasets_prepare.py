@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_util import write_dicom
 from PIL import Image
 
 import cxr_datasets
 from cxr_datasets import CLASS_NAMES, CxrError
-from dicom_util import write_dicom
 
 SIZE = 32
 BAD = {  # file placed in train/PNEUMONIA -> expected words of its rejection reason

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from test_eval_metrics import LABELS, PROBS  # the hand-computed case: 3 NORMAL, 5 PNEUMONIA
 
 from cxr_model.evaluate import (
     average_precision,
@@ -20,8 +21,6 @@ from cxr_model.evaluate import (
     roc_auc,
     wilson_interval,
 )
-
-from test_eval_metrics import LABELS, PROBS  # the hand-computed case: 3 NORMAL, 5 PNEUMONIA
 
 
 def test_brier_and_ece_hand_computed():

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from cxr_datasets.errors import CxrError
 from cxr_model.evaluate import (
     METRICS,
     choose_threshold,
@@ -14,7 +15,6 @@ from cxr_model.evaluate import (
     roc_auc,
     roc_points,
 )
-from cxr_datasets.errors import CxrError
 
 # 3 NORMAL, 5 PNEUMONIA. At threshold 0.5: predictions 0 0 1 | 0 1 1 1 1 -> tn 2, fp 1, fn 1, tp 4.
 LABELS = np.array([0, 0, 0, 1, 1, 1, 1, 1])

@@ -185,6 +185,7 @@ print(json.loads(open(sys.argv[1] + "/model/model_card.json").read())["backend"]
 """
 
 
+@pytest.mark.slow  # make test-slow: test_model_jax exports under JAX in make test
 @pytest.mark.timeout(600)
 def test_an_export_made_on_jax_has_a_saved_model_and_onnx_that_match(tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}

@@ -10,9 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
+from cxr_datasets.errors import CxrError
 from cxr_model.evaluate import metrics_from_probs
 from cxr_model.export import export, load_model
-from cxr_datasets.errors import CxrError
 
 SIZE = 32
 

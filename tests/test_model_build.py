@@ -3,9 +3,9 @@ import keras
 import numpy as np
 import pytest
 
+from cxr_datasets import CxrError
 from cxr_model import ModelConfig, TrainConfig, VGGPreprocess, build_base, build_head, build_model, predict_proba
 from cxr_model.model import ClassAUC, compile_model
-from cxr_datasets import CxrError
 
 SIZE = 32  # VGG16's minimum: 1x1 feature maps after five pools
 
@@ -36,8 +36,8 @@ def test_layer_names_grad_cam_and_export_rely_on():
     names = [layer.name for layer in model.layers]
     assert names == ["image", "augment", "vgg_preprocess", "vgg16", "head"]
     assert model.get_layer("vgg16").get_layer("block5_conv3") is not None
-    assert "augment" not in [l.name for l in build_model(_cfg(aug_strength=0.0)).layers]
-    assert not any(type(l).__name__ == "Lambda" for l in model._flatten_layers())
+    assert "augment" not in [layer.name for layer in build_model(_cfg(aug_strength=0.0)).layers]
+    assert not any(type(layer).__name__ == "Lambda" for layer in model._flatten_layers())
 
 
 def test_preprocessing_equals_keras_vgg16_preprocess_input():
@@ -51,18 +51,18 @@ def test_preprocessing_equals_keras_vgg16_preprocess_input():
 @pytest.mark.parametrize("k", [0, 2, 5])
 def test_trainable_blocks_unfreezes_the_last_k_blocks(k):
     base = build_model(_cfg(trainable_blocks=k)).get_layer("vgg16")
-    trainable_blocks = {int(l.name[5]) for l in base.layers
-                        if l.name.startswith("block") and l.trainable and l.weights}
+    trainable_blocks = {int(layer.name[5]) for layer in base.layers
+                        if layer.name.startswith("block") and layer.trainable and layer.weights}
     assert trainable_blocks == set(range(6 - k, 6))
-    expected = sum(np.prod(v.shape) for l in base.layers if l.name.startswith("block")
-                   and int(l.name[5]) > 5 - k for v in l.weights)
+    expected = sum(np.prod(v.shape) for layer in base.layers if layer.name.startswith("block")
+                   and int(layer.name[5]) > 5 - k for v in layer.weights)
     assert sum(np.prod(v.shape) for v in base.trainable_weights) == expected
 
 
 def test_head_shapes_for_both_poolings():
     for pooling, units in (("flatten", (16, 8)), ("avg", (4,))):
         head = build_head(_cfg(head_pooling=pooling, head_units=units), (2, 2, 512))
-        dense = [l for l in head.layers if isinstance(l, keras.layers.Dense)]
+        dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
         assert [d.units for d in dense] == [*units, 2]
         assert dense[0].kernel.shape[0] == (2 * 2 * 512 if pooling == "flatten" else 512)
         assert head.get_layer("probs").dtype_policy.compute_dtype == "float32"
@@ -91,7 +91,7 @@ def test_save_load_keras_safe_mode_same_outputs(tmp_path):
     loaded = keras.saving.load_model(path, safe_mode=True)
     x = _pixels()
     np.testing.assert_allclose(predict_proba(loaded, x), predict_proba(model, x), atol=1e-6)
-    assert [l.name for l in loaded.layers] == [l.name for l in model.layers]
+    assert [layer.name for layer in loaded.layers] == [layer.name for layer in model.layers]
 
 
 def test_local_weights_file_is_loaded(tmp_path):

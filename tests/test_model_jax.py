@@ -40,7 +40,7 @@ def _run_under_jax(runs, tmp_path, repo_root) -> dict:
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(runs)],
                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=280)
     assert run.returncode == 0, run.stderr[-3000:]
-    line = next(l for l in run.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 

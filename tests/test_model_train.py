@@ -107,8 +107,8 @@ def test_fit_streams_tfrecords_on_tensorflow(data, tmp_path):
     if keras.backend.backend() != "tensorflow":
         pytest.skip("tf.data path is TensorFlow-only")
     import pandas as pd
-    from cxr_datasets.shards import write_tfrecord_shards
 
+    from cxr_datasets.shards import write_tfrecord_shards
     from cxr_model.data import tfrecord_files
 
     x, y = data.x_train, data.y_train

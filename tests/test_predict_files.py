@@ -136,9 +136,9 @@ def test_cxr_predict_reports_an_empty_folder_in_one_line(model_dir, tmp_path, ca
 def test_gradcam_split_reproduces_the_model_and_maps_are_normalised(samples_dir):
     import keras
 
+    from cxr_datasets import preprocess_file
     from cxr_model import ModelConfig, build_model
     from cxr_model.gradcam import gradcam_heatmaps, split_at_layer
-    from cxr_datasets import preprocess_file
 
     # With augmentation in the model: it must be inactive (identity) when Grad-CAM runs it.
     model = build_model(ModelConfig(image_size=SIZE, weights=None, head_units=(8,), aug_strength=0.5), seed=1)

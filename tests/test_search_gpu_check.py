@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from test_search_resume import end_ray_processes
 from test_search_sweep import TEST_SPACE
 

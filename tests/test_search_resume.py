@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from test_search_sweep import TEST_SPACE, small_config
 
 KILL_TRIALS = 4
@@ -66,6 +65,7 @@ def _assert_reuse_sweep_clean(cfg, summary, trials: int):
     assert (table["stopped_by"] == "asha").any() and (table["stopped_by"] == "max_epochs").any()
 
 
+@pytest.mark.slow  # make test-slow: reuse of trial processes is internal, not a documented path
 @pytest.mark.timeout(600)
 def test_reused_workers_take_trial_after_trial_without_error(ray_session, prepared_64, tmp_path):
     cfg, summary = _reuse_sweep(prepared_64, tmp_path, trials=12)
@@ -283,14 +283,17 @@ def test_driver_killed_at_each_point_resumes_to_every_trial(prepared_small, tmp_
 # ----------------------------------------------------------------------------- optimizer state
 
 
-@pytest.mark.parametrize("space", ["trainable_blocks: 0\naugment: false\n", "trainable_blocks: 1\naugment: false\n"],
+@pytest.mark.parametrize("space", ["trainable_blocks: 0\naugment: false\n",
+                                   # make test-slow: the same retry path with the base fine-tuned
+                                   pytest.param("trainable_blocks: 1\naugment: false\n", marks=pytest.mark.slow)],
                          ids=["cached_features", "end_to_end"])
 def test_retried_trial_restores_optimizer_state(ray_session, prepared_small, tmp_path, space):
     """A worker SIGKILLed after epoch 2 is retried from its checkpoint with the optimizer's state,
     not only the weights: Adam's step count goes on from the checkpoint instead of restarting."""
+    from test_search_sweep import KillWorkerOnce
+
     from cxr_search.results import collect_results
     from cxr_search.tuner import run_sweep
-    from test_search_sweep import KillWorkerOnce
 
     cfg = small_config(prepared_small, tmp_path / "run", tmp_path, space, trials=1, max_epochs=3, max_failures=1)
     cfg.save()

@@ -11,9 +11,15 @@ import time
 import optuna
 import pandas as pd
 import pytest
-
-from test_search_resume import (KILL_EPOCHS, KILL_TRIALS, Driver, _mid_trial, _result_rows, _search_args,
-                                end_ray_processes)
+from test_search_resume import (
+    KILL_EPOCHS,
+    KILL_TRIALS,
+    Driver,
+    _mid_trial,
+    _result_rows,
+    _search_args,
+    end_ray_processes,
+)
 from test_search_sweep import TEST_SPACE
 
 

@@ -10,8 +10,20 @@ import pytest
 
 from cxr_model import ModelConfig, TrainConfig
 from cxr_search import space as space_module
-from cxr_search.space import (HYPERPARAMETERS, METRIC, MODE, Hyperparameter, SpaceError, SpaceSampler, default_space,
-                          load_space, param_columns, result_params, to_train_config, value_of)
+from cxr_search.space import (
+    HYPERPARAMETERS,
+    METRIC,
+    MODE,
+    Hyperparameter,
+    SpaceError,
+    SpaceSampler,
+    default_space,
+    load_space,
+    param_columns,
+    result_params,
+    to_train_config,
+    value_of,
+)
 
 
 def head_units_of(params):

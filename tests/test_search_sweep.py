@@ -111,8 +111,9 @@ def test_optuna_study_is_persisted_in_sqlite_with_every_trial(sweep):
 
 
 def test_best_trial_is_exported_evaluated_once_and_reloads(sweep, prepared_small):
-    import cxr_datasets
     import keras
+
+    import cxr_datasets
     from cxr_model import ClassAUC, load_model, predict_proba
 
     cfg, summary = sweep
