@@ -17,6 +17,7 @@ import numpy as np
 
 from cxr_datasets.config import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what `cxr prepare` discovers
 from cxr_datasets.discover import enter_folder, is_image_name
+
 COLUMNS = ["path", "p_pneumonia", "label", "threshold", "error"]
 # Files are decoded and predicted this many at a time, so a folder of 100k scans never sits in memory.
 CHUNK = 256

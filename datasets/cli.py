@@ -16,8 +16,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from .config import (FORMATS, LABEL_FORMATS, NEGATIVES, RESIZE_MODES, SPLIT_MODES, UNCERTAIN, VIEWS,
-                     PrepareConfig)
+from .config import FORMATS, LABEL_FORMATS, NEGATIVES, RESIZE_MODES, SPLIT_MODES, UNCERTAIN, VIEWS, PrepareConfig
 
 
 def with_default(text: str, cls: type, name: str) -> str:

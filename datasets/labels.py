@@ -20,7 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CLASS_NAMES, LABEL_FORMATS as FORMATS, SPLITS
+from .config import CLASS_NAMES, SPLITS
+from .config import LABEL_FORMATS as FORMATS
 from .discover import Discovery, SourceFile, enter_folder, is_image_name
 from .errors import CxrError
 
