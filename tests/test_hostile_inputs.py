@@ -171,3 +171,22 @@ def test_prepare_finishes_on_a_hostile_source(tmp_path, synth_source, ray_sessio
                 for r in cxr_datasets.read_manifest(out)["rejected"]}
     assert {"fifo.jpeg", "zero.jpeg", "bad\\xff.jpeg", "bomb.dcm"} <= set(rejected), rejected
     assert "deflated" in rejected["bomb.dcm"].lower()
+
+
+@pytest.mark.timeout(300)
+def test_cxr_predict_out_writes_a_name_that_is_not_utf8(exported_64, samples_dir, tmp_path):
+    import pandas as pd
+    from cxr_search.cli import main
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = sorted(samples_dir.glob("*/*/*.jpeg"))[0]
+    fd = os.open(os.fsencode(folder) + b"/bad\xff.jpeg", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, good.read_bytes())
+    os.close(fd)
+    out_csv = tmp_path / "preds.csv"
+    assert main(["predict", str(exported_64), str(folder), "--out", str(out_csv), "--quiet"]) == 0
+    table = pd.read_csv(out_csv)
+    assert table["path"].iloc[0].endswith("bad\\xff.jpeg")
+    assert table["path_bytes_hex"].iloc[0].endswith(b"bad\xff.jpeg".hex())
+    assert table["error"].isna().all()
