@@ -9,6 +9,7 @@ that cannot be used gets a row with its error and no probability; the others are
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ def predict_paths(model_dir, paths, batch_size: int = 32, gradcam_dir=None, prog
         if progress is not None:
             progress(len(rows), len(files))
     columns = COLUMNS + (["gradcam"] if gradcam_dir is not None else [])
+    if any(row.get("path_bytes_hex") for row in rows):
+        columns.append("path_bytes_hex")
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -156,7 +159,7 @@ def _preprocess(files, input_spec: dict):
 def _row(path, prob, threshold, class_names, error, overlay, gradcam_dir) -> dict:
     ok = error is None
     row = {
-        "path": str(path),
+        **_printable_path(str(path)),
         "p_pneumonia": float(prob) if ok else np.nan,
         "label": class_names[int(prob >= threshold)] if ok else None,
         "threshold": threshold,
@@ -176,3 +179,13 @@ def _write_gradcam(model, batch, out_dir: Path, names: list[str]) -> list[Path]:
 def _overlay_name(path: Path, index: int) -> str:
     # The running index keeps names unique when two folders hold files with the same name.
     return f"{index:05d}_{path.stem}_gradcam.png"
+
+
+def _printable_path(path: str) -> dict:
+    """{"path"}: a name that is not UTF-8 (os.fsdecode's surrogates, which pyarrow-backed pandas
+    and the CSV cannot encode) with its bad bytes escaped as \\xNN, and then also its exact
+    bytes as {"path_bytes_hex"}."""
+    escaped = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if escaped == path:
+        return {"path": path}
+    return {"path": escaped, "path_bytes_hex": os.fsencode(path).hex()}

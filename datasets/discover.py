@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -223,8 +224,43 @@ def _walk(source: Path) -> tuple[list[_Candidate], int]:
             if not is_image_name(name):
                 ignored += 1
                 continue
-            candidates.append(_classify_rel(prefix + name, os.path.join(dirpath, name)))
+            path = os.path.join(dirpath, name)
+            cand = _classify_rel(_printable(prefix + name), path)
+            reason = _unusable_file(source, prefix + name, path)
+            candidates.append(replace(cand, reason=reason) if reason else cand)
     return candidates, ignored
+
+
+def _printable(rel: str) -> str:
+    """A name os.fsdecode could not decode (surrogates) with its bad bytes escaped as \\xNN, so that
+    the manifest, the shards' strings and the summary can all write it."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _unusable_file(source: Path, rel: str, path: str) -> str | None:
+    """Why a file of SOURCE is not read, decided by lstat/stat only (never an open that can hang):
+    a name that is not UTF-8, a FIFO, a device or socket, a link that leaves SOURCE."""
+    if _printable(rel) != rel:
+        raw = os.fsencode(rel.rsplit("/", 1)[-1]).hex()
+        return f"file name is not valid UTF-8 (name bytes {raw})"
+    try:
+        link = os.path.islink(path)
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # a broken link or vanished file: reading it reports the reason
+    if link:
+        real, root = os.path.realpath(path), os.path.realpath(source)
+        if os.path.commonpath([real, root]) != root:
+            return "symbolic link to a file outside SOURCE"
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if (
+        stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "a socket or special file"
+    return f"not a regular file ({kind})"
 
 
 def enter_folder(dir_name: str) -> bool:

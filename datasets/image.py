@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,10 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 _NOT_A_FILE = "not a regular file (a directory with an image name)"
+MAX_FILE_BYTES = 256 * 1024 * 1024  # no input file is read past this (a 64 MP 16-bit image is 128 MiB raw)
+# The formats the project reads (DICOM goes through pydicom, whose JPEG handler opens Pillow itself).
+PILLOW_FORMATS = ("JPEG", "PNG")
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR: pydicom would inflate it whole, unbounded
 
 
 def read_file_bytes(path: str | os.PathLike, fs=None) -> bytes:
@@ -42,11 +47,26 @@ def read_file_bytes(path: str | os.PathLike, fs=None) -> bytes:
     return data
 
 
-def _read_local(path: Path) -> bytes:
+def _read_local(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Regular files only, at most `max_bytes`: O_NONBLOCK so that opening a FIFO cannot hang, then
+    fstat on the open descriptor (no race with a swapped path) before a single byte is read."""
     try:
         if path.is_dir():
             raise ImageRejected(_NOT_A_FILE)
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if (
+                    stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "a socket or special file"
+                raise ImageRejected(f"not a regular file ({kind})")
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                data = handle.read(max_bytes + 1)
+        finally:
+            os.close(fd)
+        if len(data) > max_bytes:
+            raise ImageRejected(f"file too large: over {max_bytes // (1024 * 1024)} MiB")
+        return data
     except FileNotFoundError:
         reason = "unreadable: broken link" if path.is_symlink() else "unreadable: file not found"
         raise ImageRejected(reason) from None
@@ -60,7 +80,10 @@ def _read_fs(fs, path: str) -> bytes:
     """A file of a pyarrow file system (its own words for what went wrong)."""
     try:
         with fs.open_input_stream(path) as stream:
-            return stream.readall()
+            data = stream.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageRejected(f"file too large: over {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+        return data
     except FileNotFoundError:
         raise ImageRejected("unreadable: file not found") from None
     except PermissionError:
@@ -182,9 +205,11 @@ def _open(data: bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():  # Pillow warns above 89 MP; `max_pixels` is our limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=list(PILLOW_FORMATS))
     except UnidentifiedImageError:
-        raise ImageRejected("not an image (unrecognised file content)") from None
+        raise ImageRejected(
+            f"not an image (unrecognised file content; {', '.join(PILLOW_FORMATS)} or DICOM are read)"
+        ) from None
     except Image.DecompressionBombError as exc:  # over Pillow's hard limit, before ours is checked
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(pixels.group(1)) / 1e6:.0f} MP" if pixels else "size"
@@ -237,12 +262,23 @@ def _to_array(image: Image.Image) -> np.ndarray:
 
 
 def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Map the image's actual range linearly onto 0..255 (12-bit data in 16-bit files stays visible)."""
-    values = np.asarray(values, dtype=np.float64)
-    low, high = float(values.min()), float(values.max())
+    """Map the image's actual range linearly onto 0..255 (12-bit data in 16-bit files stays visible).
+
+    Integers are stretched in place, in row blocks, at their own depth plus one int64 block: never
+    a float64 copy of a whole 16-bit image (8000x8000 would be 512 MB)."""
+    values = np.asarray(values)
+    low, high = values.min(), values.max()
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return _unit_to_uint8((values - low) / (high - low))
+    if values.dtype.kind not in "iub":
+        return _unit_to_uint8((values.astype(np.float32) - np.float32(low)) / np.float32(high - low))
+    out = np.empty(values.shape, dtype=np.uint8)
+    span, low = int(high) - int(low), int(low)
+    step = max(1, (1 << 20) // max(1, values[0].size if values.ndim > 1 else values.size))
+    for start in range(0, values.shape[0], step):
+        block = values[start:start + step].astype(np.int64) - low
+        out[start:start + step] = (block * 255 + span // 2) // span
+    return out
 
 
 def _unit_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -260,14 +296,35 @@ def _read_dicom(data: bytes, *, max_pixels: int, min_size: int) -> tuple[np.ndar
     (else the full range), MONOCHROME1 inverted so that bone is always bright."""
     import pydicom  # only DICOM sources pay for the import
 
+    # The transfer syntax sits in the file meta group (0002), always at the start of the file and
+    # never deflated. pydicom's public read_file_meta_info takes a path only, and dcmread inflates
+    # the whole data set before any tag can be seen, so the UID is looked for in the raw meta bytes.
+    if _DEFLATED.encode() in data[:4096]:
+        raise ImageRejected(
+            f"DICOM with Deflated transfer syntax ({_DEFLATED}) is not read: it inflates without bound"
+        )
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+    except Exception as exc:
+        raise ImageRejected(f"corrupt DICOM ({first_line(exc)})") from None
+    width, height = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+    if not width or not height:
+        raise ImageRejected("DICOM without pixel data (no Rows/Columns)")
+    _check_size(width, height, max_pixels=max_pixels, min_size=min_size)
+    # One frame is decoded (the first); its decoded bytes are bounded like a 16-bit image's.
+    frame_bytes = width * height * int(ds.get("SamplesPerPixel", 1) or 1) * max(
+        1, (int(ds.get("BitsAllocated", 8) or 8) + 7) // 8)
+    if frame_bytes > 2 * max_pixels:
+        raise ImageRejected(
+            f"decompression bomb: one DICOM frame of {frame_bytes / 1e6:.0f} MB exceeds the "
+            f"{2 * max_pixels / 1e6:g} MB limit"
+        )
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:
         raise ImageRejected(f"corrupt DICOM ({first_line(exc)})") from None
     if "PixelData" not in ds:
         raise ImageRejected("DICOM without pixel data")
-    width, height = int(ds.get("Columns", 0)), int(ds.get("Rows", 0))
-    _check_size(width, height, max_pixels=max_pixels, min_size=min_size)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     meta = {
         "orig_width": width,
@@ -285,11 +342,13 @@ def _read_dicom(data: bytes, *, max_pixels: int, min_size: int) -> tuple[np.ndar
 
 
 def _dicom_first_frame(ds) -> np.ndarray:
-    pixels = ds.pixel_array
+    """Multi-frame files: only the first frame (the acquisition) is decoded, never all of them."""
+    from pydicom.pixels import pixel_array
+
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        pixels = pixels[0]  # multi-frame radiographs: the first frame is the acquisition
-    return pixels
+        return pixel_array(ds, index=0)
+    return ds.pixel_array
 
 
 def _dicom_to_unit(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
