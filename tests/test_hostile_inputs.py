@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_util import write_dicom
 from PIL import Image
 
 import cxr_datasets
 from cxr_datasets import ImageRejected, preprocess_bytes, preprocess_file
 from cxr_datasets.discover import discover
-from dicom_util import write_dicom
 
 
 def _deflated_bomb(path: Path, side: int = 8192) -> Path:
@@ -176,6 +176,7 @@ def test_prepare_finishes_on_a_hostile_source(tmp_path, synth_source, ray_sessio
 @pytest.mark.timeout(300)
 def test_cxr_predict_out_writes_a_name_that_is_not_utf8(exported_64, samples_dir, tmp_path):
     import pandas as pd
+
     from cxr_search.cli import main
 
     folder = tmp_path / "incoming"
