@@ -153,7 +153,7 @@ class StageClock:
         return time.perf_counter() - self.start
 
 
-def summary_line(manifest: dict, out: str | os.PathLike) -> str:
+def summary_line(manifest: dict, out: str | os.PathLike | Location) -> str:
     """One line: accepted, rejected, duplicates (and test-patient leaks) removed, time, rate."""
     accepted, rejected, removed = manifest_totals(manifest)
     overlap = manifest.get("patient_overlap") or {}
