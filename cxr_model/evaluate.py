@@ -20,6 +20,8 @@ positive case) are NaN; `export` writes NaN to JSON as null. Pure numpy: no scik
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .config import EvalConfig
@@ -72,8 +74,8 @@ def metrics_from_probs(labels, probs, threshold: float = 0.5, n_boot: int = Eval
     predicted = probs >= threshold
     point = _metrics_from_counts(np.ones((1, len(labels)), dtype=np.int64), labels, probs, predicted)
     boot = _bootstrap(labels, probs, predicted, n_boot, seed)
-    out = {}
-    skipped = {}
+    out: dict[str, Any] = {}
+    skipped: dict[str, int] = {}
     for name in METRICS + SCORES:
         low, high, n_skipped = _percentile_interval(boot[name])
         out[name] = {"value": float(point[name][0]), "ci_low": low, "ci_high": high}

@@ -132,7 +132,7 @@ def _overlay_image(gray: np.ndarray, heat: np.ndarray):
 
     size = gray.shape[0]
     heat_full = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F")
-                           .resize((gray.shape[1], size), Image.BILINEAR))
+                           .resize((gray.shape[1], size), Image.Resampling.BILINEAR))
     rgb = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=-1)
     coloured = colormaps["jet"](np.clip(heat_full, 0, 1))[..., :3]
     blended = (1 - ALPHA) * rgb + ALPHA * coloured
@@ -140,7 +140,7 @@ def _overlay_image(gray: np.ndarray, heat: np.ndarray):
     image = Image.fromarray((pair * 255).round().astype(np.uint8))
     if size < MIN_OVERLAY_SIZE:
         scale = -(-MIN_OVERLAY_SIZE // size)
-        image = image.resize((image.width * scale, image.height * scale), Image.BILINEAR)
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BILINEAR)
     return image
 
 

@@ -183,7 +183,7 @@ def set_trainable_blocks(base: keras.Model, k: int) -> None:
     first = VGG16_BLOCKS - k + 1
     for layer in base.layers:
         match = re.match(r"block(\d)_", layer.name)
-        layer.trainable = bool(match) and int(match.group(1)) >= first and k > 0
+        layer.trainable = match is not None and int(match.group(1)) >= first and k > 0
 
 
 def compile_model(model: keras.Model, cfg: TrainConfig) -> keras.Model:

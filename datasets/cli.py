@@ -22,7 +22,7 @@ from .config import FORMATS, LABEL_FORMATS, NEGATIVES, RESIZE_MODES, SPLIT_MODES
 def with_default(text: str, cls: type, name: str) -> str:
     """`text (default: D)`, D read from the field `name` of the dataclass `cls`."""
     field = {f.name: f for f in dataclasses.fields(cls)}[name]
-    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[operator]  # no default: the field has a factory
     if isinstance(value, (tuple, list)):
         value = ",".join(map(str, value))
     return f"{text} (default: {'none' if value is None else value})".replace("%", "%%")

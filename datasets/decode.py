@@ -157,7 +157,7 @@ def fetch_images(rows: pd.DataFrame, pixels: list) -> list[bytes]:
              for chunk, items in wanted.items()}
     images: list[bytes] = [b""] * len(rows)
     for chunk, items in wanted.items():
-        for (order, _), data in zip(items, ray.get(calls[chunk])):
+        for (order, _), data in zip(items, ray.get(calls[chunk])):  # type: ignore[arg-type]  # ray stubs: ObjectRef invariant
             images[order] = data
     return images
 

@@ -19,6 +19,7 @@ import csv
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config import CLASS_NAMES, SPLITS
 from .config import LABEL_FORMATS as FORMATS
@@ -33,7 +34,7 @@ class _Tally:
     """What the rules did: rows per rule and label, rows excluded per reason, with examples."""
 
     def __init__(self, fmt: str, label_file: Path):
-        self.info = {"format": fmt, "label_file": str(label_file), "rules": {}, "excluded": {},
+        self.info: dict[str, Any] = {"format": fmt, "label_file": str(label_file), "rules": {}, "excluded": {},
                      "missing_images": {"count": 0, "examples": []},
                      "unlabelled_images": {"count": 0, "examples": []}}
         self.rejected: list[dict] = []  # the manifest's `rejected`: rows whose path escapes SOURCE
@@ -171,11 +172,11 @@ def read_nih(label_file: Path, images: dict, tally: _Tally, negatives: str) -> l
     `OriginalImage[Width,Height]`, as do its rows; only the named first columns are read."""
     split_of: dict[str, str] = {}
     lists = {"train_val_list.txt": "train", "test_list.txt": "test"}
-    for name, split in lists.items():
+    for name, list_split in lists.items():
         path = label_file.parent / name
         if path.is_file():
             for entry in path.read_text().split():
-                split_of[entry.strip()] = split
+                split_of[entry.strip()] = list_split
     tally.info["split_lists"] = sorted(n for n in lists if (label_file.parent / n).is_file())
     rows = []
     for line, row in _rows(label_file):
@@ -287,7 +288,8 @@ def _discovery(source: Path, rows: list[tuple], images: dict, tally: _Tally) -> 
 
 def _image_index(source: Path) -> dict:
     """Every image file below `source`: relative paths, and the paths of each file name."""
-    rels, by_name = set(), {}
+    rels: set[str] = set()
+    by_name: dict[str, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames[:] = sorted(d for d in dirnames if enter_folder(d))
         below = Path(dirpath).relative_to(source).as_posix()

@@ -86,15 +86,15 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
     """`prepare` with a ready-made config (what the CLI calls). SOURCE and OUT: folders or
     pyarrow.fs URIs (s3://, gs://, file://, ...)."""
     clock = StageClock()
-    source, out = Location.of(source), Location.of(out)
-    check_output(source, out, overwrite)
+    src, dst = Location.of(source), Location.of(out)
+    check_output(src, dst, overwrite)
     with clock("discover"):
-        found = _discover(source, cfg)
-    _say(verbose, f"found {len(found.files)} images under {source} ({found.layout} layout, "
+        found = _discover(src, cfg)
+    _say(verbose, f"found {len(found.files)} images under {src} ({found.layout} layout, "
                   f"{found.mirror_copies_skipped} nested copies skipped, "
                   f"{len(found.rejected)} files rejected)")
     local_ray = LocalRay(cfg.num_cpus)
-    fs = None if source.local else source.fs
+    fs = None if src.local else src.fs
     try:
         with clock("ray_start"):
             local_ray.start()
@@ -102,8 +102,8 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
             table, pixels = _decode(found, cfg, fs, verbose)
         with clock("select"):
             accepted, report = _select(table, found, cfg)
-        with staging(out) as tmp:
-            manifest = _manifest(source, cfg, found, table, accepted, report)
+        with staging(dst) as tmp:
+            manifest = _manifest(src, cfg, found, table, accepted, report)
             n_files = len(table)
             del table, found  # the per-file lists the writing stage needs no more: free them now
             with clock("write_and_eda"):
@@ -117,8 +117,8 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
         local_ray.stop()
         local_ray.join()
     if verbose:
-        print(summary_line(manifest, out), flush=True)
-        _say(verbose, f"details: {out.child(MANIFEST)}, plots and summary: {out.child('eda')}/")
+        print(summary_line(manifest, dst), flush=True)
+        _say(verbose, f"details: {dst.child(MANIFEST)}, plots and summary: {dst.child('eda')}/")
     return manifest
 
 
@@ -153,7 +153,7 @@ class StageClock:
         return time.perf_counter() - self.start
 
 
-def summary_line(manifest: dict, out: str | os.PathLike) -> str:
+def summary_line(manifest: dict, out: str | os.PathLike | Location) -> str:
     """One line: accepted, rejected, duplicates (and test-patient leaks) removed, time, rate."""
     accepted, rejected, removed = manifest_totals(manifest)
     overlap = manifest.get("patient_overlap") or {}

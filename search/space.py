@@ -194,6 +194,7 @@ def _check_value(name: str, value: Any, where: str) -> None:
         hp = HYPERPARAMETERS[name]
         if hp.per_layer and not isinstance(value, list):
             value = [value]  # one layer's width
+        assert hp.target is not None  # only counts and switches (handled above) have none
         try:
             _build({hp.target: value})
             ok = True

@@ -207,7 +207,7 @@ def plot_learning_curves(table: pd.DataFrame, path: Path) -> Path:
             ax.plot(epochs[keep][-1], values[keep][-1], "x", color=line.get_color(), markersize=9)
     ax.set(title=f"{METRIC_LABEL.capitalize()} per epoch, top {len(finished)} trials (x: stopped early)",
            xlabel="epoch", ylabel=METRIC_LABEL)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]  # MaxNLocator takes it; stubs type the base Locator
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
