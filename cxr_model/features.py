@@ -119,7 +119,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 def array_fingerprint(images: np.ndarray) -> str:
     """shape, dtype and sha256 of every byte of the array."""
     images = np.ascontiguousarray(images)
-    digest = hashlib.sha256(memoryview(images).cast("B")).hexdigest()
+    digest = hashlib.sha256(images.data.cast("B")).hexdigest()
     return f"{images.dtype}{list(images.shape)}:{digest}"
 
 

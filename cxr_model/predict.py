@@ -64,7 +64,7 @@ class FileProgress:
         self.every_s = every_s
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._start = time.perf_counter()
-        self._last = None
+        self._last: float | None = None
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -127,7 +127,7 @@ def _predict_chunk(model, card, files, batch_size, gradcam_dir, first_index) -> 
     images, errors = _preprocess(files, card["input"])
     good = [i for i, e in enumerate(errors) if e is None]
     probs = np.full(len(files), np.nan)
-    overlays = [None] * len(files)
+    overlays: list[str | None] = [None] * len(files)
     if good:
         batch = np.stack([images[i] for i in good])[..., None]  # [N, S, S, 1] uint8, as in training
         probs[good] = predict_proba(model, batch, batch_size=batch_size)
@@ -144,7 +144,8 @@ def _preprocess(files, input_spec: dict):
     """(list of uint8 [S, S] or None, list of error message or None) for each file."""
     from cxr_datasets import preprocess_file
 
-    images, errors = [], []
+    images: list[np.ndarray | None] = []
+    errors: list[str | None] = []
     for path in files:
         try:
             images.append(preprocess_file(path, image_size=int(input_spec["image_size"]),

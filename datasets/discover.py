@@ -314,7 +314,8 @@ def _drop_mirror_copies(candidates: list[_Candidate]) -> tuple[list[_Candidate],
     by_key: dict[str, list[_Candidate]] = {}
     for cand in sorted(candidates, key=lambda c: (len(c.root), c.rel)):
         by_key.setdefault(cand.key, []).append(cand)
-    kept, skipped = [], []
+    kept: list[_Candidate] = []
+    skipped: list[_Candidate] = []
     for group in by_key.values():
         group_kept: list[_Candidate] = []
         for cand in group:
@@ -339,6 +340,7 @@ def _same_size(a: _Candidate, b: _Candidate) -> bool:
 
 
 def _source_file(cand: _Candidate) -> SourceFile:
+    assert cand.label is not None  # a candidate without a label has a reason and is never kept
     parsed = patient_id(cand.rel.rsplit("/", 1)[-1])
     return SourceFile(
         path=cand.path,
