@@ -24,7 +24,8 @@ from cxr_search.best import export_best
 from cxr_search.config import CONFIG_FILE, SearchConfig
 from cxr_search.results import collect_results, write_results
 from cxr_search.sweep_report import write_report
-from cxr_search.tuner import check_weights, log_best_to_mlflow, run_sweep, sweep_finished
+from cxr_search.tracking import log_best_to_mlflow
+from cxr_search.tuner import check_weights, run_sweep, sweep_finished
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:

@@ -15,13 +15,19 @@ Where things go (storage = --storage, default: the run folder):
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from cxr_search.config import SearchConfig
 from cxr_search.space import METRIC, MODE, SpaceSampler
+from cxr_search.tracking import (
+    close_orphaned_optuna_trials,
+    export_study,
+    mlflow_callbacks,
+    refuse_existing_study,
+    study_storage,
+)
 
 # Fraction of a GPU per trial when the cluster has GPUs and --gpus-per-trial is not given: a
 # frozen-base VGG16 trial uses a fraction of an H100, so four share one.
@@ -66,38 +72,6 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
     return grid
 
 
-def export_study(cfg: SearchConfig) -> Path | None:
-    """Copy the study in Tune's newest searcher state to RUN/optuna.db (replaced whole, never
-    half-written); `run_sweep` then copies it next to the experiment with a remote --storage.
-    None if no state yet."""
-    import pickle
-    import tempfile
-
-    import optuna
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(_as_uri(cfg.experiment_path))
-    states = [f for f in fs.get_file_info(pyarrow.fs.FileSelector(root))
-              if f.base_name.startswith("searcher-state-") and f.base_name.endswith(".pkl")]
-    if not states:
-        return None
-    newest = max(states, key=lambda f: f.base_name)  # named by the driver session's start time
-    with fs.open_input_stream(newest.path) as stream:
-        study = pickle.loads(stream.read())["_ot_study"]  # OptunaSearch.save pickles its __dict__
-    target = cfg.run_dir / "optuna.db"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".optuna-") as tmp:
-        staged = Path(tmp) / "optuna.db"
-        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
-                          to_storage=f"sqlite:///{staged}", to_study_name=cfg.study_name)
-        os.replace(staged, target)
-    return target
-
-
-def _as_uri(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def check_weights(weights: str | None) -> None:
     """Fail before any trial starts when the VGG16 weights cannot be had: offline without a cached
     ImageNet file, or a weights file that does not exist. Otherwise every trial would fail (and be
@@ -134,7 +108,7 @@ def new_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
         raise CxrError(f"{cfg.experiment_path} already holds a sweep: add --resume to continue it, "
                        "or choose another --out/--storage")
     if cfg.optuna_storage:
-        _refuse_existing_study(cfg)
+        refuse_existing_study(cfg)
     return tune.Tuner(trainable, tune_config=build_tune_config(cfg), run_config=build_run_config(cfg, callbacks))
 
 
@@ -285,12 +259,12 @@ def build_searcher(cfg: SearchConfig):
     # syncs it to --storage with the trials' state. So it is wherever the storage is (a folder,
     # NFS, s3://, gs://), a new head restores it with the sweep, and it always matches Tune's
     # trials (a study in a separate file would run ahead of a killed driver's last snapshot).
-    # RUN/optuna.db is a SQLite copy for optuna-dashboard, written after the sweep (export_study).
-    storage = optuna.storages.RDBStorage(cfg.optuna_storage) if cfg.optuna_storage else None
+    # RUN/optuna.db is a SQLite copy for optuna-dashboard, written after the sweep from the study
+    # this driver holds (cxr_search.tracking.export_study), never from a file in the storage.
     searcher = OptunaSearch(
         SpaceSampler(cfg.space), metric=METRIC, mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-        storage=storage, study_name=cfg.study_name,
+        storage=study_storage(cfg), study_name=cfg.study_name,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
 
@@ -341,102 +315,7 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _refuse_existing_study(cfg: SearchConfig) -> None:
-    """A fresh sweep must not add its trials to another sweep's study (TPE would mix them)."""
-    import optuna
-
-    from cxr_datasets.errors import CxrError
-
-    names = [s.study_name for s in optuna.study.get_all_study_summaries(storage=cfg.optuna_url)]
-    if cfg.study_name in names:
-        raise CxrError(f"the Optuna storage {cfg.optuna_url} already has a study {cfg.study_name!r}: "
-                       "add --resume to continue that sweep, or choose another --out")
-
-
-def close_orphaned_optuna_trials(cfg: SearchConfig) -> int:
-    """Mark FAIL the Optuna trials still RUNNING after the sweep ended.
-
-    When the driver is killed, a trial Optuna was asked for after Tune's last state save is
-    forgotten by the restored searcher and would stay RUNNING in the study forever (and
-    optuna-dashboard would show it as in progress). Only called when every Tune trial has ended.
-    """
-    import optuna
-
-    study = optuna.load_study(study_name=cfg.study_name, storage=cfg.optuna_url)
-    orphans = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
-    for trial in orphans:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    return len(orphans)
-
-
 def _run_callbacks(cfg: SearchConfig, callbacks) -> list | None:
     """The driver's callbacks plus, with --mlflow, MLflow's logger: for a new sweep and a
     restored one alike."""
     return [*callbacks, *mlflow_callbacks(cfg)] or None
-
-
-def mlflow_callbacks(cfg: SearchConfig) -> list:
-    """Ray Tune's MLflow logger (one MLflow run per trial: its config as params, every reported
-    value as metrics) when `cfg.mlflow` names a tracking URI; the experiment is the study's name."""
-    if not cfg.mlflow:
-        return []
-    from cxr_datasets.errors import CxrError
-
-    try:
-        import mlflow  # noqa: F401  the optional extra: checked here for a clear message
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-    except ImportError:
-        raise CxrError("--mlflow needs MLflow: pip install 'cxr-tune[mlflow]'") from None
-    return [MLflowLoggerCallback(tracking_uri=cfg.mlflow, experiment_name=cfg.study_name, save_artifact=False)]
-
-
-BEST_RUN_NAME = "best"
-
-
-def log_best_to_mlflow(cfg: SearchConfig, best: dict[str, Any]) -> str | None:
-    """One MLflow run named "best" in the study's experiment, beside the trials' runs: the best
-    config and threshold as params, the test metrics (test_<name>, with _ci_low/_ci_high) and the
-    METRIC it won the sweep with as metrics, and the exported RUN/best folder as artifacts
-    (model.keras, model_card.json, metrics.json, plots). Returns its run id; None without --mlflow.
-
-    Ray's MLflowLoggerCallback only sees trials, so the model chosen after the sweep is logged here.
-    """
-    if not cfg.mlflow:
-        return None
-    from mlflow.tracking import MlflowClient  # the optional extra, checked by mlflow_callbacks()
-
-    client = MlflowClient(tracking_uri=cfg.mlflow)
-    experiment = client.get_experiment_by_name(cfg.study_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.study_name)
-    run = client.create_run(experiment_id, run_name=BEST_RUN_NAME,
-                            tags={"cxr.trial_id": str(best["trial_id"]), "cxr.run_dir": str(cfg.run_dir)})
-    run_id = run.info.run_id
-    try:
-        params = {**{k: v for k, v in best["params"].items() if v is not None},
-                  "threshold": best["threshold"], "threshold_method": best["threshold_method"],
-                  "best_epoch": best["best_epoch"]}
-        for key, value in params.items():
-            client.log_param(run_id, key, value)
-        for key, value in _test_metrics(best["metrics"]["test"]).items():
-            client.log_metric(run_id, key, value)
-        client.log_metric(run_id, f"{METRIC}_in_sweep", float(best[METRIC]))
-        client.log_artifacts(run_id, str(best["model_dir"]))
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
-    return run_id
-
-
-def _test_metrics(test: dict[str, Any]) -> dict[str, float]:
-    """test_<name> (and _ci_low, _ci_high) for every metric with a finite value."""
-    out = {}
-    for name, entry in test.items():
-        if not (isinstance(entry, dict) and "value" in entry):
-            continue
-        for part, key in (("value", f"test_{name}"), ("ci_low", f"test_{name}_ci_low"),
-                          ("ci_high", f"test_{name}_ci_high")):
-            value = entry.get(part)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                out[key] = float(value)
-    return out
