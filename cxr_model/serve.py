@@ -17,6 +17,13 @@ Endpoints:
 Bad input (empty, not an image, truncated, over --max-upload-mb, a multipart form without a file)
 is a 4xx JSON {"error": reason}; the replica keeps serving.
 
+Under abuse (see docs/SECURITY.md): the body limit holds while the body streams in, raw or
+multipart (413 at the first byte over it, nothing buffered beyond); headers over 16 KiB get 431;
+a request that takes over --request-timeout-s is cut off by Ray Serve's proxy; requests beyond what
+the replicas run and --max-queued wait for get 503 at once; FastAPI's /docs and /openapi.json are off.
+With --token (or CXR_SERVE_TOKEN) every request but GET /healthz needs `Authorization: Bearer TOKEN`;
+listening beyond loopback needs a token or an explicit --insecure.
+
 Why Ray Serve: it is the serving layer of the Ray stack the search already runs on. Locally it
 starts a Ray instance of its own; with --address it deploys the replicas onto a Ray cluster. The
 HTTP proxy listens on 127.0.0.1 unless --host says otherwise. Requests that arrive together are
@@ -61,6 +68,11 @@ class ServeConfig:
     cpus_per_replica: float = 1.0  # Ray's CPU reservation per replica
     address: str | None = None     # a Ray cluster to deploy onto; None: a local Ray of our own
     verify: bool = True            # refuse a model.keras whose sha256 is not the card's
+    token: str | None = None       # bearer token every request but /healthz must carry
+    insecure: bool = False         # allow a non-loopback --host without a token
+    request_timeout_s: float = 30.0  # Ray Serve's proxy cuts off a request after this long
+    max_queued: int | None = None  # requests waiting for a replica; more get 503 (None: 8 x batch size)
+    docs: bool = False             # FastAPI's /docs and /openapi.json
 
     def __post_init__(self):
         from cxr_datasets.errors import CxrError
@@ -72,22 +84,132 @@ class ServeConfig:
             raise CxrError(f"--port must be in 1..65535, got {self.port}")
         if self.max_upload_mb <= 0 or self.batch_wait_ms < 0:
             raise CxrError("--max-upload-mb must be > 0 and --batch-wait-ms >= 0")
+        if self.request_timeout_s <= 0 or (self.max_queued is not None and self.max_queued < 1):
+            raise CxrError("--request-timeout-s must be > 0 and --max-queued at least 1")
+        if self.token is not None and len(self.token) < 16:
+            raise CxrError("--token must be at least 16 characters (e.g. python -c 'import secrets; "
+                           "print(secrets.token_urlsafe(32))')")
+        if not self.token and not self.insecure and not is_loopback(self.host):
+            raise CxrError(f"--host {self.host} listens beyond this machine: give --token (or CXR_SERVE_TOKEN), "
+                           "or --insecure to serve without one on a network you trust")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
 
+    @property
+    def max_queued_requests(self) -> int:
+        return self.max_queued or 8 * self.max_batch_size
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+# ----------------------------------------------------------------------------- the request guard
+
+MAX_HEADER_BYTES = 16 * 1024  # all header names and values of one request together
+
+
+class RequestGuard:
+    """ASGI middleware in front of the app, in the replica: the bearer token (every path but
+    /healthz), the header size, and the body limit, enforced while the body streams in (raw or
+    multipart: 413 at the first chunk over it, before a handler has buffered the body).
+
+    Kept here rather than in Ray Serve's proxy: proxy middlewares are deprecated in Ray Serve
+    (HTTPOptions.middlewares raises), and its FastAPI integration is the documented place. The
+    body limit is ours, not FastAPI's `max_body_size`: that one answers a declared oversize
+    Content-Length in plain text, and every error of this API is JSON {"error": reason}.
+    """
+
+    def __init__(self, app, *, token: str | None, max_body: int, max_header_bytes: int = MAX_HEADER_BYTES):
+        self.app, self.max_body, self.max_header_bytes = app, max_body, max_header_bytes
+        self.token = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = scope.get("headers", [])
+        if sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+            return await _json_reply(send, 431, f"request headers over {self.max_header_bytes} bytes")
+        values = dict(headers)
+        if self.token is not None and scope.get("path") != "/healthz":
+            import hmac
+
+            if not hmac.compare_digest(values.get(b"authorization", b""), self.token):
+                return await _json_reply(send, 401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
+                                         [(b"www-authenticate", b"Bearer")])
+        declared = values.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await _json_reply(send, 413, f"upload of {int(declared)} bytes is over the "
+                                     f"{self.max_body}-byte limit (--max-upload-mb)")
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:  # raised in the handler's read: answered as a 413
+                    raise body_too_large(self.max_body)
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
+def body_too_large(limit: int):
+    """The 413 a handler's read raises; the app's HTTPException handler answers it as JSON."""
+    from starlette.exceptions import HTTPException
+
+    return HTTPException(413, f"upload is over the {limit}-byte limit (--max-upload-mb)")
+
+
+async def _json_reply(send, status: int, reason: str, extra_headers=()) -> None:
+    import json
+
+    body = json.dumps({"error": reason}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra_headers]})
+    await send({"type": "http.response.body", "body": body})
+
 
 # ----------------------------------------------------------------------------- the deployment
 
 
-def _make_deployment():
+def new_app(cfg: ServeConfig):
+    """The FastAPI app the deployment serves, before its routes: the body limit, the guard, 4xx
+    answers as JSON {"error": reason}, and no /docs unless asked."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="cxr-tune", description="P(PNEUMONIA) for a chest X-ray image",
+                  docs_url="/docs" if cfg.docs else None, redoc_url="/redoc" if cfg.docs else None,
+                  openapi_url="/openapi.json" if cfg.docs else None)
+    app.add_middleware(RequestGuard, token=cfg.token, max_body=cfg.max_upload_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    return app
+
+
+def _make_deployment(cfg: ServeConfig):
     """The Ray Serve deployment class (built on first use: Ray Serve and FastAPI load only here)."""
-    from fastapi import FastAPI, Request
+    from fastapi import Request
     from fastapi.responses import JSONResponse
     from ray import serve
 
-    app = FastAPI(title="cxr-tune", description="P(PNEUMONIA) for a chest X-ray image")
+    app = new_app(cfg)
 
     class BadInput(Exception):
         def __init__(self, status: int, reason: str):
@@ -108,8 +230,9 @@ def _make_deployment():
             self.model, self.card = load_model(cfg.model_dir, verify=cfg.verify)
             self.spec = self.card["input"]
             self.sha256 = self.card.get("model_sha256") or _sha256_of(cfg.model_dir)
-            self.predict_batch.set_max_batch_size(cfg.max_batch_size)
-            self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+            # serve.batch's typing hides the setters its wrapper has
+            self.predict_batch.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
+            self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
             size = int(self.spec["image_size"])
             self._infer(np.zeros((1, size, size, 1), np.uint8))  # trace the graph before the first request
 
@@ -164,16 +287,14 @@ def _make_deployment():
             return base64.b64encode(overlay_png(batch[0], gradcam_heatmaps(self.model, batch)[0])).decode()
 
         async def _read_upload(self, request: Request) -> tuple[bytes, str]:
-            """(file content, file name or "") from a raw body or the first file of a multipart form."""
+            """(file content, file name or "") from a raw body or the first file of a multipart form.
+            RequestGuard has capped the body's size while it streamed in."""
             limit = self.cfg.max_upload_bytes
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise BadInput(413, f"upload of {int(declared)} bytes is over the {limit}-byte limit")
             content_type = request.headers.get("content-type", "")
             if content_type.startswith("multipart/form-data"):
                 data, name = await _read_multipart(request, BadInput)
             else:
-                data = await _read_body(request, limit, BadInput)
+                data = await request.body()
                 name = request.query_params.get("filename", "")
                 if "dicom" in content_type and not name:
                     name = "upload.dcm"  # a DICOM without its 128-byte preamble is known by this hint
@@ -186,19 +307,13 @@ def _make_deployment():
     return CxrModel
 
 
-async def _read_body(request, limit: int, bad_input) -> bytes:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # chunked uploads carry no content-length: stop reading at the limit
-            raise bad_input(413, f"upload is over the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _read_multipart(request, bad_input) -> tuple[bytes, str]:
+    from starlette.exceptions import HTTPException
+
     try:
         form = await request.form(max_files=1, max_fields=16)
+    except HTTPException:  # the body limit's 413, raised while the form streams in
+        raise
     except Exception as exc:  # noqa: BLE001 - malformed multipart bodies
         raise bad_input(400, f"malformed multipart upload ({type(exc).__name__}: {exc})"[:300]) from None
     try:
@@ -239,10 +354,12 @@ def _sha256_of(model_dir) -> str:
 
 def build_app(cfg: ServeConfig):
     """The Ray Serve application: `cfg.replicas` replicas of the model deployment."""
-    deployment = _make_deployment().options(
+    deployment = _make_deployment(cfg).options(
         num_replicas=cfg.replicas,
         # enough requests in flight per replica to fill a batch, and the next one while it runs
         max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
+        # beyond that, a bounded wait in the proxy: once full, new requests get 503 at once
+        max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica},
     )
     return deployment.bind(cfg)
@@ -269,7 +386,7 @@ def start(cfg: ServeConfig):
     if not ray.is_initialized():
         ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     return serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False,
                      logging_config={"log_level": "WARNING", "enable_access_log": False})
@@ -325,10 +442,30 @@ def register(subparsers) -> None:
     p.add_argument("--address", metavar="auto|HOST:PORT", help="Ray cluster to deploy onto (default: a local Ray)")
     p.add_argument("--no-verify", action="store_true",
                    help="serve model.keras even if its sha256 is not the one in model_card.json")
+    p.add_argument("--token", help="bearer token every request but /healthz must carry (default: "
+                   "$CXR_SERVE_TOKEN; prefer it or --token-file: a command line is visible to other users)")
+    p.add_argument("--token-file", metavar="FILE", help="read the bearer token from FILE")
+    p.add_argument("--insecure", action="store_true", help="allow a --host beyond loopback without a token")
+    p.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s,
+                   help="cut a request off after this long (default: 30)")
+    p.add_argument("--max-queued", type=int, help="requests waiting for a replica; more get 503 "
+                   "(default: 8 x --max-batch-size)")
+    p.add_argument("--docs", action="store_true", help="turn on FastAPI's /docs and /openapi.json")
     p.set_defaults(func=_handle)
 
 
 def _handle(args) -> int:
-    fields = {f.name for f in dataclasses.fields(ServeConfig)}
-    cfg = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields}, verify=not args.no_verify)
+    from pathlib import Path
+
+    from cxr_datasets.errors import CxrError
+
+    token = args.token or os.environ.get("CXR_SERVE_TOKEN") or None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise CxrError(f"--token-file {args.token_file}: {exc.strerror}") from None
+    fields = {f.name for f in dataclasses.fields(ServeConfig)} - {"token", "verify"}
+    cfg = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields}, token=token,
+                      verify=not args.no_verify)
     return serve_forever(cfg)

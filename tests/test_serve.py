@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from PIL import Image
 
 SIZE = 64
 MAX_UPLOAD_MB = 1  # the real samples are 0.2-0.3 MB
+TOKEN = "test-token-" + "0123456789abcdef"  # the server runs with CXR_SERVE_TOKEN set to it
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def server(model_dir, tmp_path_factory):
     cmd = [sys.executable, "-c", "import sys; from cxr_search.cli import main; sys.exit(main())", "serve",
            str(model_dir), "--port", str(port), "--max-batch-size", "8", "--batch-wait-ms", "50",
            "--max-upload-mb", str(MAX_UPLOAD_MB)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CXR_SERVE_TOKEN": TOKEN}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -85,7 +88,8 @@ def expected(model_dir, samples_dir):
 def _post(url, data=None, files=None, params=None, headers=None):
     import httpx
 
-    return httpx.post(f"{url}/predict", content=data, files=files, params=params, headers=headers, timeout=120)
+    return httpx.post(f"{url}/predict", content=data, files=files, params=params, headers={**AUTH, **(headers or {})},
+                      timeout=120)
 
 
 @pytest.mark.timeout(600)
@@ -96,7 +100,7 @@ def test_healthz_and_model_report_the_card(server, model_dir):
     sha = hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest()
     health = httpx.get(f"{url}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["model_sha256"] == sha
-    info = httpx.get(f"{url}/model", timeout=30).json()
+    info = httpx.get(f"{url}/model", headers=AUTH, timeout=30).json()
     assert info["model_sha256"] == sha and info["threshold"] == 0.5
     assert info["input_spec"]["shape"] == [None, SIZE, SIZE, 1] and info["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert {f["path"] for f in info["files"]} >= {"model.keras", "model.onnx"}
@@ -180,3 +184,71 @@ def test_concurrent_requests_are_batched_and_keep_their_own_answers(server, expe
     for (path, p), body in zip(items, replies):
         assert body["p_pneumonia"] == pytest.approx(p, abs=1e-5), path
     assert max(body["batch_size"] for body in replies) > 1  # @serve.batch joined requests
+
+
+@pytest.mark.timeout(600)
+def test_without_the_token_only_healthz_answers(server, samples_dir):
+    import httpx
+
+    url, _ = server
+    jpeg = sorted(samples_dir.rglob("*.jpeg"))[0].read_bytes()
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+    for headers in ({}, {"authorization": "Bearer not-the-token-at-all"}, {"authorization": TOKEN}):
+        reply = httpx.post(f"{url}/predict", content=jpeg, headers=headers, timeout=30)
+        assert reply.status_code == 401 and "token" in reply.json()["error"]
+        assert httpx.get(f"{url}/model", headers=headers, timeout=30).status_code == 401
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_fastapi_docs_are_off(server, path):
+    import httpx
+
+    url, _ = server
+    assert httpx.get(f"{url}{path}", headers=AUTH, timeout=30).status_code == 404
+
+
+def _serve_rss_mb() -> int:
+    """Resident MB of Ray Serve's proxy and the model replica (this module's server is the only
+    Ray Serve on the machine while the tests run), from /proc."""
+    total = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        if b"ProxyActor" in cmdline or b"CxrModel" in cmdline:
+            total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")), 0)
+    return total >> 10
+
+
+@pytest.mark.timeout(600)
+def test_a_chunked_multipart_upload_over_the_limit_is_refused_while_it_streams(server, samples_dir):
+    """1 GiB as a chunked multipart form (no Content-Length): 413 within seconds, and neither the
+    proxy nor the replica holds it (before, both grew ~1.5 GB and the answer took 13 s)."""
+    import httpx
+
+    url, _ = server
+    before = _serve_rss_mb()
+    peak = before
+
+    def body():
+        nonlocal peak
+        yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n\r\n'
+        chunk = b"\xff" * (1 << 20)
+        for i in range(1024):
+            if i % 64 == 0:
+                peak = max(peak, _serve_rss_mb())
+            yield chunk
+
+    started = time.perf_counter()
+    reply = httpx.post(f"{url}/predict", content=body(), timeout=120,
+                       headers={**AUTH, "content-type": "multipart/form-data; boundary=B"})
+    elapsed = time.perf_counter() - started
+    assert reply.status_code == 413, reply.text
+    assert "limit" in reply.json()["error"]
+    assert elapsed < 30, elapsed
+    assert before > 0 and max(peak, _serve_rss_mb()) - before < 400, (before, peak)
+    ok = _post(url, data=sorted(samples_dir.rglob("*.jpeg"))[0].read_bytes())
+    assert ok.status_code == 200
