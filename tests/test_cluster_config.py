@@ -82,6 +82,17 @@ def test_head_and_workers_can_reach_the_storage(cluster_config):
             assert w["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE"
 
 
+def test_ray_needs_its_token_and_the_dashboard_stays_on_loopback(cluster_config):
+    """Ray's token authentication on every process of every node (the token file copied from the
+    user's machine), and the dashboard/job API on the head's 127.0.0.1, reached by SSH tunnel."""
+    assert "--env RAY_AUTH_MODE=token" in cluster_config["docker"]["run_options"]
+    assert cluster_config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    (head_start,) = [c for c in cluster_config["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start
+    starts = cluster_config["head_start_ray_commands"] + cluster_config["worker_start_ray_commands"]
+    assert not any("0.0.0.0" in c for c in starts)
+
+
 def test_validator_rejects_a_broken_config(cluster_config):
     # Guards the test itself: the validator must actually look at the node types.
     import jsonschema

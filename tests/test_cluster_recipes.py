@@ -254,6 +254,9 @@ def test_sbatch_dry_run_prints_a_symmetric_run_that_ray_and_cxr_accept(repo_root
     assert done.returncode == 0, done.stderr
     (line,) = done.stdout.splitlines()  # one command, nothing run
     argv = shlex.split(line)
+    # Ray's token authentication on every node, the token in a per-user file all nodes see
+    assert argv[:3] == ["env", "RAY_AUTH_MODE=token", f"RAY_AUTH_TOKEN_PATH={Path.home()}/.ray/auth_token"]
+    argv = argv[3:]
     assert argv[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=0"]
     assert argv[4:6] == ["ray", "symmetric-run"]
     ray_args, entrypoint = argv[6:argv.index("--")], argv[argv.index("--") + 1:]
@@ -268,6 +271,26 @@ def test_sbatch_dry_run_prints_a_symmetric_run_that_ray_and_cxr_accept(repo_root
     args = parse_cxr(entrypoint)
     assert (args.command, args.prepared, args.out, args.trials, args.address) == \
         ("search", "/shared/prepared", "/shared/runs/s1", 64, "auto")
+
+
+def test_sbatch_makes_a_token_only_its_user_can_read(repo_root, tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\necho \"$RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH\"\n")
+    (fake / "srun").chmod(0o755)
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path / "home"), "CXR_VENV": sys.prefix,
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "4"}
+    done = subprocess.run(["bash", str(repo_root / SBATCH), "/shared/prepared", "--out", "/shared/runs/s1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["token", str(token)]
+    assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o077 == 0
+    first = token.read_text().strip()
+    assert len(first) == 64 and int(first, 16) >= 0
+    done = subprocess.run(["bash", str(repo_root / SBATCH), "/shared/prepared", "--out", "/shared/runs/s1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and token.read_text().strip() == first  # kept: every job of the user shares it
 
 
 def test_sbatch_outside_slurm_says_what_is_missing(repo_root):
@@ -287,7 +310,7 @@ def test_aws_iam_script_makes_the_profiles_cluster_yaml_names(repo_root):
 
     script = repo_root / "cluster" / "aws-iam.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    done = subprocess.run(["bash", str(script), "my-bucket"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run(["bash", str(script), "my-bucket", "runs/cxr/"], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "CXR_DRY_RUN": "1"})
     assert done.returncode == 0, done.stderr
     calls = [shlex.split(line) for line in done.stdout.splitlines()]
@@ -296,10 +319,58 @@ def test_aws_iam_script_makes_the_profiles_cluster_yaml_names(repo_root):
     config = yaml.safe_load((repo_root / "cluster.yaml").read_text())
     named = {t["node_config"]["IamInstanceProfile"]["Name"] for t in config["available_node_types"].values()}
     assert profiles == named == {"cxr-tune-head", "cxr-tune-worker"}
-    for call in calls:  # every policy document is valid JSON; the S3 one names the bucket only
+    policies = {}
+    for call in calls:  # every policy document is valid JSON
         if "--policy-document" in call:
             policy = json.loads(call[call.index("--policy-document") + 1])
-            for statement in policy["Statement"]:
-                if "s3:PutObject" in statement["Action"]:
-                    assert statement["Resource"] == ["arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/*"]
+            role = call[call.index("--role-name") + 1]
+            policies.setdefault(role, []).extend(policy["Statement"])
+    assert not any(c[2] == "attach-role-policy" for c in calls)  # no managed policy (EC2 full access)
+    for role in ("cxr-tune-worker", "cxr-tune-head"):
+        statements = [s for s in policies[role] if any(a.startswith("s3:") for a in _actions(s))]
+        # S3 under the run's prefix only: objects there, and listing only that prefix
+        for s in statements:
+            if "s3:ListBucket" in _actions(s):
+                assert s["Resource"] == ["arn:aws:s3:::my-bucket"]
+                assert s["Condition"] == {"StringLike": {"s3:prefix": ["runs/cxr/*"]}}
+            else:
+                assert s["Resource"] == ["arn:aws:s3:::my-bucket/runs/cxr/*"]
+    assert not any(a.startswith("ec2:") or a.startswith("iam:") for s in policies["cxr-tune-worker"] for a in _actions(s))
+    head = policies["cxr-tune-head"]
+    assert not any("*" in a for s in head for a in _actions(s))  # named actions only
+    for s in head:
+        if {"ec2:TerminateInstances", "ec2:StopInstances"} & set(_actions(s)):  # only this cluster's nodes
+            assert s["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": config["cluster_name"]}}
+        if "iam:PassRole" in _actions(s):
+            assert all("cxr-tune-worker" in r for r in s["Resource"])
     assert subprocess.run(["bash", str(script)], capture_output=True, env={"PATH": "/usr/bin:/bin"}).returncode == 2
+
+
+def _actions(statement) -> list[str]:
+    actions = statement["Action"]
+    return [actions] if isinstance(actions, str) else actions
+
+
+# ----------------------------------------------------------------------------- KubeRay network
+
+
+def test_rayjob_uses_rays_token_and_only_its_own_pods_and_the_operator_reach_them(rayjob, repo_root):
+    spec = rayjob["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    policy = yaml.safe_load((repo_root / "cluster" / "k8s-network.yaml").read_text())
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for template in templates:  # every Ray pod is covered by the policy
+        assert selected.items() <= template["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert "ports" not in rule
+    peers = rule["from"]
+    assert {"podSelector": {"matchLabels": selected}} in peers  # the cluster's own pods
+    # the RayJob's submitter: the Kubernetes Job named after the RayJob
+    assert {"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name": rayjob["metadata"]["name"]}}} in peers
+    operator = [p for p in peers if "namespaceSelector" in p]
+    assert operator == [{"namespaceSelector": {},
+                         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    assert len(peers) == 3  # nothing else
