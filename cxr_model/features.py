@@ -81,11 +81,15 @@ class FeatureCache:
             return self._compute(cfg, images, seed, extractor)
         from filelock import FileLock
 
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.cache_dir / f"{key}.npy"
         with FileLock(str(path) + ".lock"):  # the first process computes, the others wait
-            if not path.exists():
+            if not os.path.lexists(path):
                 _save_atomically(path, self._compute(cfg, images, seed, extractor))
+        if not path.is_file() or path.is_symlink():
+            from cxr_datasets.errors import CxrError
+
+            raise CxrError(f"feature cache {path} is not a regular file (a link?): remove it")
         return np.load(path, mmap_mode="r")  # shared page cache across trial processes
 
     def _compute(self, cfg, images, seed, extractor) -> np.ndarray:
@@ -129,7 +133,11 @@ def _with_channel(images: np.ndarray) -> np.ndarray:
 
 def _save_atomically(path: Path, array: np.ndarray) -> None:
     # A crash mid-write must not leave a truncated file that later trials would trust.
+    # O_EXCL | O_NOFOLLOW: never write through a link someone placed at the temporary name.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    if os.path.lexists(tmp):  # left by a crashed process with this pid: unlink removes a link, not its target
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as f:
         np.save(f, array)
     os.replace(tmp, path)

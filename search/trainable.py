@@ -139,10 +139,25 @@ def trial_settings(*, image_size: int, weights: str | None, max_epochs: int, see
 
 
 def _node_local(name: str) -> str:
-    """A folder under this node's temp directory (evaluated in the trial, not the driver)."""
+    """This user's private folder `<name>-<uid>` under this node's temp directory (evaluated in the
+    trial, not the driver): made with mode 0700, and refused in one line if it is a link, is not
+    this user's, or others may write or read it. A shared /tmp is anyone's: a predictable folder
+    there could be planted by another user, with links pointing to their files."""
+    import stat
     import tempfile
 
-    return os.path.join(tempfile.gettempdir(), name)
+    from cxr_datasets.errors import CxrError
+
+    path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise CxrError(f"{path} is not a private folder of this user (a link, another owner, or mode "
+                       f"{stat.S_IMODE(info.st_mode):o}, not 700): remove it, or give --feature-cache-dir")
+    return path
 
 
 def _configure_process(settings: dict[str, Any]) -> None:
