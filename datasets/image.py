@@ -333,12 +333,12 @@ def _read_dicom(data: bytes, *, max_pixels: int, min_size: int) -> tuple[np.ndar
     }
     try:
         pixels = _dicom_first_frame(ds)
-        gray = _dicom_to_unit(pixels, ds, photometric)
+        gray = _dicom_to_uint8(pixels, ds, photometric)
     except ImageRejected:
         raise
     except Exception as exc:  # compressed syntaxes without a decoder, inconsistent headers, ...
         raise ImageRejected(f"cannot decode DICOM pixel data ({first_line(exc)})") from None
-    return _unit_to_uint8(gray), meta
+    return gray, meta
 
 
 def _dicom_first_frame(ds) -> np.ndarray:
@@ -351,24 +351,44 @@ def _dicom_first_frame(ds) -> np.ndarray:
     return ds.pixel_array
 
 
-def _dicom_to_unit(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
-    """Pixel values -> [0, 1] display intensities."""
+def _dicom_to_uint8(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
+    """Pixel values -> uint8 display intensities, in row blocks of about a million pixels: the
+    modality LUT, VOI LUT or window and the inversion of MONOCHROME1 are per-pixel, so each block
+    goes through them in float64 on its own. The cost beyond the decoded pixels is the uint8
+    result plus one block's temporaries, never a float64 copy of the whole image."""
     from pydicom.pixels import apply_modality_lut, apply_voi
 
     if pixels.ndim == 3:  # colour DICOM (rare for radiographs): luminance, no windowing applies
-        rgb = pixels.astype(np.float64)
-        luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-        return _stretch_to_uint8(luma) / 255.0
-    values = apply_modality_lut(pixels, ds).astype(np.float64)
-    if "VOILUTSequence" in ds:
-        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        shown = apply_voi(values, ds).astype(np.float64) / float(2**lut_bits - 1)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        shown = _window(values, ds)
+        def shown(block):
+            rgb = block.astype(np.float32)
+            return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        stretch = True
     else:
-        shown = _stretch_to_uint8(values) / 255.0
-    shown = np.clip(shown, 0.0, 1.0)
-    return 1.0 - shown if photometric == "MONOCHROME1" else shown
+        voi = "VOILUTSequence" in ds
+        window = not voi and "WindowCenter" in ds and "WindowWidth" in ds
+        stretch = not (voi or window)
+        lut_max = float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1) if voi else 1.0
+
+        def shown(block):
+            values = np.asarray(apply_modality_lut(block, ds), dtype=np.float64)
+            if voi:
+                return np.asarray(apply_voi(values, ds), dtype=np.float64) / lut_max
+            return _window(values, ds) if window else values
+
+    step = max(1, (1 << 20) // max(1, int(np.prod(pixels.shape[1:2]))))
+    blocks = [slice(start, start + step) for start in range(0, pixels.shape[0], step)]
+    low, span = 0.0, 1.0
+    if stretch:  # no window in the file: the image's own range, found first
+        ranges = [(float(v.min()), float(v.max())) for v in (shown(pixels[b]) for b in blocks)]
+        low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        span = high - low
+    out = np.zeros(pixels.shape[:2], dtype=np.uint8)
+    if stretch and span <= 0:
+        return out
+    for rows in blocks:
+        unit = np.clip((shown(pixels[rows]) - low) / span, 0.0, 1.0)
+        out[rows] = _unit_to_uint8(1.0 - unit if photometric == "MONOCHROME1" else unit)
+    return out
 
 
 def _window(values: np.ndarray, ds) -> np.ndarray:

@@ -88,6 +88,32 @@ def test_dicom_size_is_checked_before_pixel_data_is_read(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("display", ["window", "rescale_and_window", "monochrome1_full_range"])
+def test_16_bit_dicom_is_windowed_without_a_float64_copy(tmp_path, display):
+    """A 6000x6000 16-bit DICOM (72 MB of pixels): modality rescale, window and inversion cost the
+    pixels, the uint8 result and a block, not float64 copies of the whole image (288 MB each)."""
+    side = 6000
+    pixels = np.tile((np.arange(side) * 4095 // (side - 1)).astype(np.uint16), (side, 1))  # 12-bit ramp
+    kwargs = {"window": dict(window=(2048, 4096)), "rescale_and_window": dict(slope=2.0, intercept=-1024.0,
+              window=(1024, 4096)), "monochrome1_full_range": dict(photometric="MONOCHROME1")}[display]
+    path = write_dicom(tmp_path / "big.dcm", pixels, **kwargs)
+    data = path.read_bytes()
+    del pixels
+    tracemalloc.start()
+    try:
+        gray, meta = preprocess_bytes(data, 64, name="big.dcm", max_pixels=50_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert gray.shape == (64, 64) and meta["orig_width"] == side
+    ramp = gray[32].astype(int)  # a left-to-right ramp: dark to bright (or bright to dark, inverted)
+    assert abs(ramp[-1] - ramp[0]) > 100 and len(set(np.sign(np.diff(ramp[::8])).tolist()) - {0}) == 1
+    # pydicom's decoded pixels (72 MB, plus its own copy of the pixel bytes) + the uint8 result
+    # (36 MB) + one block: the float64 path needed several 288 MB arrays
+    assert peak < 2.5 * side * side * 2 + 50_000_000, peak
+
+
+@pytest.mark.timeout(120)
 def test_16_bit_png_is_decoded_without_a_float64_copy(tmp_path):
     side = 8000
     buffer = io.BytesIO()
