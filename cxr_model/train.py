@@ -32,7 +32,10 @@ VAL_BATCH = 128      # evaluation has no gradients: larger batches are cheaper
 
 def fit(cfg: TrainConfig, data: Data, callbacks=(), feature_cache: FeatureCache | None = None,
         verbose: int = 0) -> keras.callbacks.History:
-    """Train one configuration; `history.model` is always the full raw-image model."""
+    """Train one configuration; `history.model` is always the full raw-image model.
+
+    Callbacks see the full model as `self.model` in every case; a `CheckpointCallback` is also
+    told which model's optimizer steps (`set_trained_model`)."""
     keras.utils.set_random_seed(cfg.seed)
     model = compile_model(build_model(cfg.model, seed=cfg.seed), cfg)
     if uses_feature_cache(cfg):
@@ -41,11 +44,30 @@ def fit(cfg: TrainConfig, data: Data, callbacks=(), feature_cache: FeatureCache 
     return _fit_end_to_end(model, cfg, data, list(callbacks), verbose)
 
 
+class CheckpointCallback(keras.callbacks.Callback):
+    """A callback that saves training state. `self.model` is the full raw-image model (whose
+    weights to save); `self.trained_model` is the model whose optimizer steps: the head-on-features
+    model while the head trains on cached features, else the full model. `fit` sets it before
+    training starts."""
+
+    trained_model: keras.Model
+
+    def set_trained_model(self, model: keras.Model) -> None:
+        self.trained_model = model
+
+
+def _tell_trained_model(callbacks, trained: keras.Model) -> None:
+    for callback in callbacks:
+        if isinstance(callback, CheckpointCallback):
+            callback.set_trained_model(trained)
+
+
 def uses_feature_cache(cfg: TrainConfig) -> bool:
     return cfg.use_feature_cache and cfg.model.base_is_fixed
 
 
 def _fit_end_to_end(model, cfg: TrainConfig, data: Data, callbacks, verbose):
+    _tell_trained_model(callbacks, model)
     train = _train_input(cfg, data, data.x_train, tfrecords_allowed=True)
     return _run_fit(model, train, (data.x_val, one_hot(data.y_val)), cfg, callbacks, verbose)
 
@@ -55,6 +77,7 @@ def _fit_head_on_features(model, cfg: TrainConfig, data: Data, callbacks, cache,
     f_train = cache.features(cfg.model, data.x_train, seed=cfg.seed, extractor=extractor)
     f_val = cache.features(cfg.model, data.x_val, seed=cfg.seed, extractor=extractor)
     trainer = compile_model(_head_on_features(model.get_layer("head")), cfg)
+    _tell_trained_model(callbacks, trainer)
     train = _train_input(cfg, data, f_train, tfrecords_allowed=False)
     views = [FullModelView(cb, full=model, trained=trainer) for cb in callbacks]
     history = _run_fit(trainer, train, (f_val, one_hot(data.y_val)), cfg, views, verbose)
@@ -132,7 +155,6 @@ class FullModelView(keras.callbacks.Callback):
         super().__init__()
         self.callback, self.full, self.trained = callback, full, trained
         callback.set_model(full)
-        callback.trained = trained  # whose optimizer steps (a checkpointing callback saves its state)
         for name in self._HOOKS:
             if not _is_default_hook(getattr(callback, name)):
                 setattr(self, name, self._forwarder(name))

@@ -1,5 +1,15 @@
 """The Tune trainable: one trial = one `cxr_model.fit` of one sampled configuration.
 
+The path of one trial, in the order it runs (`train_trial` below reads the same way):
+1. Tune's Optuna searcher samples `config` from the space (search/space.py, `SpaceSampler`).
+2. `train_trial` sets up the process (backend, threads, GPU check), reads the trial's last
+   checkpoint if it is a retry (`ResumeState`, search/checkpoint.py) and turns `config` plus the
+   sweep's `settings` into a `TrainConfig` (`to_train_config`).
+3. `cxr_model.fit` trains it: on cached frozen features when the base is fixed, else end to end.
+4. After every epoch `ReportCallback` (search/trial_reporter.py) reports the best-so-far val AUC
+   to Tune (ASHA and Optuna read it) and, when it improved, a checkpoint with the full model's
+   weights, the optimizer's state and the history.
+
 A plain function, as in Ray Tune's own examples. Keras, TensorFlow/JAX and cxr_model are imported
 inside it, after the accelerator settings are in the environment, because a GPU runtime reads
 them once, at import. The driver hands it the prepared arrays through Ray's object store
@@ -41,6 +51,9 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     # Before anything else: the worker's next reset reads it (see THREAD_JOIN_TIMEOUT_S).
     os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = THREAD_JOIN_TIMEOUT_S
     _configure_process(settings)
+    from cxr_model.quiet import init_tensorflow_quietly
+
+    init_tensorflow_quietly()  # before Keras: no TensorFlow start-up noise in the trial's log
     check_gpu(settings)  # before any training: a trial that asked for a GPU never trains on the CPU
     import logging
 
@@ -48,11 +61,12 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
 
     from cxr_model import fit
     from cxr_model.train import uses_feature_cache
+    from cxr_search.ray_adapter import CHECKPOINT_LOGGER
     from cxr_search.space import to_train_config
     from cxr_search.trial_reporter import ReportCallback, ResumeState
 
     # One "Checkpoint successfully created" line per improving epoch would drown Tune's status.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    logging.getLogger(CHECKPOINT_LOGGER).setLevel(logging.WARNING)
     resume = ResumeState.from_checkpoint(tune.get_checkpoint())
     remaining = settings["max_epochs"] - resume.epochs_done
     if remaining <= 0:  # restored after its last epoch was checkpointed: nothing left to train

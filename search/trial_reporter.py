@@ -18,6 +18,7 @@ import ray
 from ray import tune
 
 from cxr_model.config import improves
+from cxr_model.train import CheckpointCallback
 from cxr_search.checkpoint import OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, ResumeState, load_weights, save_weights
 from cxr_search.space import EPOCH_METRIC, METRIC
 
@@ -46,8 +47,9 @@ def load_optimizer(optimizer, variables, path: Path | str) -> None:
         target.assign(value)
 
 
-class ReportCallback(keras.callbacks.Callback):
-    """After every epoch: `tune.report` the metrics; when validation AUC improved, with a checkpoint.
+class ReportCallback(CheckpointCallback):
+    """After every epoch: `tune.report` the metrics; when validation AUC improved, with a checkpoint
+    of the full model's weights and of the optimizer that steps (`self.trained_model`, set by fit).
 
     The optimised value (METRIC, `val_auc`) is the BEST validation AUC so far in the trial, not the last
     epoch's. ASHA stops trials at different budgets, and Ray's OptunaSearch tells Optuna the last
@@ -70,12 +72,6 @@ class ReportCallback(keras.callbacks.Callback):
         self.best_epoch = resume.best_epoch
         self.history = {k: list(v) for k, v in resume.history.items()}
         self._epoch_start = time.perf_counter()
-
-    @property
-    def trained_model(self):
-        """The model whose optimizer steps: the head-on-features model while the head trains on
-        cached features (cxr_model's FullModelView tells us), else the full model itself."""
-        return getattr(self, "trained", None) or self.model
 
     def on_train_begin(self, logs=None):
         if self.resume.weights_path:

@@ -129,9 +129,9 @@ def restored_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
                                    resume_errored=True)
     # The saved run config's callbacks belong to the interrupted driver: this driver's own (the
     # same set a new sweep gets, MLflow's logger included) replace them.
-    local = getattr(tuner, "_local_tuner", None)  # None with Ray Client, where the tuner runs remotely
-    if local is not None:
-        local._run_config.callbacks = _run_callbacks(cfg, callbacks)
+    from cxr_search.ray_adapter import set_restored_callbacks
+
+    set_restored_callbacks(tuner, _run_callbacks(cfg, callbacks))
     return tuner
 
 
