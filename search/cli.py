@@ -23,6 +23,7 @@ from cxr_model import cli as model_cli
 from cxr_search import commands as search_cli
 
 EXAMPLES = __doc__.split("\n\n")[1]
+NO_TENSORFLOW = {"synth", "prepare"}  # commands that never import Keras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +49,14 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Quiets TensorFlow's C++ logging once it is set up. (TF 2.21 still prints a few lines at
-    # import, before absl's logging is initialised; no environment variable silences those.)
+    # Quiets TensorFlow's C++ logging once it is set up; the lines it prints before that, at
+    # import and device start-up, are dropped by init_tensorflow_quietly (cxr_model/quiet.py).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    if args.command not in NO_TENSORFLOW:
+        from cxr_model.quiet import init_tensorflow_quietly
+
+        init_tensorflow_quietly()
     try:
         return int(args.func(args) or 0)
     except CxrError as exc:
