@@ -16,13 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from cxr_datasets.config import CLASS_NAMES  # label 0, 1
+from cxr_datasets.figures import new_figure, save_figure
 from cxr_model.config import METRIC, MODE
 
-DPI = 120
 # Curves shown side by side when the history has them, in this order.
 _CURVES = (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "ROC AUC"))
 
@@ -36,7 +34,7 @@ def plot_history(history, path) -> Path:
     panels = [(key, title) for key, title in _CURVES if key in logs or f"val_{key}" in logs]
     if not panels:
         raise ValueError(f"history has none of {[k for k, _ in _CURVES]}: keys {sorted(logs)}")
-    fig = _figure(width=4.2 * len(panels), height=3.4)
+    fig = new_figure(width=4.2 * len(panels), height=3.4)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     best = _best_epoch(logs)
     for ax, (key, title) in zip(axes, panels):
@@ -51,7 +49,7 @@ def plot_history(history, path) -> Path:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(confusion, path, title: str = "Confusion matrix",
@@ -62,7 +60,7 @@ def plot_confusion_matrix(confusion, path, title: str = "Confusion matrix",
     cm = np.asarray(confusion, dtype=np.int64)
     row_share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     annotations = np.array([[f"{cm[i, j]}\n{row_share[i, j]:.1%}" for j in range(2)] for i in range(2)])
-    fig = _figure(width=4.6, height=3.9)
+    fig = new_figure(width=4.6, height=3.9)
     ax = fig.subplots()
     # Colour by row share so the minority class's errors are as visible as the majority's.
     sns.heatmap(row_share, annot=annotations, fmt="", cmap="Blues", vmin=0, vmax=1, cbar=True,
@@ -70,7 +68,7 @@ def plot_confusion_matrix(confusion, path, title: str = "Confusion matrix",
                 cbar_kws={"label": "share of true class"})
     ax.set(title=title, xlabel="predicted", ylabel="true")
     ax.tick_params(axis="y", labelrotation=0)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(metrics: dict, path, title: str = "ROC") -> Path:
@@ -79,7 +77,7 @@ def plot_roc(metrics: dict, path, title: str = "ROC") -> Path:
     fpr, tpr = np.asarray(roc["fpr"], float), np.asarray(roc["tpr"], float)
     sens, spec = metrics["sensitivity"]["value"], metrics["specificity"]["value"]
     auc = metrics["roc_auc"]
-    fig = _figure(width=4.6, height=4.4)
+    fig = new_figure(width=4.6, height=4.4)
     ax = fig.subplots()
     ax.plot(fpr, tpr, lw=2, label=f"AUC {auc['value']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
@@ -90,7 +88,7 @@ def plot_roc(metrics: dict, path, title: str = "ROC") -> Path:
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pr(metrics: dict, path, title: str = "Precision-recall") -> Path:
@@ -100,7 +98,7 @@ def plot_pr(metrics: dict, path, title: str = "Precision-recall") -> Path:
     recall, precision = np.asarray(pr["recall"], float), np.asarray(pr["precision"], float)
     auprc = metrics["auprc"]
     sens, prec = metrics["sensitivity"]["value"], metrics["precision"]["value"]
-    fig = _figure(width=4.6, height=4.4)
+    fig = new_figure(width=4.6, height=4.4)
     ax = fig.subplots()
     ax.step(recall, precision, where="pre", lw=2,  # the precision of point k spans recall k-1..k
             label=f"AUPRC {auprc['value']:.3f} [{auprc['ci_low']:.3f}, {auprc['ci_high']:.3f}]")
@@ -113,7 +111,7 @@ def plot_pr(metrics: dict, path, title: str = "Precision-recall") -> Path:
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability(metrics: dict, path, title: str = "Reliability") -> Path:
@@ -125,7 +123,7 @@ def plot_reliability(metrics: dict, path, title: str = "Reliability") -> Path:
     mean_p = np.asarray([np.nan if v is None else v for v in cal["mean_predicted"]], float)
     frac = np.asarray([np.nan if v is None else v for v in cal["fraction_positive"]], float)
     edges = np.asarray(cal["edges"], float)
-    fig = _figure(width=4.6, height=5.2)
+    fig = new_figure(width=4.6, height=5.2)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
     top.plot(mean_p[filled], frac[filled], "-o", lw=1.5, markersize=4,
@@ -137,7 +135,7 @@ def plot_reliability(metrics: dict, path, title: str = "Reliability") -> Path:
     bottom.bar(edges[:-1], count, width=np.diff(edges), align="edge", color="tab:blue", alpha=0.6)
     bottom.set(xlabel="predicted P(PNEUMONIA)", ylabel="cases")
     bottom.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _best_epoch(logs: dict) -> int | None:
@@ -148,14 +146,3 @@ def _best_epoch(logs: dict) -> int | None:
     return int(np.argmax(values) if MODE == "max" else np.argmin(values)) + 1
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path

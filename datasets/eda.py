@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .config import CLASS_NAMES, SPLITS
+from .figures import new_figure, save_figure
 from .shards import manifest_totals
 
 SAMPLES_PER_CLASS = 8
@@ -32,10 +33,10 @@ def write_eda(eda_dir: Path, table: pd.DataFrame, manifest: dict,
     written file names."""
     eda_dir.mkdir(parents=True, exist_ok=True)
     written = [
-        _save(_class_balance(table), eda_dir / "class_balance.png"),
-        _save(_sizes(table), eda_dir / "sizes.png"),
-        _save(_modes(table), eda_dir / "modes.png"),
-        _save(_samples(samples), eda_dir / "samples.png"),
+        save_figure(_class_balance(table), eda_dir / "class_balance.png").name,
+        save_figure(_sizes(table), eda_dir / "sizes.png").name,
+        save_figure(_modes(table), eda_dir / "modes.png").name,
+        save_figure(_samples(samples), eda_dir / "samples.png").name,
     ]
     (eda_dir / "summary.md").write_text(summary_markdown(table, manifest))
     return written + ["summary.md"]
@@ -108,15 +109,6 @@ def _duplicates_section(duplicates: list[dict], overlap: dict | None) -> list[st
     return lines
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _save(fig, path: Path) -> str:
-    fig.savefig(path)
-    return path.name
 
 
 def _grouped_bars(ax, table: pd.DataFrame, column: str, categories: list[str]) -> None:
@@ -135,7 +127,7 @@ def _grouped_bars(ax, table: pd.DataFrame, column: str, categories: list[str]) -
 
 
 def _class_balance(table: pd.DataFrame):
-    fig = _figure(6, 4)
+    fig = new_figure(6, 4)
     ax = fig.add_subplot()
     _grouped_bars(ax, table, "split", list(SPLITS))
     ax.set_ylabel("images")
@@ -144,7 +136,7 @@ def _class_balance(table: pd.DataFrame):
 
 
 def _sizes(table: pd.DataFrame):
-    fig = _figure(6, 5)
+    fig = new_figure(6, 5)
     ax = fig.add_subplot()
     for name in CLASS_NAMES:
         rows = table.loc[table["label_name"] == name, ["orig_width", "orig_height"]]
@@ -160,7 +152,7 @@ def _sizes(table: pd.DataFrame):
 
 
 def _modes(table: pd.DataFrame):
-    fig = _figure(6, 4)
+    fig = new_figure(6, 4)
     ax = fig.add_subplot()
     modes = table["orig_mode"].value_counts().index.tolist()
     _grouped_bars(ax, table, "orig_mode", modes)
@@ -184,7 +176,7 @@ def sample_rows(table: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 def _samples(samples: pd.DataFrame):
     """Preprocessed train images, one row per class."""
-    fig = _figure(SAMPLES_PER_CLASS * 1.3, len(CLASS_NAMES) * 1.5)
+    fig = new_figure(SAMPLES_PER_CLASS * 1.3, len(CLASS_NAMES) * 1.5)
     axes = fig.subplots(len(CLASS_NAMES), SAMPLES_PER_CLASS, squeeze=False)
     for row, name in enumerate(CLASS_NAMES):
         picks = samples[samples["label_name"] == name]

@@ -37,7 +37,7 @@ class Location:
         if isinstance(where, Location):
             return where
         text = os.fspath(where)
-        if "://" not in text:
+        if not is_uri(text):
             absolute = str(Path(text).absolute())
             return cls(absolute, absolute, pafs.LocalFileSystem())
         try:
@@ -48,7 +48,7 @@ class Location:
 
     @property
     def is_uri(self) -> bool:
-        return "://" in self.uri
+        return is_uri(self.uri)
 
     @property
     def local(self) -> Path | None:
@@ -139,3 +139,8 @@ def list_files(loc: Location) -> list[tuple[str, int, bool]]:
         rel = info.path[len(base):] if info.path.startswith(base) else info.path
         entries.append((rel, info.size or 0, info.type == pafs.FileType.Directory))
     return sorted(entries)
+
+
+def is_uri(text: str) -> bool:
+    """A URI (s3://, gs://, file://, ...) rather than a plain local path: the one check for it."""
+    return "://" in text

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_datasets.errors import ConfigError
-from cxr_datasets.storage import Location
+from cxr_datasets.storage import Location, is_uri
 from cxr_model.config import THRESHOLD_METHODS, EvalConfig, normalise_weights, reject_unknown
 from cxr_search.space import resolve_space
 
@@ -76,7 +76,7 @@ class SearchConfig:
             raise ConfigError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, "
                               f"got {self.threshold_method!r}")
         if self.address and self.address.startswith("ray://") and not (
-                self.storage and "://" in self.storage and self.optuna_storage):
+                self.storage and is_uri(self.storage) and self.optuna_storage):
             # Ray Client runs Tune (and the Optuna searcher) on the cluster, while this machine
             # reads the results: both sides must reach the storage and the study.
             raise ConfigError("with address ray://... give storage s3://... (--storage) and optuna_storage URL "
@@ -119,7 +119,7 @@ class SearchConfig:
     @property
     def remote_storage(self) -> bool:
         """--storage is a URI (s3://, gs://, file://): the run's state also goes there."""
-        return bool(self.storage and "://" in self.storage)
+        return bool(self.storage and is_uri(self.storage))
 
     def save(self) -> Path:
         path = self.run_dir / CONFIG_FILE
@@ -144,7 +144,7 @@ class SearchConfig:
 
 
 def _storage_path(storage: str) -> str:
-    return storage.rstrip("/") if "://" in storage else str(Path(storage).resolve())
+    return storage.rstrip("/") if is_uri(storage) else str(Path(storage).resolve())
 
 
 def write_to_storage(uri: str, data: bytes) -> str:

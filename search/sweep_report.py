@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from cxr_datasets.figures import DPI, new_figure, save_figure
 from cxr_model.config import METRIC_LABEL
 from cxr_model.evaluate import DISPLAY_ORDER
 from cxr_search.config import SearchConfig
@@ -30,7 +29,6 @@ from cxr_search.space import HYPERPARAMETERS, METRIC, describe, result_params
 
 TOP_CURVES = 6      # learning curves drawn (more is unreadable)
 TOP_TABLE = 20      # trials listed in the report's table
-DPI = 120
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
 
@@ -193,7 +191,7 @@ def write_plots(cfg: SearchConfig, table: pd.DataFrame) -> dict[str, Path]:
 
 def plot_learning_curves(table: pd.DataFrame, path: Path) -> Path:
     """METRIC per epoch of the best trials; ASHA-stopped trials end early, marked x."""
-    fig = Figure(figsize=(7, 4.2), dpi=DPI)
+    fig = new_figure(7, 4.2)
     ax = fig.subplots()
     cols = epoch_columns(table)
     finished = table[table[METRIC].notna()].head(TOP_CURVES)
@@ -207,10 +205,10 @@ def plot_learning_curves(table: pd.DataFrame, path: Path) -> Path:
             ax.plot(epochs[keep][-1], values[keep][-1], "x", color=line.get_color(), markersize=9)
     ax.set(title=f"{METRIC_LABEL.capitalize()} per epoch, top {len(finished)} trials (x: stopped early)",
            xlabel="epoch", ylabel=METRIC_LABEL)
-    ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]  # MaxNLocator takes it; stubs type the base Locator
+    ax.xaxis.get_major_locator().set_params(integer=True)  # a MaxNLocator: it takes integer=True
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_params_vs_metric(table: pd.DataFrame, space: dict[str, Any], path: Path) -> Path:
@@ -236,7 +234,7 @@ def plot_params_vs_metric(table: pd.DataFrame, space: dict[str, Any], path: Path
     params = [p for p in scales if p in done and done[p].astype(str).nunique() > 1]
     ncols = 4
     nrows = max(1, math.ceil(len(params) / ncols))
-    fig = Figure(figsize=(3.3 * ncols, 2.8 * nrows), dpi=DPI)
+    fig = new_figure(3.3 * ncols, 2.8 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, name in zip(axes, params):
         _param_panel(ax, done, name, scales[name])
@@ -244,7 +242,7 @@ def plot_params_vs_metric(table: pd.DataFrame, space: dict[str, Any], path: Path
         ax.set_visible(False)
     fig.suptitle(f"Best {METRIC_LABEL} of each trial against each searched hyperparameter "
                  "(o: ran to the end, x: stopped early)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _param_panel(ax, done: pd.DataFrame, name: str, scale: str | None) -> None:
@@ -294,13 +292,13 @@ def plot_param_importances(cfg: SearchConfig, path: Path) -> Path | None:
     if not importances:
         return None
     names = list(importances)[::-1]
-    fig = Figure(figsize=(6, 0.45 * len(names) + 1.4), dpi=DPI)
+    fig = new_figure(6, 0.45 * len(names) + 1.4)
     ax = fig.subplots()
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
     ax.set(title=f"Optuna parameter importance for {METRIC_LABEL} ({len(complete)} trials)",
            xlabel="importance (normalised to sum to 1)")
     ax.grid(alpha=0.3, axis="x")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 OPTUNA_PLOTS = {  # report caption -> (file name, optuna.visualization.matplotlib function name)
@@ -369,8 +367,3 @@ def _save_optuna(plot, study, path: Path, plt) -> Path:
     return path
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
