@@ -120,6 +120,9 @@ def _add_prepare(subparsers) -> None:
                                           "ones", PrepareConfig, "uncertain"))
     parser.add_argument("--views", choices=VIEWS,
                         help=with_default("CheXpert views", PrepareConfig, "views"))
+    parser.add_argument("--follow-links", action="store_true", default=None,
+                        help=with_default("read symbolic links to files outside SOURCE (else rejected with a "
+                                          "reason)", PrepareConfig, "follow_links"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=_run_prepare)

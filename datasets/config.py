@@ -45,6 +45,7 @@ class PrepareConfig:
     negatives: str = "default"  # "all": an archive's other negatives (not normal) count as NORMAL
     uncertain: str = "ignore"  # CheXpert's uncertain Pneumonia (-1.0): ignore, zeros or ones
     views: str = "frontal"  # CheXpert: frontal views only, or all
+    follow_links: bool = False  # read symbolic links to files outside SOURCE (rejected by default)
 
     def __post_init__(self):
         _check_choice("resize", self.resize, RESIZE_MODES)

@@ -117,17 +117,18 @@ class _Candidate:
     size: int | None = None  # known from a URI listing; local files are asked when needed
 
 
-def discover(source: str | os.PathLike | Location) -> Discovery:
+def discover(source: str | os.PathLike | Location, *, follow_links: bool = False) -> Discovery:
     """Every image file under `source` (a folder or a pyarrow.fs URI) with its label, split and
     patient; raises CxrError if none. A file's `path` is what the decode tasks open: an absolute
-    local path, or the path inside the URI's file system."""
+    local path, or the path inside the URI's file system. A symbolic link to a file outside
+    SOURCE is rejected unless `follow_links` (links to folders are never entered)."""
     loc = source if isinstance(source, Location) else Location.of(source)
     kind = loc.kind()
     if kind == "missing":
         raise CxrError(f"source folder not found: {loc}")
     if kind != "dir":
         raise CxrError(f"source is not a folder: {loc}")
-    candidates, ignored = _walk(loc.local) if loc.local else _walk_uri(loc)
+    candidates, ignored = _walk(loc.local, follow_links) if loc.local else _walk_uri(loc)
     source = loc.uri
     if not candidates:
         raise CxrError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {source}")
@@ -209,7 +210,7 @@ def _walk_uri(loc: Location) -> tuple[list[_Candidate], int]:
     return candidates, ignored
 
 
-def _walk(source: Path) -> tuple[list[_Candidate], int]:
+def _walk(source: Path, follow_links: bool = False) -> tuple[list[_Candidate], int]:
     candidates, ignored = [], 0
     # Strings joined per file, not a pathlib.Path per file: pathlib interns every file name in
     # the interpreter's table of interned strings, which then stays sized for all of them.
@@ -226,7 +227,7 @@ def _walk(source: Path) -> tuple[list[_Candidate], int]:
                 continue
             path = os.path.join(dirpath, name)
             cand = _classify_rel(_printable(prefix + name), path)
-            reason = _unusable_file(source, prefix + name, path)
+            reason = unusable_file(source, prefix + name, path, follow_links=follow_links)
             candidates.append(replace(cand, reason=reason) if reason else cand)
     return candidates, ignored
 
@@ -241,9 +242,10 @@ def _printable(rel: str) -> str:
         return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _unusable_file(source: Path, rel: str, path: str) -> str | None:
+def unusable_file(source: Path, rel: str, path: str, *, follow_links: bool = False) -> str | None:
     """Why a file of SOURCE is not read, decided by lstat/stat only (never an open that can hang):
-    a name that is not UTF-8, a FIFO, a device or socket, a link that leaves SOURCE."""
+    a name that is not UTF-8, a FIFO, a device or socket, a link that leaves SOURCE (unless
+    `follow_links`; what it points to must still be a regular file)."""
     if _printable(rel) != rel:
         raw = os.fsencode(rel.rsplit("/", 1)[-1]).hex()
         return f"file name is not valid UTF-8 (name bytes {raw})"
@@ -252,10 +254,10 @@ def _unusable_file(source: Path, rel: str, path: str) -> str | None:
         mode = os.stat(path).st_mode
     except OSError:
         return None  # a broken link or vanished file: reading it reports the reason
-    if link:
+    if link and not follow_links:
         real, root = os.path.realpath(path), os.path.realpath(source)
         if os.path.commonpath([real, root]) != root:
-            return "symbolic link to a file outside SOURCE"
+            return "symbolic link to a file outside SOURCE (--follow-links reads it)"
     if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
         return None
     kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if (

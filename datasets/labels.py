@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import CLASS_NAMES, SPLITS
 from .config import LABEL_FORMATS as FORMATS
-from .discover import Discovery, SourceFile, enter_folder, is_image_name
+from .discover import Discovery, SourceFile, enter_folder, is_image_name, unusable_file
 from .errors import CxrError
 
 EXAMPLES = 5  # examples kept per counted problem in the manifest
@@ -78,7 +78,7 @@ def detect_format(label_file: str | os.PathLike) -> str:
 
 def read_labels(source: str | os.PathLike, label_file: str | os.PathLike, fmt: str | None = None,
                 negatives: str = "default", uncertain: str = "ignore",
-                views: str = "frontal") -> Discovery:
+                views: str = "frontal", follow_links: bool = False) -> Discovery:
     """The labelled images of a local `source` folder, read from `label_file` (pure: no Ray)."""
     source, label_file = Path(source).absolute(), Path(label_file)  # as found, like discover()
     if not source.is_dir():
@@ -90,8 +90,9 @@ def read_labels(source: str | os.PathLike, label_file: str | os.PathLike, fmt: s
     fmt = fmt or detect_format(label_file)
     if fmt not in FORMATS:
         raise CxrError(f"labels format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    images = _image_index(source)
+    images = _image_index(source, follow_links)
     tally = _Tally(fmt, label_file)
+    tally.rejected.extend(images["unusable"])
     tally.info["negatives"] = negatives
     if fmt == "csv":
         rows = read_csv(source, label_file, images, tally)
@@ -286,19 +287,28 @@ def _discovery(source: Path, rows: list[tuple], images: dict, tally: _Tally) -> 
                      labels=tally.info)
 
 
-def _image_index(source: Path) -> dict:
-    """Every image file below `source`: relative paths, and the paths of each file name."""
+def _image_index(source: Path, follow_links: bool = False) -> dict:
+    """Every usable image file below `source`: relative paths, and the paths of each file name;
+    and the unusable ones (FIFOs, devices, links leaving SOURCE, names that are not UTF-8) with
+    their reasons, by the rule folder discovery applies (`unusable_file`)."""
     rels: set[str] = set()
     by_name: dict[str, list[str]] = {}
+    unusable: list[dict] = []
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames[:] = sorted(d for d in dirnames if enter_folder(d))
         below = Path(dirpath).relative_to(source).as_posix()
         prefix = "" if below == "." else below + "/"
         for name in filenames:
-            if is_image_name(name):
-                rels.add(prefix + name)
-                by_name.setdefault(name, []).append(prefix + name)
-    return {"rel": rels, "name": by_name}
+            if not is_image_name(name):
+                continue
+            reason = unusable_file(source, prefix + name, os.path.join(dirpath, name), follow_links=follow_links)
+            if reason:
+                rel = (prefix + name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                unusable.append({"path": rel, "reason": reason})
+                continue
+            rels.add(prefix + name)
+            by_name.setdefault(name, []).append(prefix + name)
+    return {"rel": rels, "name": by_name, "unusable": unusable}
 
 
 def _by_name(images: dict, name: str) -> str | None:

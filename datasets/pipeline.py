@@ -125,13 +125,13 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
 def _discover(source: Location, cfg: PrepareConfig) -> Discovery:
     """The folder layout, or the archive's label file (`--labels`, local SOURCE only)."""
     if cfg.labels is None:
-        return discover(source)
+        return discover(source, follow_links=cfg.follow_links)
     if not source.local:
         raise CxrError(f"--labels needs a local SOURCE folder, got {source}")
     from .labels import read_labels  # only for label files
 
     return read_labels(source.local, cfg.labels, cfg.labels_format, negatives=cfg.negatives,
-                       uncertain=cfg.uncertain, views=cfg.views)
+                       uncertain=cfg.uncertain, views=cfg.views, follow_links=cfg.follow_links)
 
 
 class StageClock:

@@ -188,6 +188,49 @@ def test_discovery_rejects_special_files_and_bad_names_with_reasons(tmp_path, sy
     assert "UTF-8" in reasons["bad\\xff.jpeg"] and "626164ff" in reasons["bad\\xff.jpeg"]
 
 
+@pytest.mark.timeout(30)
+def test_a_link_out_of_source_is_read_only_with_follow_links(tmp_path, synth_source):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source / "chest_xray", source / "chest_xray")
+    outside = tmp_path / "elsewhere.jpeg"
+    outside.write_bytes(next((synth_source / "chest_xray" / "train" / "NORMAL").glob("*.jpeg")).read_bytes())
+    normal = source / "chest_xray" / "train" / "NORMAL"
+    os.symlink(outside, normal / "linked.jpeg")
+    os.symlink("/dev/zero", normal / "zero.jpeg")
+
+    def found(**kwargs):
+        found = discover(source, **kwargs)
+        return ({f.rel_path.rsplit("/", 1)[-1] for f in found.files},
+                {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in found.rejected})
+
+    files, rejected = found()
+    assert "linked.jpeg" not in files and "--follow-links" in rejected["linked.jpeg"]
+    files, rejected = found(follow_links=True)
+    assert "linked.jpeg" in files and "linked.jpeg" not in rejected
+    assert "a device" in rejected["zero.jpeg"]  # followed, and still not a regular file
+
+
+@pytest.mark.timeout(30)
+def test_a_labelled_archive_rejects_special_files_by_the_same_rule(tmp_path, synth_source):
+    from cxr_datasets.labels import read_labels
+
+    source = tmp_path / "archive"
+    images = sorted((synth_source / "chest_xray" / "train").rglob("*.jpeg"))[:12]
+    (source / "images").mkdir(parents=True)
+    rows = ["path,label"]
+    for i, image in enumerate(images):
+        shutil.copy(image, source / "images" / f"{i}.jpeg")
+        rows.append(f"images/{i}.jpeg,{i % 2}")
+    os.mkfifo(source / "images" / "fifo.jpeg")
+    os.symlink("/dev/zero", source / "images" / "zero.jpeg")
+    rows += ["images/fifo.jpeg,1", "images/zero.jpeg,0"]
+    (source / "labels.csv").write_text("\n".join(rows) + "\n")
+    found = read_labels(source, "labels.csv")
+    assert len(found.files) == len(images)
+    reasons = {r["path"]: r["reason"] for r in found.rejected}
+    assert "FIFO" in reasons["images/fifo.jpeg"] and "outside SOURCE" in reasons["images/zero.jpeg"]
+
+
 @pytest.mark.timeout(240)
 def test_prepare_finishes_on_a_hostile_source(tmp_path, synth_source, ray_session):
     source = _hostile_source(tmp_path / "src", synth_source)
