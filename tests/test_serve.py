@@ -208,6 +208,17 @@ def test_fastapi_docs_are_off(server, path):
     assert httpx.get(f"{url}{path}", headers=AUTH, timeout=30).status_code == 404
 
 
+@pytest.mark.timeout(600)
+def test_headers_over_16_kib_are_refused(server, samples_dir):
+    import httpx
+
+    url, _ = server
+    jpeg = sorted(samples_dir.rglob("*.jpeg"))[0].read_bytes()
+    reply = httpx.post(f"{url}/predict", content=jpeg, timeout=30, headers={**AUTH, "x-pad": "a" * 40_000})
+    assert reply.status_code in (400, 431), reply.text  # the guard (431), or the HTTP parser before it
+    assert _post(url, data=jpeg).status_code == 200
+
+
 def _serve_rss_mb() -> int:
     """Resident MB of Ray Serve's proxy and the model replica (this module's server is the only
     Ray Serve on the machine while the tests run), from /proc."""
@@ -252,3 +263,85 @@ def test_a_chunked_multipart_upload_over_the_limit_is_refused_while_it_streams(s
     assert before > 0 and max(peak, _serve_rss_mb()) - before < 400, (before, peak)
     ok = _post(url, data=sorted(samples_dir.rglob("*.jpeg"))[0].read_bytes())
     assert ok.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def tight_server(model_dir, tmp_path_factory):
+    """`cxr serve` with one request per model call, 8 in flight, 1 queued and a 4 s timeout."""
+    import httpx
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve-tight") / "serve.log"
+    cmd = [sys.executable, "-c", "import sys; from cxr_search.cli import main; sys.exit(main())", "serve",
+           str(model_dir), "--port", str(port), "--max-batch-size", "1", "--max-queued", "1",
+           "--request-timeout-s", "4"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not become healthy:\n" + log.read_text()[-3000:]
+            time.sleep(1)
+        yield url, port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _slow_upload(port: int) -> socket.socket:
+    """A request that declares a 1 MB body and sends 10 bytes of it: it holds its slot."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"\xff" * 10)
+    return sock
+
+
+@pytest.mark.timeout(600)
+def test_a_burst_beyond_the_queue_gets_503_and_slow_requests_time_out(tight_server, samples_dir):
+    """12 slow uploads at once: those beyond what the replica runs and the queue holds get 503 at
+    once; the held ones are cut off with 408 by the 4 s request timeout; normal requests are
+    served meanwhile and after."""
+    import httpx
+
+    url, port = tight_server
+    jpeg = sorted(samples_dir.rglob("*.jpeg"))[0].read_bytes()
+    assert httpx.post(f"{url}/predict", content=jpeg, timeout=60).status_code == 200
+    started = time.perf_counter()
+    slow = [_slow_upload(port) for _ in range(12)]
+    answers: dict[int, tuple[float, int]] = {}
+    try:
+        for sock in slow:
+            sock.settimeout(0.2)
+        normal = []
+        while len(answers) < len(slow) and time.perf_counter() - started < 20:
+            for i, sock in enumerate(slow):
+                if i not in answers:
+                    try:
+                        head = sock.recv(64)
+                    except socket.timeout:
+                        continue
+                    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else -1
+                    answers[i] = (time.perf_counter() - started, status)
+            if len(normal) < 3 and time.perf_counter() - started > 1 + len(normal):
+                normal.append(httpx.post(f"{url}/predict", content=jpeg, timeout=60).status_code)
+    finally:
+        for sock in slow:
+            sock.close()
+    statuses = sorted(status for _, status in answers.values())
+    assert len(answers) == len(slow) and set(statuses) <= {408, 503}, answers
+    assert all(seconds < 2.5 for seconds, status in answers.values() if status == 503), answers
+    assert all(3.5 < seconds < 10 for seconds, status in answers.values() if status == 408), answers
+    assert statuses.count(503) >= 1 and statuses.count(408) >= 1, answers
+    assert normal and all(code == 200 for code in normal), normal
+    assert httpx.post(f"{url}/predict", content=jpeg, timeout=60).status_code == 200
