@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import uuid
-from importlib import metadata
 from pathlib import Path
 
 from cxr_datasets.config import CLASS_NAMES  # label 0, 1
@@ -297,15 +296,9 @@ def _operating_points(metrics: dict) -> list[dict]:
 
 
 def _versions() -> dict:
-    import platform
+    from cxr_datasets.versions import package_versions
 
-    found = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+    return package_versions(_VERSIONED)
 
 
 def _history_dict(history) -> dict:

@@ -10,14 +10,13 @@ that cannot be used gets a row with its error and no probability; the others are
 from __future__ import annotations
 
 import os
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from cxr_datasets.config import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what `cxr prepare` discovers
 from cxr_datasets.discover import enter_folder, is_image_name
+from cxr_datasets.progress import Progress
 
 COLUMNS = ["path", "p_pneumonia", "label", "threshold", "error"]
 # Files are decoded and predicted this many at a time, so a folder of 100k scans never sits in memory.
@@ -51,45 +50,12 @@ def predict_paths(model_dir, paths, batch_size: int = 32, gradcam_dir=None, prog
     return pd.DataFrame(rows, columns=columns)
 
 
-class FileProgress:
-    """Files done / total, rate and ETA on stderr, as `cxr train`'s EpochProgress shows epochs.
-
-    On a terminal one line is redrawn in place (\\r); in a log file or pipe a line is written at
-    most every `every_s` seconds, and always for the last chunk, so logs stay short on 100k files.
-    `cxr predict` shows it unless --quiet.
-    """
+class FileProgress(Progress):
+    """Files done / total, rate and ETA on stderr (datasets/progress.py); `cxr predict` shows it
+    unless --quiet."""
 
     def __init__(self, stream=None, every_s: float = 10.0):
-        self.stream = stream or sys.stderr
-        self.every_s = every_s
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._start = time.perf_counter()
-        self._last: float | None = None
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        last = done >= total
-        if not (self.tty or last or self._last is None or now - self._last >= self.every_s):
-            return
-        self._last = now
-        elapsed = max(now - self._start, 1e-9)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 else float("inf")
-        line = (f"predict {done}/{total} files  {rate:.1f} files/s  "
-                + (f"ETA {format_duration(eta)}" if not last else f"{format_duration(elapsed)}"))
-        if self.tty:
-            # Pad over a longer previous line; the last update ends the line.
-            print(f"\r{line:<70}", end="\n" if last else "", file=self.stream, flush=True)
-        else:
-            print(line, file=self.stream, flush=True)
-
-
-def format_duration(seconds: float) -> str:
-    """`42 s`, `3 min 05 s`; `?` for an unknown (infinite) time. Progress lines and ETAs."""
-    if seconds == float("inf"):
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+        super().__init__("predict", "files", stream=stream, every_s=every_s)
 
 
 def expand_paths(paths) -> list[Path]:

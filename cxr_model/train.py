@@ -21,11 +21,12 @@ import time
 
 import keras
 
+from cxr_datasets.progress import format_duration
+
 from .config import METRIC, MODE, TrainConfig
 from .data import BatchStream, Data, one_hot, tfrecord_dataset
 from .features import FeatureCache
 from .model import build_model, compile_model, feature_extractor
-from .predict import format_duration
 
 VAL_BATCH = 128      # evaluation has no gradients: larger batches are cheaper
 
