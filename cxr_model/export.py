@@ -33,11 +33,10 @@ from pathlib import Path
 
 from cxr_datasets.config import CLASS_NAMES  # label 0, 1
 
+from .export_formats import MODEL_FILE, ONNX_FILE, SAVED_MODEL_DIR, export_formats
+
 CARD_FILE = "model_card.json"
-MODEL_FILE = "model.keras"
 METRICS_FILE = "metrics.json"
-SAVED_MODEL_DIR = "saved_model"
-ONNX_FILE = "model.onnx"
 PLOTS_DIR = "plots"
 CARD_SCHEMA_VERSION = 2  # 2: portable model.keras, ONNX, sha256 of every model file
 # The name of the exported graph's input in every format (Keras Input, SavedModel, ONNX).
@@ -175,29 +174,6 @@ def _save_model(model, folder: Path) -> list[dict]:
     ]
 
 
-def export_formats(graph, folder) -> None:
-    """saved_model/ and model.onnx of a Keras model on the TensorFlow backend."""
-    import warnings
-
-    folder = Path(folder)
-    graph.export(str(folder / SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
-    with warnings.catch_warnings():  # tf2onnx pokes at numpy attributes that numpy 2 deprecates
-        warnings.simplefilter("ignore", FutureWarning)
-        graph.export(str(folder / ONNX_FILE), format="onnx", verbose=False)
-
-
-# Run by a child Python with KERAS_BACKEND=tensorflow; it imports Keras only (no project code).
-_TF_EXPORT_SCRIPT = """
-import sys, warnings, keras
-folder = sys.argv[1]
-graph = keras.saving.load_model(folder + "/model.keras", safe_mode=True, compile=False)
-graph.export(folder + "/saved_model", format="tf_saved_model", verbose=False)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    graph.export(folder + "/model.onnx", format="onnx", verbose=False)
-"""
-
-
 def _export_formats_on_tensorflow(folder: Path) -> None:
     import subprocess
     import sys
@@ -205,7 +181,7 @@ def _export_formats_on_tensorflow(folder: Path) -> None:
     from cxr_datasets.errors import CxrError
 
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-I", "-c", _TF_EXPORT_SCRIPT, str(folder)], env=env,
+    done = subprocess.run([sys.executable, "-I", "-m", "cxr_model.export_formats", str(folder)], env=env,
                           capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no error output"]

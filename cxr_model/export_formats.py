@@ -1,0 +1,41 @@
+"""saved_model/ and model.onnx of an inference graph, on the TensorFlow backend.
+
+`export_formats(graph, folder)` in a TensorFlow process; from any other backend (JAX on the GPU
+machines) `cxr_model.export` runs this module in a child Python with KERAS_BACKEND=tensorflow:
+
+    KERAS_BACKEND=tensorflow python -I -m cxr_model.export_formats FOLDER
+
+which loads FOLDER/model.keras with plain Keras (safe mode, no compile state, nothing of the
+project but this module) and writes both formats beside it. One function serves both paths.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+ONNX_FILE = "model.onnx"
+
+
+def export_formats(graph, folder) -> None:
+    """saved_model/ and model.onnx of a Keras model on the TensorFlow backend."""
+    folder = Path(folder)
+    graph.export(str(folder / SAVED_MODEL_DIR), format="tf_saved_model", verbose=False)
+    with warnings.catch_warnings():  # tf2onnx pokes at numpy attributes that numpy 2 deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        graph.export(str(folder / ONNX_FILE), format="onnx", verbose=False)
+
+
+def main(argv: list[str]) -> int:
+    import keras
+
+    (folder,) = argv
+    graph = keras.saving.load_model(str(Path(folder) / MODEL_FILE), safe_mode=True, compile=False)
+    export_formats(graph, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
