@@ -22,8 +22,8 @@ def _vanishing(monkeypatch, pattern: str) -> list[Path]:
     real_discover = pipeline.discover
     removed: list[Path] = []
 
-    def discover_then_lose(source):
-        found = real_discover(source)
+    def discover_then_lose(source, **options):
+        found = real_discover(source, **options)
         for entry in found.files:
             if Path(entry.path).match(pattern):
                 Path(entry.path).unlink()

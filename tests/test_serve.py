@@ -310,8 +310,8 @@ def _slow_upload(port: int) -> socket.socket:
 @pytest.mark.timeout(600)
 def test_a_burst_beyond_the_queue_gets_503_and_slow_requests_time_out(tight_server, samples_dir):
     """12 slow uploads at once: those beyond what the replica runs and the queue holds get 503 at
-    once; the held ones are cut off with 408 by the 4 s request timeout; normal requests are
-    served meanwhile and after."""
+    once; the held ones are cut off with 408 by the 4 s request timeout; a normal request
+    meanwhile is answered at once (served, or 503 while the queue is full), and served after."""
     import httpx
 
     url, port = tight_server
@@ -334,7 +334,9 @@ def test_a_burst_beyond_the_queue_gets_503_and_slow_requests_time_out(tight_serv
                     status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else -1
                     answers[i] = (time.perf_counter() - started, status)
             if len(normal) < 3 and time.perf_counter() - started > 1 + len(normal):
-                normal.append(httpx.post(f"{url}/predict", content=jpeg, timeout=60).status_code)
+                asked = time.perf_counter()
+                code = httpx.post(f"{url}/predict", content=jpeg, timeout=60).status_code
+                normal.append((code, time.perf_counter() - asked))
     finally:
         for sock in slow:
             sock.close()
@@ -343,5 +345,7 @@ def test_a_burst_beyond_the_queue_gets_503_and_slow_requests_time_out(tight_serv
     assert all(seconds < 2.5 for seconds, status in answers.values() if status == 503), answers
     assert all(3.5 < seconds < 10 for seconds, status in answers.values() if status == 408), answers
     assert statuses.count(503) >= 1 and statuses.count(408) >= 1, answers
-    assert normal and all(code == 200 for code in normal), normal
+    # meanwhile a normal request is served, or refused at once while the queue is full; never
+    # left waiting for the slow ones' timeout
+    assert normal and all(code in (200, 503) and seconds < 3 for code, seconds in normal), normal
     assert httpx.post(f"{url}/predict", content=jpeg, timeout=60).status_code == 200
