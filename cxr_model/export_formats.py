@@ -1,12 +1,13 @@
 """saved_model/ and model.onnx of an inference graph, on the TensorFlow backend.
 
-`export_formats(graph, folder)` in a TensorFlow process; from any other backend (JAX on the GPU
-machines) `cxr_model.export` runs this module in a child Python with KERAS_BACKEND=tensorflow:
+`cxr_model.export` runs this module in a child Python with KERAS_BACKEND=tensorflow, whatever the
+backend of the process that trained the model:
 
     KERAS_BACKEND=tensorflow python -I -m cxr_model.export_formats FOLDER
 
 which loads FOLDER/model.keras with plain Keras (safe mode, no compile state, nothing of the
-project but this module) and writes both formats beside it. One function serves both paths.
+project but this module) and writes both formats beside it. A child process: the conversion's
+memory (several GB for a 224 px VGG16) goes back to the system when it exits.
 """
 from __future__ import annotations
 
