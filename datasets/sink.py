@@ -60,7 +60,8 @@ class ShardSink(Datasink):
             "pos": positions.astype(np.int64),
             "orig_width": table.column("orig_width").to_numpy(),
             "orig_height": table.column("orig_height").to_numpy(),
-            "orig_mode": table.column("orig_mode").to_pylist(),
+            # the modes as codes into the block's few distinct ones: no string object per row
+            "orig_mode": table.column("orig_mode").combine_chunks().dictionary_encode(),
             "samples": {int(positions[i]): images[i].as_py() for i in picked},
         }
 
