@@ -1,7 +1,7 @@
 """The Ray side of `cxr prepare`: two Ray Data passes, streaming.
 
-Pass 1 (`hash_files`): `from_arrow` of the paths discovery accepted, read and hashed in
-`map_batches` (workers.hash_batch; nothing is decoded). The driver keeps one small row per file
+Pass 1 (`hash_files`): the paths discovery accepted (read by `raydata.PlanSource`, see there why
+not `from_items`), read and hashed in `map_batches` (workers.hash_batch; nothing is decoded). The driver keeps one small row per file
 (`DecodedColumns`) and decides duplicates and the patient splits from them: every file is seen
 before any row is final.
 
@@ -14,8 +14,8 @@ only a bounded window of decoded pixels in the object store, whatever the archiv
 file's pixels reach a shard soon after they are decoded. The driver holds metadata only; Ray Data
 retries tasks lost with a node (the written names do not depend on which attempt wrote them).
 
-Where this keeps code of its own instead of Ray Data's: the sink (shard names, bytes, sha256 and
-the manifest's entries; see sink.py), the renaming of the written blocks to their shard numbers
+Where this keeps code of its own instead of Ray Data's: the source of the passes' rows and the
+sink (shard names, bytes, sha256 and the manifest's entries; both in raydata.py), the renaming of the written blocks to their shard numbers
 and the check that every accepted row is in exactly one shard (`_finish`), and the rejection
 files of pass 2 (workers.py: the stream then carries only shard rows, which is what lets Ray Data
 cut exact shards).
@@ -49,31 +49,46 @@ from .workers import decode_batch, hash_batch
 
 BLOCK_BYTES = 16 * 2**20  # decoded pixels per block of pass 2 (1024 images at 128 px)
 REJECTED = ".rejected"  # pass 2's rejection files, under the staging folder (removed at the end)
+PLAN = ".plan"  # the passes' input rows (raydata.PlanSource), under the staging folder too
 # The shard columns pass 2 takes as input (the rest are decoded): PARQUET_SCHEMA's other names.
 INPUT_COLUMNS = ("height", "width", "label", "label_name", "patient_id", "split", "source_path",
                  "source_sha256")
+INPUT_SCHEMA = pa.schema([("pos", pa.int64()), ("path", pa.string()), ("height", pa.int32()),
+                          ("width", pa.int32()), ("label", pa.int64()),
+                          *((name, pa.string()) for name in INPUT_COLUMNS[3:])])
 
 
-def hash_files(paths: list[str], cfg: PrepareConfig, fs=None, verbose: bool = True) -> pd.DataFrame:
+def hash_files(paths: list[str], cfg: PrepareConfig, work, fs=None,
+               verbose: bool = True) -> pd.DataFrame:
     """Pass 1: one row per path, in input order: `reason` (why it cannot be read, else None),
     `sha256`, `node`, and `chunk`/`pos` (the batch that read it and its place there); the
-    `orig_*` columns stay -1/None until pass 2. Needs a running Ray (see `LocalRay`)."""
+    `orig_*` columns stay -1/None until pass 2. `work`: a storage.Location every node sees (the
+    staging folder). Needs a running Ray (see `LocalRay`)."""
     import ray
 
+    from .raydata import PlanSource, write_plan
+
+    columns = DecodedColumns(len(paths))
+    if not paths:
+        return columns.table()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Reading and hashing costs ~0.05 ms a file: larger blocks than pass 2's amortise a task.
     size = _chunk_size(len(paths), 4 * cfg.files_per_task, cpus)
-    blocks = [pa.table({"idx": pa.array(range(start, min(start + size, len(paths))), pa.int64()),
-                        "path": pa.array(paths[start:start + size], pa.string())})
-              for start in range(0, len(paths), size)]
-    columns = DecodedColumns(len(paths))
+    schema = pa.schema([("idx", pa.int64()), ("path", pa.string())])
+    work.child(PLAN).mkdir()
+    plan = work.child(PLAN, "files.arrow")
+    rows = write_plan(plan, (pa.record_batch(
+        [pa.array(range(start, min(start + size, len(paths))), pa.int64()),
+         pa.array(paths[start:start + size], pa.string())], schema=schema)
+        for start in range(0, len(paths), size)), schema)
     with data_context(verbose):
-        ds = ray.data.from_arrow(blocks).map_batches(
+        ds = ray.data.read_datasource(PlanSource(plan, rows, schema),
+                                      override_num_blocks=len(rows)).map_batches(
             hash_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={"fs": fs})
-        del blocks  # in the object store now
         with ray_failures_are_one_line("reading the files"):
             for number, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
                 columns.add(cast(pa.Table, batch).to_pydict(), chunk=number)
+    work.child(PLAN).remove_tree()
     return columns.table()
 
 
@@ -98,7 +113,7 @@ def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs
     A row's position is its row number in `rows`."""
     import ray
 
-    from .sink import PENDING, ShardSink
+    from .raydata import PENDING, PlanSource, ShardSink, write_plan
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # A decoded block holds at most BLOCK_BYTES of pixels: the object store's window is a few
@@ -107,7 +122,7 @@ def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs
                        cpus)
     formats = ["parquet", "tfrecord"] if cfg.format == "both" else [cfg.format]
     rejected = out.child(REJECTED)
-    for folder in (rejected, out.child(PENDING)):
+    for folder in (rejected, out.child(PENDING), out.child(PLAN)):
         folder.mkdir()
     split_of = rows["split"].to_numpy()
     branches = []
@@ -117,36 +132,32 @@ def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs
             if not len(where):
                 continue
             out.child(split).mkdir()
-            # Blocks of consecutive rows: from_arrow puts each table in the object store (the
-            # metadata of the files, ~200 bytes each) and frees the driver's copy.
-            blocks = [_input_block(rows, paths, where[i:i + size]) for i in range(0, len(where), size)]
+            plan = out.child(PLAN, f"{split}.arrow")  # blocks of consecutive rows
+            counts = write_plan(plan, (_input_batch(rows, paths, where[i:i + size])
+                                       for i in range(0, len(where), size)), INPUT_SCHEMA)
             branches.append(
-                ray.data.from_arrow(blocks)
+                ray.data.read_datasource(PlanSource(plan, counts, INPUT_SCHEMA),
+                                         override_num_blocks=len(counts))  # one block a batch
                 # batch_size=None: one batch per block. It also keeps Ray Data from fusing this
                 # map with the repartition below, which it does only for an int batch size that is
                 # a multiple of the target and which assumes that the map keeps every row.
-                .map_batches(decode_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={  # type: ignore[arg-type]  # ray stubs: a UDF with fn_kwargs
+                .map_batches(decode_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={
                     "fs": fs, "image_size": cfg.image_size, "resize": cfg.resize,
                     "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, "rejected": rejected})
                 .repartition(target_num_rows_per_block=cfg.rows_per_shard, strict=True))
-            del blocks
         sink = ShardSink(out, formats, sample_positions)
         dataset = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
         with ray_failures_are_one_line("decoding and writing the shards"):
             dataset.write_datasink(sink)
+    out.child(PLAN).remove_tree()
     return _finish(sink.results, _read_rejections(rejected), rows, out, cfg, formats)
 
 
-def _input_block(rows: pd.DataFrame, paths: list[str], where: np.ndarray) -> pa.Table:
+def _input_batch(rows: pd.DataFrame, paths: list[str], where: np.ndarray) -> pa.RecordBatch:
     part = rows.iloc[where]
-    columns = {"pos": pa.array(where, pa.int64()),
-               "path": pa.array([paths[i] for i in part["file"]], pa.string())}
-    for name in INPUT_COLUMNS:
-        columns[name] = pa.array(part[name].to_numpy(), _INPUT_TYPES.get(name, pa.string()))
-    return pa.table(columns)
-
-
-_INPUT_TYPES = {"height": pa.int32(), "width": pa.int32(), "label": pa.int64()}
+    columns = [pa.array(where, pa.int64()), pa.array([paths[i] for i in part["file"]], pa.string())]
+    columns += [pa.array(part[f.name].to_numpy(), f.type) for f in INPUT_SCHEMA if f.name in INPUT_COLUMNS]
+    return pa.record_batch(columns, schema=INPUT_SCHEMA)
 
 
 def _read_rejections(folder) -> list[dict]:
@@ -165,7 +176,7 @@ def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, 
     """Check that every row is in exactly one shard or rejected, that the shards hold consecutive
     rows of one split with exactly `rows_per_shard` rows but the last, then rename the written
     blocks to their shard numbers; the shards' entries in split, format and shard order."""
-    from .sink import PENDING
+    from .raydata import PENDING
 
     results = sorted(results, key=lambda r: r["first"])
     seen = np.zeros(len(rows), np.int32)
@@ -350,8 +361,12 @@ class LocalRay:
 
     @staticmethod
     def _init(ray, num_cpus: int | None) -> None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+        # Ray's notices while it starts (e.g. that token authentication is on) are noise for an
+        # instance that lives for one command: its "ray" logger says errors only until it is up,
+        # then warnings again.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False)
+        logging.getLogger("ray").setLevel(logging.WARNING)
 
     def stop(self) -> None:
         """Start shutting down (in a thread) a Ray instance that `start()` started."""

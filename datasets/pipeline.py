@@ -98,11 +98,11 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
     try:
         with clock("ray_start"):
             local_ray.start()
-        with clock("hash"):
-            table = _hash(found, cfg, fs, verbose)
-        with clock("select"):
-            candidates, report = _select(table, found, cfg)
         with staging(dst) as tmp:
+            with clock("hash"):
+                table = _hash(found, cfg, tmp, fs, verbose)
+            with clock("select"):
+                candidates, report = _select(table, found, cfg)
             with clock("decode_and_write"):
                 written = write_pass(candidates, [f.path for f in found.files], tmp, cfg, fs=fs,
                                      sample_positions=sample_rows(candidates, cfg.seed).index,
@@ -205,11 +205,11 @@ def staging(out: Location) -> Iterator[Location]:
     old.remove_tree()
 
 
-def _hash(found: Discovery, cfg: PrepareConfig, fs, verbose: bool) -> pd.DataFrame:
+def _hash(found: Discovery, cfg: PrepareConfig, work: Location, fs, verbose: bool) -> pd.DataFrame:
     """File metadata joined with pass 1's results (one row per discovered file). The file columns
     hold the very strings of `found.files` (object columns: no second copy of every path and
     patient id); `path` is left out, only the Ray tasks need it."""
-    results = hash_files([f.path for f in found.files], cfg, fs=fs, verbose=verbose)
+    results = hash_files([f.path for f in found.files], cfg, work, fs=fs, verbose=verbose)
     for name, dtype in FILE_COLUMNS.items():
         results[name] = pd.Series([getattr(f, name) for f in found.files], dtype=dtype)
     return results

@@ -1,7 +1,14 @@
-"""The shard writer of `cxr prepare`: a Ray Data `Datasink` that writes each block it is given as
-one shard (Parquet, TFRecord or both) and reports what it wrote.
+"""Ray Data's two ends for `cxr prepare`: `PlanSource`, the rows a pass reads, and `ShardSink`,
+the writer of the shards. Imported only inside decode.py's functions (it loads Ray Data).
 
-Our own sink rather than `Dataset.write_parquet`: the shards keep their names
+`PlanSource`: the driver writes a pass's input rows (paths, and for pass 2 the shard columns) to
+an Arrow IPC file under the staging folder, one record batch per block, and each read task reads
+its one batch. Not `from_items`/`from_arrow`: those put every row into the object store for the
+whole pass (~0.1-0.3 KB a file), which grows with the archive; a read task here is a file name
+and a number, and the rows come in as the stream needs them. The file is on OUT's storage, which
+every node sees.
+
+`ShardSink`, our own sink rather than `Dataset.write_parquet`: the shards keep their names
 (`<split>/part-NNNNN.<format>`), their bytes (the schema of shards.py, no pandas or Ray
 metadata, zstd) and a manifest entry with the sha256 of exactly the bytes written, on any
 pyarrow file system; TFRecords come out of the same rows; and the sink hands back, as metadata,
@@ -17,14 +24,50 @@ numbers once every block is written (`decode.write_pass`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
+from ray.data import Datasink, Datasource, ReadTask
+from ray.data.block import BlockAccessor, BlockMetadata
 
 PENDING = ".pending"
+
+
+def write_plan(plan, batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> list[int]:
+    """Write `batches` to `plan` (a storage.Location) as an Arrow IPC file, one at a time (the
+    driver holds one batch); returns their numbers of rows."""
+    rows = []
+    with plan.fs.open_output_stream(plan.path) as stream, pa.ipc.new_file(stream, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            rows.append(batch.num_rows)
+    return rows
+
+
+class PlanSource(Datasource):
+    """The batches of a plan file (`write_plan`), one read task and one block each, in order."""
+
+    def __init__(self, plan, rows: list[int], schema: pa.Schema):
+        self.plan, self.rows, self.schema = plan, list(rows), schema
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        # One task per batch, whatever `parallelism` says: the driver sized the batches.
+        return [ReadTask(functools.partial(_read_plan_batch, self.plan, number),
+                         BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None,
+                                       input_files=None),
+                         schema=self.schema, per_task_row_limit=per_task_row_limit)
+                for number, rows in enumerate(self.rows)]
+
+
+def _read_plan_batch(plan, number: int) -> list[pa.Table]:
+    with plan.fs.open_input_file(plan.path) as handle:
+        return [pa.Table.from_batches([pa.ipc.open_file(handle).get_batch(number)])]
 
 
 class ShardSink(Datasink):
