@@ -20,16 +20,21 @@ joins a Ray instance this script starts first with `ray start --head` (RAY_ADDRE
   RAY_metrics_report_interval_ms): the gauge `ray_object_store_memory`, summed over its
   locations in memory (spilled bytes are reported apart). `ray memory --stats-only` gives the same
   figure, but costs a second of CPU a call on a 2-core machine;
+- every file is read once before each run, untimed (page cache warm, as for the baseline);
 - Pillow's single-process rate on the same kind of work: `image.preprocess_bytes` (read, decode
   with JPEG draft, grayscale, resize to 64 px, what prepare does per file) on the first
   `--baseline` files in one process, page cache warm, the better of two passes.
-Last, the ratios: images/s against CPUs x Pillow's rate (goal at 200,000: >= 0.6, aiming at
+- CPU-seconds of the driver and of the Ray processes during the run: on a shared machine the
+  wall time counts other users' work too, the CPU time does not;
+Last, the ratios: images per CPU-second against Pillow's rate (the wall ratio on CPUs of its
+own), images/s against CPUs x Pillow's rate (goal at 200,000: >= 0.6, aiming at
 0.8); the driver's peak RSS growth per image from the smallest size to the largest (goal <=
 0.5 KB); the object store's peak, largest over smallest size (goal: no growth with the archive).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -58,7 +63,8 @@ import cxr_datasets
 manifest = cxr_datasets.prepare(sys.argv[1], sys.argv[2], image_size=64, overwrite=True,
                                 verbose=False)
 accepted = sum(sum(c.values()) for c in manifest["counts"].values())
-print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"peak_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
                   "accepted": accepted, "rejected": len(manifest["rejected"]),
                   "stage_s": manifest["stage_s"], "in_process_s": time.perf_counter() - start}))
 """
@@ -158,6 +164,21 @@ class LocalHead:
                 found = True
         return total if found else None
 
+    def cpu_seconds(self) -> float:
+        """CPU time of this Ray's processes so far (raylet, GCS, workers: the head's descendants);
+        a process that ended meanwhile is missed, so take differences over one run only."""
+        import ray  # noqa: F401  puts Ray's bundled psutil on sys.path
+
+        psutil = importlib.import_module("psutil")
+        total = 0.0
+        for proc in [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -166,6 +187,13 @@ class LocalHead:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def warm_page_cache(folder: Path) -> None:
+    """Read every file once, untimed: prepare then starts from a warm page cache, as the Pillow
+    baseline does (a cold first pass measures the disk, not prepare)."""
+    for path in folder.rglob("*.jpeg"):
+        path.read_bytes()
 
 
 def run_prepare(folder: Path, head: LocalHead) -> dict:
@@ -183,16 +211,19 @@ def run_prepare(folder: Path, head: LocalHead) -> dict:
     env = dict(os.environ, RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled")
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    ray_cpu = head.cpu_seconds()
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
+    ray_cpu = head.cpu_seconds() - ray_cpu
     stop.set()
     sampler.join()
     if done.returncode != 0:
         raise SystemExit(f"prepare failed ({done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result.update(wall_s=wall, store_peak=max(samples, default=float("nan")), samples=len(samples))
+    result.update(wall_s=wall, store_peak=max(samples, default=float("nan")), samples=len(samples),
+                  ray_cpu_s=ray_cpu)
     shutil.rmtree(out, ignore_errors=True)  # 64 px shards of 200,000 files: ~0.5 GB
     return result
 
@@ -212,16 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     try:
         for n in args.sizes:
+            warm_page_cache(folders[n])
             run = runs[n] = run_prepare(folders[n], head)
             stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_s"].items())
             print(f"{n} files: {run['wall_s']:.1f} s, {n / run['wall_s']:.0f} img/s, driver peak "
                   f"RSS {run['peak_mib']:.0f} MiB, object store peak "
                   f"{run['store_peak'] / 2**20:.0f} MiB ({run['samples']} samples), "
-                  f"{run['accepted']} accepted, {run['rejected']} rejected; stages (s): {stages}",
+                  f"{run['accepted']} accepted, {run['rejected']} rejected; CPU-s: driver "
+                  f"{run['cpu_s']:.1f}, Ray's processes {run['ray_cpu_s']:.1f}; stages (s): {stages}",
                   flush=True)
     finally:
         head.stop()
     small, large = min(runs), max(runs)
+    cpu = runs[large]["cpu_s"] + runs[large]["ray_cpu_s"]
+    print(f"ratio images per CPU-second at {large} / Pillow's (what the wall ratio would be on "
+          f"CPUs of its own): {large / cpu / rate:.2f}")
     print(f"ratio images/s at {large} / ({args.cpus} CPUs x Pillow): "
           f"{large / runs[large]['wall_s'] / (args.cpus * rate):.2f}")
     if large != small:

@@ -1,24 +1,25 @@
 """The Ray side of `cxr prepare`: two Ray Data passes, streaming.
 
 Pass 1 (`hash_files`): the paths discovery accepted (read by `raydata.PlanSource`, see there why
-not `from_items`), read and hashed in `map_batches` (workers.hash_batch; nothing is decoded). The driver keeps one small row per file
-(`DecodedColumns`) and decides duplicates and the patient splits from them: every file is seen
-before any row is final.
+not `from_items`), read and hashed in `map_batches` (workers.hash_batch; nothing is decoded).
+The driver keeps one small row per file (`DecodedColumns`) and decides duplicates and the
+patient splits from them: every file is seen before any row is final.
 
 Pass 2 (`write_pass`): the rows that survived the rules, sorted by split and path, are read
-again, decoded, converted and resized in `map_batches` (workers.decode_batch), cut into blocks of
-exactly `rows_per_shard` rows by `Dataset.repartition(..., strict=True)` (one branch per split,
-joined with `union`), and written by `sink.ShardSink`, a Datasink of ours. The stream is ordered
+again, decoded, converted and resized in `map_batches` (workers.decode_batch), cut into blocks
+of exactly `rows_per_shard` rows by `Dataset.repartition(..., strict=True)` (one execution per
+split), and written by `raydata.ShardSink`, a Datasink of ours. The stream is ordered
 (`preserve_order`), so a shard holds consecutive rows, as before; Ray Data's backpressure keeps
-only a bounded window of decoded pixels in the object store, whatever the archive's size, and a
-file's pixels reach a shard soon after they are decoded. The driver holds metadata only; Ray Data
-retries tasks lost with a node (the written names do not depend on which attempt wrote them).
+only a bounded window of decoded pixels in the object store (`resource_limits`: a few blocks
+and shards, whatever the archive's size), and a file's pixels reach a shard soon after they are
+decoded. The driver holds metadata only; Ray Data retries tasks lost with a node (the written
+names do not depend on which attempt wrote them).
 
 Where this keeps code of its own instead of Ray Data's: the source of the passes' rows and the
-sink (shard names, bytes, sha256 and the manifest's entries; both in raydata.py), the renaming of the written blocks to their shard numbers
-and the check that every accepted row is in exactly one shard (`_finish`), and the rejection
-files of pass 2 (workers.py: the stream then carries only shard rows, which is what lets Ray Data
-cut exact shards).
+sink (shard names, bytes, sha256 and the manifest's entries; both in raydata.py), the renaming
+of the written blocks to their shard numbers and the check that every accepted row is in
+exactly one shard (`_finish`), and the rejection files of pass 2 (workers.py: the stream then
+carries only shard rows, which is what lets Ray Data cut exact shards).
 
 `LocalRay` (what `prepare` uses) joins the running Ray (a cluster, a test session, the search
 driver) or starts a local one for the command. On a multi-node cluster the tasks open SOURCE and
@@ -125,8 +126,14 @@ def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs
     for folder in (rejected, out.child(PENDING), out.child(PLAN)):
         folder.mkdir()
     split_of = rows["split"].to_numpy()
-    branches = []
-    with data_context(verbose):
+    # What may wait in the object store at once, whatever the archive's size: a few decoded
+    # blocks and shards per operator (128 MiB at 64 px, ~400 MiB at 224 px with 1024-row shards).
+    window = 8 * max(BLOCK_BYTES, cfg.rows_per_shard * cfg.image_size**2)
+    results: list[dict] = []
+    # One streaming execution per split, one after the other: a `union` of the three, in order,
+    # held the later splits' shards in the object store until the first was written (at 200,000
+    # files the peak grew to half the data set).
+    with data_context(verbose, object_store_bytes=window):
         for split in SPLITS:
             where = np.flatnonzero(split_of == split)
             if not len(where):
@@ -135,7 +142,7 @@ def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs
             plan = out.child(PLAN, f"{split}.arrow")  # blocks of consecutive rows
             counts = write_plan(plan, (_input_batch(rows, paths, where[i:i + size])
                                        for i in range(0, len(where), size)), INPUT_SCHEMA)
-            branches.append(
+            dataset = (
                 ray.data.read_datasource(PlanSource(plan, counts, INPUT_SCHEMA),
                                          override_num_blocks=len(counts))  # one block a batch
                 # batch_size=None: one batch per block. It also keeps Ray Data from fusing this
@@ -145,12 +152,12 @@ def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs
                     "fs": fs, "image_size": cfg.image_size, "resize": cfg.resize,
                     "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, "rejected": rejected})
                 .repartition(target_num_rows_per_block=cfg.rows_per_shard, strict=True))
-        sink = ShardSink(out, formats, sample_positions)
-        dataset = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-        with ray_failures_are_one_line("decoding and writing the shards"):
-            dataset.write_datasink(sink)
+            sink = ShardSink(out, formats, sample_positions)
+            with ray_failures_are_one_line(f"decoding and writing the {split} shards"):
+                dataset.write_datasink(sink)
+            results.extend(sink.results)
     out.child(PLAN).remove_tree()
-    return _finish(sink.results, _read_rejections(rejected), rows, out, cfg, formats)
+    return _finish(results, _read_rejections(rejected), rows, out, cfg, formats)
 
 
 def _input_batch(rows: pd.DataFrame, paths: list[str], where: np.ndarray) -> pa.RecordBatch:
@@ -241,11 +248,12 @@ def ray_failures_are_one_line(stage: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def data_context(verbose: bool) -> Iterator[None]:
+def data_context(verbose: bool, object_store_bytes: int | None = None) -> Iterator[None]:
     """Ray Data's settings for prepare, restored afterwards: an ordered stream (shards hold
-    consecutive rows; the output is the same whatever the timing), progress bars and Ray Data's
-    start-of-execution lines only when `verbose`."""
-    from ray.data import DataContext
+    consecutive rows; the output is the same whatever the timing), at most `object_store_bytes`
+    of the object store, progress bars and Ray Data's start-of-execution lines only when
+    `verbose`."""
+    from ray.data import DataContext, ExecutionResources
 
     ctx = DataContext.get_current()
     saved = (copy.copy(ctx.execution_options), ctx.enable_progress_bars,
@@ -253,6 +261,9 @@ def data_context(verbose: bool) -> Iterator[None]:
     logger = logging.getLogger("ray.data")
     level = logger.level
     ctx.execution_options.preserve_order = True
+    if object_store_bytes is not None:
+        ctx.execution_options.resource_limits = ExecutionResources(
+            object_store_memory=object_store_bytes)
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     # No per-operator reservation: pass 2 has seven operators (a decode and a repartition per
