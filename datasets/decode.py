@@ -119,8 +119,7 @@ def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # A decoded block holds at most BLOCK_BYTES of pixels: the object store's window is a few
     # blocks per operator, whatever the archive's size.
-    size = _chunk_size(len(rows), min(cfg.files_per_task, max(16, BLOCK_BYTES // cfg.image_size**2)),
-                       cpus)
+    most = min(cfg.files_per_task, max(16, BLOCK_BYTES // cfg.image_size**2))
     formats = ["parquet", "tfrecord"] if cfg.format == "both" else [cfg.format]
     rejected = out.child(REJECTED)
     for folder in (rejected, out.child(PENDING), out.child(PLAN)):
@@ -139,6 +138,7 @@ def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs
             if not len(where):
                 continue
             out.child(split).mkdir()
+            size = _chunk_size(len(where), most, cpus)  # each split's tail is short too
             plan = out.child(PLAN, f"{split}.arrow")  # blocks of consecutive rows
             counts = write_plan(plan, (_input_batch(rows, paths, where[i:i + size])
                                        for i in range(0, len(where), size)), INPUT_SCHEMA)

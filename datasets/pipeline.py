@@ -296,17 +296,20 @@ def _apply_decode(table: pd.DataFrame, candidates: pd.DataFrame, written: Writte
         table.loc[files, "reason"] = [r["reason"] for r in written.rejected]
         table.loc[files, "node"] = [r["node"] for r in written.rejected]
         check_rejections(table, found.layout)
-    accepted = candidates.take(written.pos)
-    accepted = accepted.assign(orig_width=written.orig_width, orig_height=written.orig_height,
-                               orig_mode=pd.Series(written.orig_mode, index=accepted.index,
-                                                   dtype=object))
+    # Set in place, not `assign`: every copy of the rows is ~0.15 KB a file more at the peak. With
+    # no file rejected here (the usual case) the accepted rows are the candidates themselves.
+    accepted = candidates if len(written.pos) == len(candidates) else \
+        candidates.take(written.pos).reset_index(drop=True)
+    accepted["orig_width"] = written.orig_width
+    accepted["orig_height"] = written.orig_height
+    accepted["orig_mode"] = pd.Series(written.orig_mode, index=accepted.index, dtype=object)
     if written.rejected:
         has_test = bool((accepted["split"] == "test").any())  # the official test, in that mode
         report["split_warnings"] = split_rules.check_splits(accepted, report["mode"],
                                                             source_has_test=has_test)
     picked = sorted(written.samples)
     samples = candidates.take(picked).assign(image=[written.samples[p] for p in picked])
-    return accepted.reset_index(drop=True), samples
+    return accepted, samples
 
 
 def _write_eda(rows: pd.DataFrame, samples: pd.DataFrame, out: Location, manifest: dict) -> None:
