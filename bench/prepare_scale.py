@@ -165,8 +165,8 @@ class LocalHead:
         return total if found else None
 
     def cpu_seconds(self) -> float:
-        """CPU time of this Ray's processes so far (raylet, GCS, workers: the head's descendants);
-        a process that ended meanwhile is missed, so take differences over one run only."""
+        """CPU time of this Ray's processes so far (raylet, GCS, workers: the head's descendants,
+        with the workers that ended meanwhile: their parent's reaped children's time)."""
         import ray  # noqa: F401  puts Ray's bundled psutil on sys.path
 
         psutil = importlib.import_module("psutil")
@@ -174,7 +174,7 @@ class LocalHead:
         for proc in [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(True)]:
             try:
                 times = proc.cpu_times()
-                total += times.user + times.system
+                total += times.user + times.system + times.children_user + times.children_system
             except psutil.Error:
                 pass
         return total
