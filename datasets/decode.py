@@ -266,10 +266,11 @@ def data_context(verbose: bool, object_store_bytes: int | None = None) -> Iterat
             object_store_memory=object_store_bytes)
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
-    # No per-operator reservation: pass 2 has seven operators (a decode and a repartition per
-    # split, the writer), and reserving each its share held the decode, the only heavy one, to
-    # 1 of 2 CPUs (measured: 16 s instead of 9 s for 20,000 files). Backpressure on the object
-    # store still bounds what waits between them.
+    # No per-operator reservation: reserving each operator its share of the CPUs held the
+    # decode, the only heavy one, to 1 of 2 (measured with the seven operators of an earlier
+    # pass 2 that joined the splits in a union: 16 s instead of 9 s for 20,000 files; not
+    # re-measured with today's three per split). `resource_limits` and Ray Data's backpressure
+    # still bound what waits between them.
     ctx.op_resource_reservation_enabled = False
     if not verbose:  # quiet: also its warning that no CPU is free while the last pass's tasks end
         logger.setLevel(logging.ERROR)

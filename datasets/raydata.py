@@ -20,7 +20,8 @@ cuts the ordered stream of one split into blocks of exactly `rows_per_shard` row
 smaller). A write task does not know a block's shard number (it depends on every rejection
 before it), so the block is written under a name of its own, `.pending/<split>-<first pos>.<fmt>`
 (the same name when a lost task is retried), and the driver renames the files to their shard
-numbers once every block is written (`decode.write_pass`).
+numbers once every block is written (`decode._finish`; a rename inside the staging folder, on an
+object store a copy, as the staging folder's own rename to OUT is).
 """
 from __future__ import annotations
 

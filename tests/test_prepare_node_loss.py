@@ -55,6 +55,17 @@ def _kill_tree(pid: int) -> list[int]:
     return [p.pid for p in victims]
 
 
+def _failed_attempts(dashboard: str) -> str:
+    """How many task attempts the cluster saw fail (what Ray Data then retried), for the log."""
+    try:
+        from ray.util.state import list_tasks
+
+        return str(len(list_tasks(address=dashboard, filters=[("state", "=", "FAILED")],
+                                  limit=10_000, raise_on_missing_output=False)))
+    except Exception as exc:  # noqa: BLE001  only a diagnostic
+        return f"? ({type(exc).__name__})"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_worker_node_killed_mid_prepare(ray_cluster, samples_dir, tmp_path):
@@ -91,7 +102,8 @@ def test_a_worker_node_killed_mid_prepare(ray_cluster, samples_dir, tmp_path):
         expected = sorted(p.relative_to(source).as_posix() for p in source.rglob("*.jpeg"))
         assert sorted(seen) == expected  # every file exactly once
         assert not leftovers, leftovers
-        print(f"finished after the kill: {len(seen)} files, {len(manifest['shards'])} shards")
+        print(f"finished after the kill: {len(seen)} files, {len(manifest['shards'])} shards, "
+              f"{_failed_attempts(ray_cluster.dashboard)} task attempts lost with the node")
     else:
         # Ray may warn about the dead node on the way; the command's own word is one line, last.
         last = stderr.strip().splitlines()[-1]
