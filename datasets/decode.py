@@ -198,11 +198,14 @@ def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, 
     shards = []
     for split in SPLITS:
         mine = [r for r in results if r["split"] == split]
+        if not mine:  # no rows, or every one rejected in pass 2: no empty folder in OUT
+            out.child(split).remove_tree()
         for number, result in enumerate(mine):
             if len(result["pos"]) != cfg.rows_per_shard and number != len(mine) - 1:
                 raise RuntimeError(f"shard {number} of {split} has {len(result['pos'])} rows, not "
                                    f"{cfg.rows_per_shard}")
-            if number and result["pos"][0] <= mine[number - 1]["pos"][-1]:
+            if (number and result["pos"][0] <= mine[number - 1]["pos"][-1]) or \
+                    (np.diff(result["pos"]) <= 0).any():
                 raise RuntimeError(f"shards of {split} are out of order")
         for fmt in formats:
             for number, result in enumerate(mine):
