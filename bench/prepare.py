@@ -1,4 +1,4 @@
-"""Benchmark: `cxr prepare` (a Ray task pool, JPEG draft mode) against a naive one-process loop.
+"""Benchmark: `cxr prepare` (Ray Data, streaming; JPEG draft mode) against a naive one-process loop.
 
     .venv/bin/python bench/prepare.py                   # 5,856 real originals (the Kaggle set's size)
     .venv/bin/python bench/prepare.py --n 1264          # the smaller size the target is stated for
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_s, manifest = time_prepare(source, BENCH_DIR / "prepared", args.image_size, args.cpus,
                                        address)
     stages = ", ".join(f"{k} {v:.1f}" for k, v in manifest["stage_s"].items())
-    print(amortisation(len(files), naive_s, prepare_s, manifest["stage_s"]["decode"]))
+    print(amortisation(len(files), naive_s, prepare_s, manifest["stage_s"]["decode_and_write"]))
     print(f"cxr stages (s):  {stages}")
     print(f"cxr img/s:       {len(files) / prepare_s:7.1f}  ({prepare_s:.1f} s end to end)")
     print(f"speed-up: {naive_s / prepare_s:.2f}x")
@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def amortisation(n: int, naive_s: float, prepare_s: float, decode_s: float) -> str:
-    """What the end-to-end figure is made of: the time outside the decode stage (process start,
-    Ray start, writing, ...) and the decode stage's own rate. That stage also holds the worker start of its first
-    tasks, so at small N its rate understates the per-image speed; compare runs at several N
+    """What the end-to-end figure is made of: the time outside the decode-and-write stage
+    (process start, Ray start, the hashing pass, EDA, ...) and that stage's own rate (its
+    streaming pass reads, decodes and writes the shards). It also holds the start of Ray Data's
+    execution, so at small N its rate understates the per-image speed; compare runs at several N
     (README) rather than extrapolating from one."""
     fixed_s = prepare_s - decode_s
     per_image = (n / decode_s) / (n / naive_s) if decode_s > 0 else float("nan")
-    return (f"outside the decode stage: {fixed_s:.1f} s; decode stage: {n} files at "
+    return (f"outside the decode-and-write stage: {fixed_s:.1f} s; that stage: {n} files at "
             f"{n / max(decode_s, 1e-9):.1f} img/s = {per_image:.2f}x the naive loop per image")
 
 

@@ -39,7 +39,8 @@ class PrepareConfig:
     max_pixels: int = 64_000_000  # decompression-bomb limit; a 43x43 cm detector at 0.1 mm is ~18 MP
     min_size: int = 64  # shorter side in pixels below which an image carries no usable detail
     num_cpus: int | None = None  # CPUs for a Ray instance we start ourselves; None = all of them
-    files_per_task: int = 64  # images per Ray task: amortises the ~ms task overhead, still balances load
+    files_per_task: int = 1024  # images per Ray Data block (fewer for large images: decode.py caps a
+    #                            block's pixels); amortises a task's ~10 ms, still balances load
     labels: str | None = None  # a label file (labels.py) instead of NORMAL/PNEUMONIA folders
     labels_format: str | None = None  # None: detected from the label file's header
     negatives: str = "default"  # "all": an archive's other negatives (not normal) count as NORMAL

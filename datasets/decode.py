@@ -1,17 +1,25 @@
-"""The Ray side of `cxr prepare`: a pool of plain Ray tasks that decode files, then write shards.
+"""The Ray side of `cxr prepare`: two Ray Data passes, streaming.
 
-Decode: one task per chunk of `files_per_task` paths (a Ray task costs ~1 ms; an image 5-30 ms),
-and at least 4 chunks per CPU so that no core idles while the last chunk finishes. Each task reads
-its files, hashes them (duplicate detection) and runs `image.preprocess_bytes`, the same function
-`cxr predict` uses; a file that cannot be used comes back as a row with `reason` set and the node
-that tried it. Plain tasks rather than Ray Data: on 2 CPUs Ray Data's executor start and its
-scheduling cost ~2 s and a fifth of the decode rate (see the profile in README.md), and this is
-one map over a list with no operator to stream into.
+Pass 1 (`hash_files`): the paths discovery accepted (read by `raydata.PlanSource`, see there why
+not `from_items`), read and hashed in `map_batches` (workers.hash_batch; nothing is decoded).
+The driver keeps one small row per file (`DecodedColumns`) and decides duplicates and the
+patient splits from them: every file is seen before any row is final.
 
-The pixels stay where they were decoded: each decode task returns its metadata (to the driver)
-and its images as one array that remains in Ray's object store (see workers.py). When the rules
-have seen every file, one task per shard gathers its rows' images and writes the shard to OUT
-itself. The driver holds metadata only, so its memory does not grow with the images.
+Pass 2 (`write_pass`): the rows that survived the rules, sorted by split and path, are read
+again, decoded, converted and resized in `map_batches` (workers.decode_batch), cut into blocks
+of exactly `rows_per_shard` rows by `Dataset.repartition(..., strict=True)` (one execution per
+split), and written by `raydata.ShardSink`, a Datasink of ours. The stream is ordered
+(`preserve_order`), so a shard holds consecutive rows, as before; Ray Data's backpressure keeps
+only a bounded window of decoded pixels in the object store (`resource_limits`: a few blocks
+and shards, whatever the archive's size), and a file's pixels reach a shard soon after they are
+decoded. The driver holds metadata only; Ray Data retries tasks lost with a node (the written
+names do not depend on which attempt wrote them).
+
+Where this keeps code of its own instead of Ray Data's: the source of the passes' rows and the
+sink (shard names, bytes, sha256 and the manifest's entries; both in raydata.py), the renaming
+of the written blocks to their shard numbers and the check that every accepted row is in
+exactly one shard (`_finish`), and the rejection files of pass 2 (workers.py: the stream then
+carries only shard rows, which is what lets Ray Data cut exact shards).
 
 `LocalRay` (what `prepare` uses) joins the running Ray (a cluster, a test session, the search
 driver) or starts a local one for the command. On a multi-node cluster the tasks open SOURCE and
@@ -21,55 +29,268 @@ pyarrow.fs URI such as s3://).
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+import json
 import logging
 import math
 import os
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from .config import SPLITS, PrepareConfig
-from .workers import decode_task, pick_images, write_shard
+from .workers import decode_batch, hash_batch
+
+BLOCK_BYTES = 16 * 2**20  # decoded pixels per block of pass 2 (1024 images at 128 px)
+REJECTED = ".rejected"  # pass 2's rejection files, under the staging folder (removed at the end)
+PLAN = ".plan"  # the passes' input rows (raydata.PlanSource), under the staging folder too
+# The shard columns pass 2 takes as input (the rest are decoded): PARQUET_SCHEMA's other names.
+INPUT_COLUMNS = ("height", "width", "label", "label_name", "patient_id", "split", "source_path",
+                 "source_sha256")
+INPUT_SCHEMA = pa.schema([("pos", pa.int64()), ("path", pa.string()), ("height", pa.int32()),
+                          ("width", pa.int32()), ("label", pa.int64()),
+                          *((name, pa.string()) for name in INPUT_COLUMNS[3:])])
 
 
-def decode_files(paths: list[str], cfg: PrepareConfig, fs=None,
-                 verbose: bool = True) -> tuple[pd.DataFrame, list]:
-    """(one metadata row per path, in input order: META_COLUMNS but `idx`, plus `node` and
-    `chunk`; the object refs of the decoded chunks). An accepted row's image is row `pos` of chunk
-    `chunk`. Needs a running Ray (see `LocalRay`)."""
+def hash_files(paths: list[str], cfg: PrepareConfig, work, fs=None,
+               verbose: bool = True) -> pd.DataFrame:
+    """Pass 1: one row per path, in input order: `reason` (why it cannot be read, else None),
+    `sha256`, `node`, and `chunk`/`pos` (the batch that read it and its place there); the
+    `orig_*` columns stay -1/None until pass 2. `work`: a storage.Location every node sees (the
+    staging folder). Needs a running Ray (see `LocalRay`)."""
     import ray
 
-    progress = Progress("decoding", len(paths), enabled=verbose)
+    from .raydata import PlanSource, write_plan
+
     columns = DecodedColumns(len(paths))
-    pixels: list = []
+    if not paths:
+        return columns.table()
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = _chunk_size(len(paths), cfg.files_per_task, cpus)
-    task = ray.remote(num_cpus=1, num_returns=2, max_retries=1)(decode_task)
-    chunk_of = {}
-    for start in range(0, len(paths), size):
-        meta, images = task.remote(_items(paths, start, size), fs, cfg.image_size, cfg.resize,
-                                   cfg.max_pixels, cfg.min_size)
-        chunk_of[meta] = len(pixels)
-        pixels.append(images)
-    pending = list(chunk_of)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1, timeout=None)
-        for ref in done:
-            progress.update(columns.add(ray.get(ref), chunk_of.pop(ref)))
-    progress.done()
-    return columns.table(), pixels
+    # Reading and hashing costs ~0.05 ms a file: larger blocks than pass 2's amortise a task.
+    size = _chunk_size(len(paths), 4 * cfg.files_per_task, cpus)
+    schema = pa.schema([("idx", pa.int64()), ("path", pa.string())])
+    work.child(PLAN).mkdir()
+    plan = work.child(PLAN, "files.arrow")
+    rows = write_plan(plan, (pa.record_batch(
+        [pa.array(range(start, min(start + size, len(paths))), pa.int64()),
+         pa.array(paths[start:start + size], pa.string())], schema=schema)
+        for start in range(0, len(paths), size)), schema)
+    with data_context(verbose):
+        ds = ray.data.read_datasource(PlanSource(plan, rows, schema),
+                                      override_num_blocks=len(rows)).map_batches(
+            hash_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={"fs": fs})
+        with ray_failures_are_one_line("reading the files"):
+            for number, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+                columns.add(cast(pa.Table, batch).to_pydict(), chunk=number)
+    work.child(PLAN).remove_tree()
+    return columns.table()
+
+
+@dataclass
+class Written:
+    """What pass 2 did: the shards' manifest entries (split, format and shard order), and per
+    row position of its input: accepted rows' original sizes and modes, rejected rows' reasons."""
+
+    shards: list[dict]
+    pos: np.ndarray  # positions of the accepted rows, ascending
+    orig_width: np.ndarray
+    orig_height: np.ndarray
+    orig_mode: list
+    rejected: list[dict] = field(default_factory=list)  # {"pos", "reason", "node"}
+    samples: dict[int, bytes] = field(default_factory=dict)  # pos -> raw pixels
+
+
+def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs=None,
+               sample_positions: Iterable[int] = (), verbose: bool = True) -> Written:
+    """Pass 2: decode the files of `rows` (sorted by split, then path; `file`: the index of its
+    path in `paths`) and write OUT/<split>/part-NNNNN.<format> (`out`: a storage.Location).
+    A row's position is its row number in `rows`."""
+    import ray
+
+    from .raydata import PENDING, PlanSource, ShardSink, write_plan
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    # A decoded block holds at most BLOCK_BYTES of pixels: the object store's window is a few
+    # blocks per operator, whatever the archive's size.
+    most = min(cfg.files_per_task, max(16, BLOCK_BYTES // cfg.image_size**2))
+    formats = ["parquet", "tfrecord"] if cfg.format == "both" else [cfg.format]
+    rejected = out.child(REJECTED)
+    for folder in (rejected, out.child(PENDING), out.child(PLAN)):
+        folder.mkdir()
+    split_of = rows["split"].to_numpy()
+    # What may wait in the object store at once, whatever the archive's size: a few decoded
+    # blocks and shards per operator (128 MiB at 64 px, ~400 MiB at 224 px with 1024-row shards).
+    window = 8 * max(BLOCK_BYTES, cfg.rows_per_shard * cfg.image_size**2)
+    results: list[dict] = []
+    # One streaming execution per split, one after the other: a `union` of the three, in order,
+    # held the later splits' shards in the object store until the first was written (at 200,000
+    # files the peak grew to half the data set).
+    with data_context(verbose, object_store_bytes=window):
+        for split in SPLITS:
+            where = np.flatnonzero(split_of == split)
+            if not len(where):
+                continue
+            out.child(split).mkdir()
+            size = _chunk_size(len(where), most, cpus)  # each split's tail is short too
+            plan = out.child(PLAN, f"{split}.arrow")  # blocks of consecutive rows
+            counts = write_plan(plan, (_input_batch(rows, paths, where[i:i + size])
+                                       for i in range(0, len(where), size)), INPUT_SCHEMA)
+            dataset = (
+                ray.data.read_datasource(PlanSource(plan, counts, INPUT_SCHEMA),
+                                         override_num_blocks=len(counts))  # one block a batch
+                # batch_size=None: one batch per block. It also keeps Ray Data from fusing this
+                # map with the repartition below, which it does only for an int batch size that is
+                # a multiple of the target and which assumes that the map keeps every row.
+                .map_batches(decode_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={
+                    "fs": fs, "image_size": cfg.image_size, "resize": cfg.resize,
+                    "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, "rejected": rejected})
+                .repartition(target_num_rows_per_block=cfg.rows_per_shard, strict=True))
+            sink = ShardSink(out, formats, sample_positions)
+            with ray_failures_are_one_line(f"decoding and writing the {split} shards"):
+                dataset.write_datasink(sink)
+            results.extend(sink.results)
+    out.child(PLAN).remove_tree()
+    return _finish(results, _read_rejections(rejected), rows, out, cfg, formats)
+
+
+def _input_batch(rows: pd.DataFrame, paths: list[str], where: np.ndarray) -> pa.RecordBatch:
+    part = rows.iloc[where]
+    columns = [pa.array(where, pa.int64()), pa.array([paths[i] for i in part["file"]], pa.string())]
+    columns += [pa.array(part[f.name].to_numpy(), f.type) for f in INPUT_SCHEMA if f.name in INPUT_COLUMNS]
+    return pa.record_batch(columns, schema=INPUT_SCHEMA)
+
+
+def _read_rejections(folder) -> list[dict]:
+    from .storage import list_files
+
+    found: list[dict] = []
+    for rel, _, is_dir in list_files(folder):
+        if not is_dir and rel.endswith(".json"):
+            found.extend(json.loads(folder.child(rel).read_bytes()))
+    folder.remove_tree()
+    return found
+
+
+def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, cfg: PrepareConfig,
+            formats: list[str]) -> Written:
+    """Check that every row is in exactly one shard or rejected, that the shards hold consecutive
+    rows of one split with exactly `rows_per_shard` rows but the last, then rename the written
+    blocks to their shard numbers; the shards' entries in split, format and shard order."""
+    from .raydata import PENDING
+
+    results = sorted(results, key=lambda r: r["first"])
+    seen = np.zeros(len(rows), np.int32)
+    for result in results:
+        np.add.at(seen, result["pos"], 1)
+    if rejected:
+        np.add.at(seen, np.array([r["pos"] for r in rejected], np.int64), 1)
+    if not (seen == 1).all():
+        # Callers join results to their rows by position: never let a lost or repeated row through.
+        raise RuntimeError(f"prepare wrote or rejected {int(seen.sum())} rows for {len(rows)} "
+                           f"({int((seen == 0).sum())} missing, {int((seen > 1).sum())} repeated)")
+    shards = []
+    for split in SPLITS:
+        mine = [r for r in results if r["split"] == split]
+        if not mine:  # no rows, or every one rejected in pass 2: no empty folder in OUT
+            out.child(split).remove_tree()
+        for number, result in enumerate(mine):
+            if len(result["pos"]) != cfg.rows_per_shard and number != len(mine) - 1:
+                raise RuntimeError(f"shard {number} of {split} has {len(result['pos'])} rows, not "
+                                   f"{cfg.rows_per_shard}")
+            if (number and result["pos"][0] <= mine[number - 1]["pos"][-1]) or \
+                    (np.diff(result["pos"]) <= 0).any():
+                raise RuntimeError(f"shards of {split} are out of order")
+        for fmt in formats:
+            for number, result in enumerate(mine):
+                entry = next(f for f in result["files"] if f["format"] == fmt)
+                rel = f"{split}/part-{number:05d}.{fmt}"
+                out.fs.move(out.child(entry["pending"]).path, out.child(rel).path)
+                shards.append({**{k: v for k, v in entry.items() if k != "pending"}, "path": rel})
+    out.child(PENDING).remove_tree()  # empty now, or what a lost attempt left behind
+    pos = np.concatenate([r["pos"] for r in results]) if results else np.empty(0, np.int64)
+    order = np.argsort(pos, kind="stable")
+    pick = lambda name: np.concatenate([r[name] for r in results])[order] if results \
+        else np.empty(0, np.int64)  # noqa: E731
+    modes = [mode for r in results for mode in _modes(r["orig_mode"])]
+    return Written(shards=shards, pos=pos[order], orig_width=pick("orig_width"),
+                   orig_height=pick("orig_height"), orig_mode=[modes[i] for i in order],
+                   rejected=sorted(rejected, key=lambda r: r["pos"]),
+                   samples={p: b for r in results for p, b in r["samples"].items()})
+
+
+def _modes(encoded: pa.DictionaryArray) -> Iterator[str]:
+    """A block's image modes from their dictionary encoding (accepted rows: never null), one
+    shared string per mode."""
+    names = [sys.intern(m) for m in encoded.dictionary.to_pylist()]
+    for code in encoded.indices.to_numpy(zero_copy_only=False):
+        yield names[code]
+
+
+@contextlib.contextmanager
+def ray_failures_are_one_line(stage: str) -> Iterator[None]:
+    """What Ray could not retry (a task failed on every attempt, a node and the objects only it
+    held were lost) is a CxrError: one line; the staging folder goes, OUT is left as it was. Our
+    own functions never raise for a file (each failure is that file's reason), so this is the
+    cluster, not the data."""
+    from ray.exceptions import RayError
+
+    try:
+        yield
+    except RayError as exc:
+        from .errors import CxrError, first_line
+
+        raise CxrError(f"Ray failed while {stage} ({type(exc).__name__}: {first_line(exc)}); "
+                       "nothing was written to OUT: run the command again") from None
+
+
+@contextlib.contextmanager
+def data_context(verbose: bool, object_store_bytes: int | None = None) -> Iterator[None]:
+    """Ray Data's settings for prepare, restored afterwards: an ordered stream (shards hold
+    consecutive rows; the output is the same whatever the timing), at most `object_store_bytes`
+    of the object store, progress bars and Ray Data's start-of-execution lines only when
+    `verbose`."""
+    from ray.data import DataContext, ExecutionResources
+
+    ctx = DataContext.get_current()
+    saved = (copy.copy(ctx.execution_options), ctx.enable_progress_bars,
+             ctx.print_on_execution_start, ctx.op_resource_reservation_enabled)
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    ctx.execution_options.preserve_order = True
+    if object_store_bytes is not None:
+        ctx.execution_options.resource_limits = ExecutionResources(
+            object_store_memory=object_store_bytes)
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    # No per-operator reservation: reserving each operator its share of the CPUs held the
+    # decode, the only heavy one, to 1 of 2 (measured with the seven operators of an earlier
+    # pass 2 that joined the splits in a union: 16 s instead of 9 s for 20,000 files; not
+    # re-measured with today's three per split). `resource_limits` and Ray Data's backpressure
+    # still bound what waits between them.
+    ctx.op_resource_reservation_enabled = False
+    if not verbose:  # quiet: also its warning that no CPU is free while the last pass's tasks end
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        (ctx.execution_options, ctx.enable_progress_bars, ctx.print_on_execution_start,
+         ctx.op_resource_reservation_enabled) = saved
+        logger.setLevel(level)
 
 
 class DecodedColumns:
-    """The decode tasks' metadata, written in place as each chunk arrives: one preallocated array
-    per column, indexed by file. No tuple per file and no sort, so the driver's share is a few
-    dozen bytes per file; the strings are the ones the tasks sent (a node address and an image
-    mode are one shared object each)."""
+    """The per-file results of the passes, written in place as each batch arrives: one
+    preallocated array per column, indexed by file. No tuple per file and no sort, so the driver's
+    share is a few dozen bytes per file; the strings are interned (a node address and an image
+    mode are one shared object each). Pass 1 fills `reason`, `sha256`, `node`, `pos`, `chunk`;
+    the original size and mode of the accepted files come from pass 2."""
 
     NUMBERS = ("orig_width", "orig_height", "pos", "chunk")
     STRINGS = ("reason", "sha256", "orig_mode", "node")
@@ -80,17 +301,25 @@ class DecodedColumns:
         self.strings = {name: np.full(n_files, None, object) for name in self.STRINGS}
 
     def add(self, meta: dict, chunk: int) -> int:
-        """Store one task's metadata (see `decode_chunk`); returns its number of files."""
+        """Store one batch's columns (`idx` and any of the columns above; `node` one address for
+        the batch or one per file); returns its number of files."""
         idx = np.asarray(meta["idx"], np.int64)
         np.add.at(self.seen, idx, 1)
         for name in ("orig_width", "orig_height", "pos"):
-            self.numbers[name][idx] = meta[name]
+            if name in meta:
+                self.numbers[name][idx] = meta[name]
         self.numbers["chunk"][idx] = chunk
         for name in ("reason", "sha256"):
-            self.strings[name][idx] = meta[name]
-        self.strings["orig_mode"][idx] = [None if m is None else sys.intern(m)
-                                          for m in meta["orig_mode"]]
-        self.strings["node"][idx] = sys.intern(meta["node"])
+            if name in meta:
+                self.strings[name][idx] = meta[name]
+        if "orig_mode" in meta:
+            self.strings["orig_mode"][idx] = [None if m is None else sys.intern(m)
+                                              for m in meta["orig_mode"]]
+        node = meta.get("node")
+        if isinstance(node, str):
+            self.strings["node"][idx] = sys.intern(node)
+        elif node is not None:
+            self.strings["node"][idx] = [sys.intern(n) for n in node]
         return len(idx)
 
     def table(self) -> pd.DataFrame:
@@ -106,65 +335,6 @@ class DecodedColumns:
                for name in self.STRINGS},
             **self.numbers,
         })
-
-
-def write_shards(rows: pd.DataFrame, pixels: list, out, cfg: PrepareConfig) -> list[dict]:
-    """One Ray task per shard writes OUT/<split>/part-NNNNN.<format> (`out`: a storage.Location);
-    returns the shards' manifest entries in split, format and shard order. `rows`: the shard
-    columns but `image`, plus `chunk` and `pos` (where each row's image lies in `pixels`)."""
-    import ray
-
-    from .shards import PARQUET_SCHEMA
-
-    task = ray.remote(num_cpus=1, max_retries=1)(write_shard)
-    columns = [name for name in PARQUET_SCHEMA.names if name != "image"]
-    formats = ["parquet", "tfrecord"] if cfg.format == "both" else [cfg.format]
-    # At most two shards per CPU in flight: each submitted shard's row table is serialised in the
-    # driver until its task ends, so submitting all at once would grow the driver with the data.
-    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    refs: list = []
-    in_flight: list = []
-    for split in SPLITS:
-        part = rows[rows["split"] == split]
-        if len(part):
-            out.child(split).mkdir()
-        for fmt in formats:
-            for number, begin in enumerate(range(0, len(part), cfg.rows_per_shard)):
-                if len(in_flight) >= window:
-                    _, in_flight = ray.wait(in_flight, num_returns=1)
-                shard = part.iloc[begin:begin + cfg.rows_per_shard]
-                needed = sorted(set(shard["chunk"]))
-                local = {chunk: i for i, chunk in enumerate(needed)}
-                spec = shard[columns].assign(_chunk=shard["chunk"].map(local).to_numpy(),
-                                             _pos=shard["pos"].to_numpy())
-                rel = f"{split}/part-{number:05d}.{fmt}"
-                refs.append(task.remote(spec, out, rel, split, fmt, *[pixels[c] for c in needed]))
-                in_flight.append(refs[-1])
-                del spec, shard
-    return ray.get(refs)
-
-
-def fetch_images(rows: pd.DataFrame, pixels: list) -> list[bytes]:
-    """The images of a few rows (columns `chunk`, `pos`), in row order: a small task per chunk
-    hands back only those images, never a whole chunk."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(pick_images)
-    wanted: dict = {}
-    for order, (chunk, pos) in enumerate(zip(rows["chunk"], rows["pos"])):
-        wanted.setdefault(int(chunk), []).append((order, int(pos)))
-    calls = {chunk: task.remote([p for _, p in items], pixels[chunk])
-             for chunk, items in wanted.items()}
-    images: list[bytes] = [b""] * len(rows)
-    for chunk, items in wanted.items():
-        for (order, _), data in zip(items, ray.get(calls[chunk])):  # type: ignore[arg-type]  # ray stubs: ObjectRef invariant
-            images[order] = data
-    return images
-
-
-def _items(paths: list[str], start: int, size: int) -> list[tuple[int, str]]:
-    """(index, path) of up to `size` paths from `start`: what `decode_chunk` takes."""
-    return [(i, paths[i]) for i in range(start, min(start + size, len(paths)))]
 
 
 def _chunk_size(n_files: int, files_per_task: int, cpus: int) -> int:
@@ -194,22 +364,24 @@ class LocalRay:
         if ray.is_initialized():
             return
         joining = _joins_cluster()
-        with _logger_level("ray._private.authentication.authentication_token_setup", logging.ERROR):
-            # A local instance that lives for one command: its auth-token notice is only noise.
-            try:
-                self._init(ray, None if joining else self.num_cpus)
-            except ValueError as exc:
-                if self.num_cpus is None or "existing cluster" not in str(exc):
-                    raise
-                # No RAY_ADDRESS, but Ray found a cluster of `ray start --head` on this machine
-                # and joined it: the same case, so --num-cpus is ignored here too.
-                self._init(ray, None)
+        try:
+            self._init(ray, None if joining else self.num_cpus)
+        except ValueError as exc:
+            if self.num_cpus is None or "existing cluster" not in str(exc):
+                raise
+            # No RAY_ADDRESS, but Ray found a cluster of `ray start --head` on this machine
+            # and joined it: the same case, so --num-cpus is ignored here too.
+            self._init(ray, None)
         self.started = True  # stop() then disconnects from a joined cluster, leaving it running
 
     @staticmethod
     def _init(ray, num_cpus: int | None) -> None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+        # Ray's notices while it starts (e.g. that token authentication is on) are noise for an
+        # instance that lives for one command: its "ray" logger says errors only until it is up,
+        # then warnings again.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False)
+        logging.getLogger("ray").setLevel(logging.WARNING)
 
     def stop(self) -> None:
         """Start shutting down (in a thread) a Ray instance that `start()` started."""
@@ -254,41 +426,3 @@ def _joins_cluster() -> bool:
     they are, and Ray refuses num_cpus there. RAY_ADDRESS=local starts an instance."""
     address = os.environ.get("RAY_ADDRESS", "")
     return bool(address) and address != "local"
-
-
-@contextlib.contextmanager
-def _logger_level(name: str, level: int) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    saved = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
-
-
-class Progress:
-    """`stage: done/total (pct), rate img/s` on stderr, at most every `every_s` seconds."""
-
-    def __init__(self, stage: str, total: int, enabled: bool = True, every_s: float = 2.0):
-        self.stage, self.total, self.enabled, self.every_s = stage, total, enabled, every_s
-        self.done_count = 0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done_count += n
-        now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self._print(now)
-
-    def done(self) -> None:
-        self._print(time.perf_counter())
-
-    def _print(self, now: float) -> None:
-        if not self.enabled:
-            return
-        elapsed = max(now - self.start, 1e-9)
-        pct = 100.0 * self.done_count / max(self.total, 1)
-        print(f"{self.stage}: {self.done_count}/{self.total} images ({pct:.0f}%), "
-              f"{self.done_count / elapsed:.0f} img/s", file=sys.stderr, flush=True)

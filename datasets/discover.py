@@ -282,7 +282,9 @@ def is_image_name(name: str) -> bool:
 def _classify_rel(rel: str, path: str) -> _Candidate:
     """`rel`: a normalised POSIX path relative to SOURCE."""
     parts = rel.split("/")
-    folders = tuple(parts[:-1])
+    # Folder names interned: the candidates of one folder share its name's string (and `root`'s)
+    # instead of holding a copy each (~0.15 KB a file at the driver's peak).
+    folders = tuple(sys.intern(part) for part in parts[:-1])
     upper = [f.upper() for f in folders]
     label_at = max((i for i, f in enumerate(upper) if f in CLASS_NAMES), default=None)
     if label_at is None:

@@ -6,14 +6,15 @@
 
     cxr prepare s3://bucket/chest_xray s3://bucket/prepared         # any pyarrow.fs URI
 
-Steps: discover files (labels, official splits, patients) -> decode, grayscale, resize and hash in
-a pool of Ray tasks -> drop exact duplicates and test-patient leakage -> patient-grouped,
-stratified splits -> shards written by Ray tasks (Parquet and/or TFRecord), EDA plots,
-manifest.json. The pixels stay in Ray's object store between the decode and the shard tasks:
-the driver holds metadata only, and the rules see every file before any shard is written.
+Steps: discover files (labels, official splits, patients) -> pass 1 on Ray Data: read and hash
+every file (no decode) -> drop exact duplicates and test-patient leakage -> patient-grouped,
+stratified splits -> pass 2 on Ray Data, streaming: read, decode, grayscale, resize, and write the
+shards (Parquet and/or TFRecord) as the pixels come -> EDA plots, manifest.json (decode.py). The
+rules see every file before any row is final; the driver holds metadata only, and the object
+store a bounded window of pixels.
 
-A Ray instance that prepare started for itself shuts down in the background once the shards are written, while the EDA plots (a
-thread, started with the shard tasks) finish and the manifest is written (the manifest's
+A Ray instance that prepare started for itself shuts down in the background once the shards are
+written, while the EDA plots are drawn and the manifest is written (the manifest's
 `ray_stop_wait` is whatever of the shut-down was left to wait for).
 
 Everything is written to a hidden folder beside OUT and renamed into place at the end, so an
@@ -30,7 +31,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,7 +39,7 @@ import pandas as pd
 
 from . import splits as split_rules
 from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
-from .decode import LocalRay, decode_files, fetch_images, write_shards
+from .decode import LocalRay, Written, hash_files, write_pass
 from .discover import Discovery, discover, patient_id_rules
 from .eda import sample_rows, write_eda
 from .errors import CxrError
@@ -98,17 +98,23 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
     try:
         with clock("ray_start"):
             local_ray.start()
-        with clock("decode"):
-            table, pixels = _decode(found, cfg, fs, verbose)
-        with clock("select"):
-            accepted, report = _select(table, found, cfg)
         with staging(dst) as tmp:
+            with clock("hash"):
+                table = _hash(found, cfg, tmp, fs, verbose)
+            with clock("select"):
+                candidates, report = _select(table, found, cfg)
+            with clock("decode_and_write"):
+                written = write_pass(candidates, [f.path for f in found.files], tmp, cfg, fs=fs,
+                                     sample_positions=sample_rows(candidates, cfg.seed).index,
+                                     verbose=verbose)
+            local_ray.stop()  # Ray's work is done: its shut-down overlaps with the EDA
+            accepted, samples = _apply_decode(table, candidates, written, found, report)
             manifest = _manifest(src, cfg, found, table, accepted, report)
+            manifest["shards"] = written.shards
             n_files = len(table)
-            del table, found  # the per-file lists the writing stage needs no more: free them now
-            with clock("write_and_eda"):
-                manifest["shards"] = _write_outputs(accepted, pixels, tmp, cfg, manifest,
-                                                    local_ray)
+            del table, found, candidates  # the per-file lists the EDA needs no more
+            with clock("eda"):
+                _write_eda(accepted, samples, tmp, manifest)
             with clock("ray_stop_wait"):
                 local_ray.join()
             manifest.update(_timing(n_files, clock))
@@ -199,15 +205,14 @@ def staging(out: Location) -> Iterator[Location]:
     old.remove_tree()
 
 
-def _decode(found: Discovery, cfg: PrepareConfig, fs, verbose: bool) -> tuple[pd.DataFrame, list]:
-    """File metadata joined with the decode results (one row per discovered file), and the refs
-    of the decoded pixels. The file columns hold the very strings of `found.files` (object
-    columns: no second copy of every path and patient id); `path` is left out, only the decode
-    tasks need it."""
-    results, pixels = decode_files([f.path for f in found.files], cfg, fs=fs, verbose=verbose)
+def _hash(found: Discovery, cfg: PrepareConfig, work: Location, fs, verbose: bool) -> pd.DataFrame:
+    """File metadata joined with pass 1's results (one row per discovered file). The file columns
+    hold the very strings of `found.files` (object columns: no second copy of every path and
+    patient id); `path` is left out, only the Ray tasks need it."""
+    results = hash_files([f.path for f in found.files], cfg, work, fs=fs, verbose=verbose)
     for name, dtype in FILE_COLUMNS.items():
         results[name] = pd.Series([getattr(f, name) for f in found.files], dtype=dtype)
-    return results, pixels
+    return results
 
 
 # The SourceFile fields the rules and the manifest read, and their column types.
@@ -216,7 +221,8 @@ FILE_COLUMNS = {"rel_path": object, "label": "int64", "official_split": object,
 
 
 def _select(table: pd.DataFrame, found: Discovery, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict]:
-    """Accepted, de-duplicated rows with their split; and what the rules removed."""
+    """Readable, de-duplicated rows with their split (pass 2 decodes them); and what the rules
+    removed."""
     mode = "official" if (cfg.split == "official" and found.layout == "official") else "random"
     check_rejections(table, found.layout)
     usable = table[table["reason"].isna()]
@@ -255,20 +261,22 @@ def check_rejections(table: pd.DataFrame, layout: str) -> None:
                        f"'{common}', e.g. {example}); the manifest of a run lists each file")
 
 
-# What the shard tasks, the EDA and the manifest's counts need of each accepted row.
+# What pass 2, the EDA and the manifest's counts need of each row. `file`: the row's index in the
+# discovery's files (its path); `chunk`, `pos`: where pass 1 read it.
 ROW_COLUMNS = [*(name for name in PARQUET_SCHEMA.names if name != "image"), "patient_from_name",
-               "chunk", "pos"]
+               "chunk", "pos", "file"]
 
 
 def _shard_rows(usable: pd.DataFrame, image_size: int) -> pd.DataFrame:
     """The shard columns (PARQUET_SCHEMA's names, renamed rather than copied), sorted by split and
-    path, with where each image lies (`chunk`, `pos`); the columns no later step reads are
+    path, with the file each row comes from (`file`); the columns no later step reads are
     dropped before the sort copies the rest."""
     rows = usable.rename(columns={"rel_path": "source_path", "sha256": "source_sha256"}).assign(
         height=image_size,
         width=image_size,
         label_name=pd.Series(np.array(CLASS_NAMES, dtype=object)[usable["label"].to_numpy()],
                              index=usable.index, dtype=object),
+        file=usable.index.to_numpy(),
     )[ROW_COLUMNS]
     # Two stable sorts (path, then split) rather than sort_values on both: pandas sorts several
     # string keys through Arrow-backed categories, which leaves megabytes in Arrow's allocator.
@@ -277,27 +285,44 @@ def _shard_rows(usable: pd.DataFrame, image_size: int) -> pd.DataFrame:
     return rows.take(by_path[np.argsort(split_rank, kind="stable")]).reset_index(drop=True)
 
 
-def _write_outputs(rows: pd.DataFrame, pixels: list, out: Location, cfg: PrepareConfig,
-                   manifest: dict, local_ray: LocalRay) -> list[dict]:
-    """Shards (one Ray task each, on the nodes) and the EDA plots (drawn meanwhile in a thread
-    here); returns the shards' manifest entries in a fixed order. Ray (if this command started
-    it) starts shutting down as soon as the shards are written."""
-    samples = sample_rows(rows, cfg.seed)
-    samples = samples.assign(image=fetch_images(samples, pixels))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eda") as eda, \
-            contextlib.ExitStack() as cleanup:
+def _apply_decode(table: pd.DataFrame, candidates: pd.DataFrame, written: Written,
+                  found: Discovery, report: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pass 2's results folded into the driver's tables: the files it rejected get their reason
+    and node (the manifest lists them; a split of which nothing decoded is an error, as one that
+    nothing could read), the accepted rows their original size and mode. Returns the accepted
+    rows (the shards' rows, in shard order) and the EDA's sample rows with their pixels."""
+    if written.rejected:
+        files = candidates["file"].to_numpy()[[r["pos"] for r in written.rejected]]
+        table.loc[files, "reason"] = [r["reason"] for r in written.rejected]
+        table.loc[files, "node"] = [r["node"] for r in written.rejected]
+        check_rejections(table, found.layout)
+    # Set in place, not `assign`: every copy of the rows is ~0.15 KB a file more at the peak. With
+    # no file rejected here (the usual case) the accepted rows are the candidates themselves.
+    accepted = candidates if len(written.pos) == len(candidates) else \
+        candidates.take(written.pos).reset_index(drop=True)
+    accepted["orig_width"] = written.orig_width
+    accepted["orig_height"] = written.orig_height
+    accepted["orig_mode"] = pd.Series(written.orig_mode, index=accepted.index, dtype=object)
+    if written.rejected:
+        has_test = bool((accepted["split"] == "test").any())  # the official test, in that mode
+        report["split_warnings"] = split_rules.check_splits(accepted, report["mode"],
+                                                            source_has_test=has_test)
+    picked = sorted(written.samples)
+    samples = candidates.take(picked).assign(image=[written.samples[p] for p in picked])
+    return accepted, samples
+
+
+def _write_eda(rows: pd.DataFrame, samples: pd.DataFrame, out: Location, manifest: dict) -> None:
+    """The EDA plots and summary, under OUT/eda/ (drawn in a local temporary folder and copied
+    for a URI OUT)."""
+    with contextlib.ExitStack() as cleanup:
         eda_dir = out.local / "eda" if out.local else \
             Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cxr-eda-")))
-        plots = eda.submit(write_eda, eda_dir, rows, manifest, samples)
-        shards = write_shards(rows, pixels, out, cfg)
-        pixels.clear()  # the last references to the decoded images: Ray may free them now
-        local_ray.stop()
-        written = plots.result()  # re-raises a plotting error here
+        written = write_eda(eda_dir, rows, manifest, samples)
         if not out.local:
             out.child("eda").mkdir()
             for name in written:
                 out.child("eda", name).write_bytes((eda_dir / name).read_bytes())
-    return shards
 
 
 def _manifest(source: Location, cfg: PrepareConfig, found: Discovery, table: pd.DataFrame,

@@ -76,8 +76,14 @@ def parquet_bytes(chunk: pd.DataFrame) -> bytes:
     """One Parquet shard (PARQUET_SCHEMA columns of `chunk`) as bytes: the writer hashes exactly
     what it stores, on any file system."""
     # No pandas metadata: readers get the Arrow types above, not the writer's pandas dtypes.
-    table = pa.Table.from_pandas(chunk[PARQUET_SCHEMA.names], schema=PARQUET_SCHEMA,
-                                 preserve_index=False).replace_schema_metadata()
+    return parquet_table_bytes(pa.Table.from_pandas(chunk[PARQUET_SCHEMA.names], schema=PARQUET_SCHEMA,
+                                                    preserve_index=False))
+
+
+def parquet_table_bytes(table: pa.Table) -> bytes:
+    """One Parquet shard of an Arrow table with PARQUET_SCHEMA (what `cxr prepare`'s shard writer
+    calls): no schema metadata, zstd, one row group; the same rows give the same bytes."""
+    table = table.replace_schema_metadata()
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()

@@ -1,83 +1,107 @@
-"""The bodies of `cxr prepare`'s Ray tasks: decode a chunk of files; write one shard.
+"""The bodies of `cxr prepare`'s two Ray Data passes: hash a batch of files; decode a batch.
 
-Plain functions (decode.py wraps them in `ray.remote`), importing only what a task needs, so a
-fresh worker process is ready quickly: numpy, Pillow and the image module for decoding; pandas
-and pyarrow only once a shard is written.
+Plain functions over Arrow tables (decode.py hands them to `Dataset.map_batches`), importing only
+what a worker needs: numpy, pyarrow, Pillow and the image module. The reading and decoding rules
+are `image.py`'s, the ones `cxr predict` and `cxr serve` apply: regular files only, each read up to
+`image.MAX_FILE_BYTES`, Pillow limited to JPEG/PNG, DICOM bounded before its pixel data.
 
-Decoded pixels never pass through the driver. `decode_chunk` returns two objects: the metadata of
-its files (small; the driver collects it for the duplicate and split rules) and one uint8 array of
-the accepted images, which stays in Ray's object store on the node that decoded it (spilled to
-disk by Ray when the store is full). `write_shard` receives the arrays its rows come from and
-writes its shard straight to OUT.
+- `hash_batch` (pass 1) reads each file and hashes it; nothing is decoded. A file that cannot be
+  read comes back with its `reason` and the node that tried it. The driver decides duplicates and
+  the patient splits from these rows and the discovery records: every file is seen before any
+  row is final.
+- `decode_batch` (pass 2) reads the accepted rows' files again, checks they still have the hash
+  of pass 1, decodes, converts to grayscale and resizes (`image.preprocess_bytes`), and returns
+  the shard rows with their pixels; Ray Data streams them on to the shard writer (sink.py). A
+  file rejected here is dropped from the stream and its reason is written to a small JSON file
+  under the output's staging folder (`rejected`), named by the batch: the stream then carries
+  only shard rows, so Ray Data can cut exact shards from it, and a retried batch rewrites the
+  same file with the same content.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 
 import numpy as np
+import pyarrow as pa
 
 from .errors import ImageRejected
 from .image import preprocess_bytes, read_file_bytes
 
-# The metadata a decode task returns for its files: a dict of these columns (lists, one entry per
-# file, in the order of its items) plus "node", the one address of the node that ran it
-# (`decode_task`). Columns, not one tuple per file: the driver copies them straight into its
-# per-file arrays.
-META_COLUMNS = ("idx", "reason", "sha256", "orig_width", "orig_height", "orig_mode", "pos")
+# What pass 1 returns per file (an Arrow table; decode.DecodedColumns stores it by `idx`).
+HASH_SCHEMA = pa.schema([("idx", pa.int64()), ("reason", pa.string()), ("sha256", pa.string()),
+                         ("node", pa.string()), ("pos", pa.int64())])
+# What pass 2 adds to its input's shard columns for each accepted row.
+DECODED_FIELDS = [("image", pa.binary()), ("orig_width", pa.int32()), ("orig_height", pa.int32()),
+                  ("orig_mode", pa.string())]
 
 
-def decode_chunk(items: list[tuple[int, str]], fs, image_size: int, resize: str, max_pixels: int,
-                 min_size: int) -> tuple[dict, np.ndarray]:
-    """(metadata columns, uint8 [accepted, S*S]) for (idx, path) items. `fs`: None for local
-    paths, else the pyarrow file system of a URI source. Every failure becomes its file's
-    `reason`; a rejected file has `orig_*` -1 (None for the mode) and `pos` -1."""
-    meta: dict = {name: [] for name in META_COLUMNS}
-    images: list = []
-    for idx, path in items:
-        sha = reason = None
+def hash_batch(batch: pa.Table, fs=None) -> pa.Table:
+    """Pass 1 over a batch with columns `idx`, `path`: each file's sha256, or why it cannot be read
+    (`fs`: None for local paths, else the pyarrow file system of a URI source)."""
+    node = node_ip()
+    reasons: list[str | None] = []
+    hashes: list[str | None] = []
+    for path in batch.column("path").to_pylist():
+        try:
+            hashes.append(hashlib.sha256(read_file_bytes(path, fs)).hexdigest())
+            reasons.append(None)
+        except ImageRejected as exc:
+            hashes.append(None)
+            reasons.append(exc.reason)
+        except Exception as exc:  # a bug or a library surprise must not lose the other files
+            hashes.append(None)
+            reasons.append(f"unexpected error: {type(exc).__name__}: {exc}"[:300])
+    n = batch.num_rows
+    return pa.table([batch.column("idx"), pa.array(reasons, pa.string()),
+                     pa.array(hashes, pa.string()), pa.array([node] * n, pa.string()),
+                     pa.array(np.arange(n), pa.int64())], schema=HASH_SCHEMA)
+
+
+def decode_batch(batch: pa.Table, fs, image_size: int, resize: str, max_pixels: int, min_size: int,
+                 rejected) -> pa.Table:
+    """Pass 2 over a batch of shard rows (`pos`, `path` and the shard columns but the decoded
+    ones): the accepted rows, without `path`, with `image` (raw uint8 [S, S] bytes) and the
+    original size and mode. `rejected`: the storage.Location of the folder where a batch with
+    rejected files writes `<first pos>.json`: [{"pos", "reason", "node"}, ...]."""
+    keep: list[int] = []
+    images: list[bytes] = []
+    widths: list[int] = []
+    heights: list[int] = []
+    modes: list[str] = []
+    failures: list[dict] = []
+    paths = batch.column("path").to_pylist()
+    expected = batch.column("source_sha256").to_pylist()
+    positions = batch.column("pos").to_pylist()
+    for row, (path, sha) in enumerate(zip(paths, expected)):
         try:
             data = read_file_bytes(path, fs)
-            sha = hashlib.sha256(data).hexdigest()
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ImageRejected("changed while prepare ran (its sha256 differs from the first pass)")
             image, info = preprocess_bytes(data, image_size, resize, name=path,
                                            max_pixels=max_pixels, min_size=min_size)
         except ImageRejected as exc:
-            reason = exc.reason
+            failures.append({"pos": positions[row], "reason": exc.reason})
+            continue
         except Exception as exc:  # a bug or a library surprise must not lose the other files
-            reason = f"unexpected error: {type(exc).__name__}: {exc}"[:300]
-        if reason is None:
-            row = (sha, info["orig_width"], info["orig_height"], info["orig_mode"], len(images))
-            images.append(image.reshape(-1))
-        else:
-            row = (sha, -1, -1, None, -1)
-        for name, value in zip(META_COLUMNS, (int(idx), reason, *row)):
-            meta[name].append(value)
-    pixels = np.stack(images) if images else np.empty((0, image_size * image_size), np.uint8)
-    return meta, pixels
-
-
-def decode_task(*args) -> tuple[dict, np.ndarray]:
-    """`decode_chunk` as a Ray task: its metadata also names the node that decoded the files."""
-    meta, pixels = decode_chunk(*args)
-    meta["node"] = node_ip()
-    return meta, pixels
-
-
-def write_shard(rows, out, rel_path: str, split: str, fmt: str, *chunks: np.ndarray) -> dict:
-    """Write one shard of `rows` (PARQUET_SCHEMA columns but `image`, plus `_chunk`: index into
-    `chunks`, `_pos`: row in that array) to `out` (a storage.Location); its manifest entry."""
-    from .shards import parquet_bytes, shard_entry, tfrecord_bytes
-
-    images = [chunks[c][p].tobytes() for c, p in zip(rows["_chunk"], rows["_pos"])]
-    table = rows.drop(columns=["_chunk", "_pos"]).assign(image=images)
-    data = parquet_bytes(table) if fmt == "parquet" else tfrecord_bytes(table)
-    out.child(rel_path).write_bytes(data)
-    return shard_entry(rel_path, split, len(table), fmt, data)
-
-
-def pick_images(positions: list[int], chunk: np.ndarray) -> list[bytes]:
-    """A few images of one decoded chunk, as bytes (the EDA's sample grid)."""
-    return [chunk[p].tobytes() for p in positions]
+            failures.append({"pos": positions[row],
+                             "reason": f"unexpected error: {type(exc).__name__}: {exc}"[:300]})
+            continue
+        keep.append(row)
+        images.append(image.tobytes())
+        widths.append(info["orig_width"])
+        heights.append(info["orig_height"])
+        modes.append(info["orig_mode"])
+    if failures:
+        node = node_ip()
+        for failure in failures:
+            failure["node"] = node
+        rejected.child(f"{positions[0]:012d}.json").write_bytes(json.dumps(failures).encode())
+    out = batch.drop_columns(["path"]).take(pa.array(keep, pa.int64()))
+    for (name, kind), values in zip(DECODED_FIELDS, (images, widths, heights, modes)):
+        out = out.append_column(pa.field(name, kind), pa.array(values, kind))
+    return out
 
 
 def node_ip() -> str:

@@ -32,6 +32,7 @@ class Cluster:
     dashboard: str       # http://HOST:PORT: `ray job submit --address`
     temp_dir: str        # the head's session folder lives here (shared by all nodes on one host)
     worker_cpus: int     # CPUs of all worker nodes together; the head has none
+    worker_pids: tuple[int, ...] = ()  # each worker node's `ray start --block` (its processes are its descendants)
 
 
 def free_port() -> int:
@@ -125,7 +126,8 @@ def ray_cluster(workers: int = 2, cpus_per_worker: int = 1) -> Iterator[Cluster]
             nodes.insert(0, _ray_start(["--address", f"127.0.0.1:{port}", "--num-cpus", str(cpus_per_worker)], log))
             _wait_for_line(nodes[0], log, "Ray runtime started")
         yield Cluster(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}",
-                      temp_dir=temp_dir, worker_cpus=workers * cpus_per_worker)
+                      temp_dir=temp_dir, worker_cpus=workers * cpus_per_worker,
+                      worker_pids=tuple(proc.pid for proc in reversed(nodes[:-1])))
     finally:
         _stop(nodes, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
