@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -367,18 +366,10 @@ def _timing(n_files: int, clock: StageClock) -> dict:
 
 def _versions(cfg: PrepareConfig) -> dict:
     """Installed versions of what shaped the output (decoders, writers), for the manifest."""
-    from importlib.metadata import PackageNotFoundError, version
+    from .versions import package_versions
 
     packages = ["cxr-tune", "ray", "pillow", "numpy", "pandas", "pyarrow", "pydicom"]
-    if cfg.format != "parquet":
-        packages.append("tensorflow")
-    found = {"python": platform.python_version()}
-    for package in packages:
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:  # e.g. running from a source tree that is not installed
-            pass
-    return found
+    return package_versions(packages + ([] if cfg.format == "parquet" else ["tensorflow"]))
 
 
 def _say(verbose: bool, message: str) -> None:
