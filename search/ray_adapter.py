@@ -7,6 +7,8 @@ there, by name, instead of silently elsewhere.
   The restored Tuner's run config is replaced in place.
 - Logger names: Ray logs through module-named loggers; a few lines per trial or per start are
   quietened by name.
+- `validate_cluster_config`: what `ray up` checks a cluster-launcher YAML with, without
+  launching anything (the tests of cluster.yaml and cluster/gcp.yaml use it).
 """
 from __future__ import annotations
 
@@ -24,3 +26,15 @@ def set_restored_callbacks(tuner, callbacks: list[Any] | None) -> bool:
         return False
     local._run_config.callbacks = callbacks
     return True
+
+
+def validate_cluster_config(config: dict) -> dict:
+    """`config` (a cluster-launcher YAML, loaded) as Ray fills in its defaults, after Ray's own
+    schema validation; raises what `ray up` would raise for it."""
+    import copy
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared

@@ -19,11 +19,9 @@ def cluster_config(request, repo_root):
 
 
 def _prepared(config):
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from cxr_search.ray_adapter import validate_cluster_config  # Ray's validator has no public API
 
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
-    return prepared
+    return validate_cluster_config(config)
 
 
 def locked_version(repo_root, name: str) -> str:
