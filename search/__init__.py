@@ -5,7 +5,10 @@
     trainable.py   the Tune trainable (one trial = one cxr_model.fit)
     trial_reporter.py  inside a trial: the Keras callback that reports each epoch to Tune and
                    checkpoints the trial's best weights
-    tuner.py       Tuner + OptunaSearch (SQLite) + ASHA, resume, Ray connection
+    tuner.py       Tuner + OptunaSearch + ASHA, resume, Ray connection
+    tracking.py    what a sweep leaves beside Tune's state: RUN/optuna.db, MLflow runs
+    study_storage.py  the Optuna study the driver holds (optuna.db is copied from it)
+    ray_adapter.py the one place that relies on Ray internals (each pinned by a test)
     results.py     RUN/results.{parquet,csv}: one row per trial
     best.py        best trial -> checkpoint -> test (once) -> RUN/best/
     sweep_report.py  after the sweep: RUN/report.md and its plots
