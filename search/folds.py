@@ -22,6 +22,9 @@ import pandas as pd
 from cxr_datasets.errors import CxrError
 
 FOLDS_FILE = "folds.csv"
+# What a CV trial reports after each fold: how many folds it has completed (ASHA's time attribute
+# in a CV sweep, and the score the kept checkpoint is chosen by).
+FOLDS_DONE = "folds_done"
 
 
 def assign_folds(patient_ids, labels, k: int, seed: int) -> np.ndarray:
