@@ -137,24 +137,54 @@ def export_cv_best(cfg: SearchConfig, table: pd.DataFrame, pool) -> dict[str, An
                    "epochs_run": f["epochs_run"], "n_held_out": len(f["held_out"])} for f in folds],
         "members": len(members), "shared_base": any(layer.name == "vgg16" for layer in ensemble.layers),
     }
+    if cfg.refit:
+        refit_epochs = max(1, int(np.median(best_epochs)))
+        exported = refit_model(cfg, train_cfg, pool, refit_epochs)
+        card_cfg = dataclasses.replace(train_cfg, epochs=refit_epochs)
+        cv["exported"] = f"refit on all of train + val for {refit_epochs} epochs (the median of the folds' best epochs)"
+    else:
+        exported, card_cfg = ensemble, train_cfg
+        cv["exported"] = f"the mean of the {len(members)} fold models' probabilities"
     result = finalize(
-        ensemble, train_cfg, cfg.prepared, cfg.run_dir / BEST_DIR, val_scores=(pool.y, oof), threshold_split="oof",
+        exported, card_cfg, cfg.prepared, cfg.run_dir / BEST_DIR, val_scores=(pool.y, oof), threshold_split="oof",
         threshold_method=cfg.threshold_method, n_boot=cfg.n_boot, overwrite=True,
         extra={"search": {"run_dir": str(cfg.run_dir), "trial_id": row["trial_id"],
-                          f"{METRIC}_in_sweep": float(row[METRIC]), "trials": int(len(table))},
-               "cv": cv, "ensemble": f"mean of the {len(members)} fold models' probabilities"},
+                          f"{METRIC}_in_sweep": float(row[METRIC]), "trials": int(len(table))}, "cv": cv},
     )
-    # The best single fold model (by its validation AUC), on the same test images and threshold.
+    # Beside the exported model, on the same test images and threshold: the ensemble (when the
+    # refit is exported) and the best single fold model (by its fold's validation AUC).
+    x_test, y_test = load_split(cfg.prepared, "test")
+
+    def test_auc(model) -> dict:
+        return metrics_from_probs(y_test, predict_proba(model, x_test), threshold=result["threshold"],
+                                  n_boot=cfg.n_boot, seed=train_cfg.seed)["roc_auc"]
+
     values = [f["best_value"] if f["best_value"] is not None else -np.inf for f in folds]
     best_fold = int(np.argmax(values))
-    x_test, y_test = load_split(cfg.prepared, "test")
-    single = metrics_from_probs(y_test, predict_proba(members[best_fold], x_test), threshold=result["threshold"],
-                                n_boot=cfg.n_boot, seed=train_cfg.seed)
-    cv["best_fold"] = {"fold": folds[best_fold]["fold"], "test_roc_auc": single["roc_auc"]}
+    cv["best_fold"] = {"fold": folds[best_fold]["fold"], "test_roc_auc": test_auc(members[best_fold])}
+    if cfg.refit:
+        cv["refit"] = {"epochs": card_cfg.epochs, "test_roc_auc": result["metrics"]["test"]["roc_auc"]}
+        cv["ensemble_test_roc_auc"] = test_auc(ensemble)
+    else:
+        cv["ensemble_test_roc_auc"] = result["metrics"]["test"]["roc_auc"]
     cv["oof_roc_auc"] = result["metrics"]["val"]["roc_auc"]
     result.update({"trial_id": row["trial_id"], METRIC: float(row[METRIC]), "params": _params(row),
                    "best_epoch": int(np.median(best_epochs)), "cv": cv})
     return result
+
+
+def refit_model(cfg: SearchConfig, train_cfg, pool, epochs: int):
+    """The configuration trained once on all of train + val for `epochs` epochs (`--refit`).
+
+    Nothing is held out, so nothing is selected on: patience is set past the last epoch (no early
+    stop), and fit's validation numbers are on its own training images (logged, never used). The
+    threshold then comes from the fold models' out-of-fold predictions, the only honest scores of
+    this configuration on images it did not train on."""
+    from cxr_model import Data, FeatureCache, fit
+
+    fixed = dataclasses.replace(train_cfg, epochs=epochs, patience=epochs + 1)
+    everything = Data(pool.x, pool.y, pool.x, pool.y)
+    return fit(fixed, everything, feature_cache=FeatureCache(cfg.feature_cache_dir)).model
 
 
 def _params(row: pd.Series) -> dict[str, Any]:

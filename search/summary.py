@@ -24,8 +24,8 @@ def print_summary(cfg: SearchConfig, summary: dict[str, Any]) -> int:
           f"threshold {best['threshold']:.3f} (chosen on {'out-of-fold predictions' if cfg.cv else 'validation'})")
     if cfg.cv:
         cv, single = best["cv"], best["cv"]["best_fold"]["test_roc_auc"]["value"]
-        print(f"Exported: the ensemble of {cv['members']} fold models; out-of-fold roc_auc "
-              f"{cv['oof_roc_auc']['value']:.4f}; the best single fold model's test roc_auc {single:.4f}")
+        print(f"Exported: {cv['exported']}; out-of-fold roc_auc {cv['oof_roc_auc']['value']:.4f}; test roc_auc of "
+              f"the fold ensemble {cv['ensemble_test_roc_auc']['value']:.4f}, of the best single fold model {single:.4f}")
     print("Test split, evaluated once (95% bootstrap intervals):")
     for name in DISPLAY_ORDER:
         m = test[name]

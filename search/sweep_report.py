@@ -187,28 +187,29 @@ def _cv_section(cfg: SearchConfig, best: dict[str, Any]) -> str:
     lines = ["## Cross-validation", "",
              f"{cfg.cv} patient-grouped, class-stratified folds of train + val (`folds.csv`: each patient's "
              f"fold); the best trial's {METRIC_LABEL}: {_pm(cv[f'{METRIC}_mean'], cv[f'{METRIC}_se'])} "
-             f"(mean ± standard error over its folds). The exported model is the ensemble of its "
-             f"{cv['members']} fold models (the mean of their probabilities"
-             + (", one shared frozen VGG16 base" if cv.get("shared_base") else "") + ").", "",
+             f"(mean ± standard error over its folds). Exported: {cv['exported']}"
+             + (" (one shared frozen VGG16 base)" if cv.get("shared_base") and not cv.get("refit") else "") + ".", "",
              "| fold | held-out images | " + METRIC_LABEL + " | best epoch | epochs run |", "|---|---|---|---|---|"]
     for f in cv["folds"]:
         lines.append(f"| {f['fold']} | {f['n_held_out']} | {_fmt(f[METRIC])} | {f['best_epoch']} | {f['epochs_run']} |")
-    test = best["metrics"]["test"]["roc_auc"]
+    test = cv["ensemble_test_roc_auc"]
     oof = cv["oof_roc_auc"]
+    refit = cv.get("refit")
     single = cv["best_fold"]["test_roc_auc"]
     fold = cv["best_fold"]["fold"]
     best_fold_val = next(f[METRIC] for f in cv["folds"] if f["fold"] == fold)
     lines += ["", "Did selection hold? Each model's score at selection time beside its test ROC AUC "
               "(95% bootstrap intervals):", "",
               "| model | selection-time score | test ROC AUC | 95% CI |", "|---|---|---|---|",
-              f"| ensemble of the {cv['members']} fold models (exported) | out-of-fold ROC AUC {_fmt(oof['value'])} "
+              f"| ensemble of the {cv['members']} fold models{'' if refit else ' (exported)'} "
+              f"| out-of-fold ROC AUC {_fmt(oof['value'])} "
               f"| {_fmt(test['value'])} | {_fmt(test['ci_low'])} - {_fmt(test['ci_high'])} |",
               f"| best single fold model (fold {fold}) | its fold's {METRIC_LABEL} {_fmt(best_fold_val)} "
               f"| {_fmt(single['value'])} | {_fmt(single['ci_low'])} - {_fmt(single['ci_high'])} |"]
-    refit = cv.get("refit")
     if refit:
         r = refit["test_roc_auc"]
-        lines.append(f"| refit on all of train + val ({refit['epochs']} epochs) | - | {_fmt(r['value'])} "
+        lines.append(f"| refit on all of train + val, {refit['epochs']} epochs (exported) | none (no held-out images) "
+                     f"| {_fmt(r['value'])} "
                      f"| {_fmt(r['ci_low'])} - {_fmt(r['ci_high'])} |")
     return "\n".join(lines) + "\n"
 

@@ -131,3 +131,29 @@ def test_report_shows_the_folds_and_the_ensemble(cv_sweep):
     text = summary["report"].read_text()
     for needle in ("## Cross-validation", "± ", "out-of-fold", "ensemble", "best single fold"):
         assert needle in text, needle
+
+
+@pytest.mark.timeout(600)
+def test_refit_exports_the_best_configuration_retrained_on_everything(cv_sweep, tmp_path):
+    import dataclasses
+
+    from cxr_model import load_model
+    from cxr_search.best import export_cv_best
+    from cxr_search.folds import load_pool
+    from cxr_search.sweep_report import write_report
+
+    cfg, summary = cv_sweep
+    import shutil
+
+    refit_cfg = dataclasses.replace(cfg, out=str(tmp_path / "refit"), refit=True, study=cfg.study_name)
+    (tmp_path / "refit").mkdir()
+    shutil.copy(cfg.run_dir / "optuna.db", tmp_path / "refit" / "optuna.db")  # the report's Optuna plots
+    best = export_cv_best(refit_cfg, summary["table"], load_pool(cfg.prepared, k=K, seed=cfg.seed))
+    model, card = load_model(tmp_path / "refit" / "best")
+    assert model.name == "cxr_vgg16_inference"  # one model, not the ensemble
+    epochs = int(np.median([int(e) for e in str(summary["table"].iloc[0]["fold_best_epochs"]).split("-")]))
+    assert card["config"]["epochs"] == best["cv"]["refit"]["epochs"] == max(1, epochs)
+    assert card["threshold_selection"]["split"] == "oof"
+    assert best["cv"]["ensemble_test_roc_auc"] == summary["best"]["cv"]["ensemble_test_roc_auc"]
+    text = write_report(refit_cfg, summary["table"], best).read_text()
+    assert "refit on all of train + val" in text and "(exported)" in text
