@@ -38,3 +38,17 @@ def test_the_ensemble_is_the_mean_of_its_members_and_saves_portably(tmp_path, tr
     graph.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True, compile=False)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), mean, atol=1e-5, rtol=0)
+
+
+@pytest.mark.timeout(300)
+def test_gradcam_explains_a_shared_base_ensemble_and_refuses_separate_bases_in_one_line():
+    from cxr_datasets.errors import CxrError
+    from cxr_model.gradcam import gradcam_heatmaps
+    from cxr_model.model import ensemble_model
+
+    x = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 1), dtype=np.uint8)
+    frozen = ModelConfig(image_size=32, weights=None, head_units=(8,), aug_strength=0.0)
+    assert gradcam_heatmaps(ensemble_model(_members(frozen, (0, 0))), x).shape == (2, 2, 2)
+    tuned = ModelConfig(image_size=32, weights=None, head_units=(8,), aug_strength=0.0, trainable_blocks=1)
+    with pytest.raises(CxrError, match="ensemble of 2 fine-tuned"):
+        gradcam_heatmaps(ensemble_model(_members(tuned, (0, 1))), x)
