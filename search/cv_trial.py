@@ -7,10 +7,15 @@ The path of one CV trial (search/trainable.py's `train_trial` hands over after i
    base is fixed: the cache answers every fold from fold 1's two arrays (cxr_model/features.py).
    `FoldRecorder` keeps the fold's best epoch's weights; the held-out fold's probabilities at
    those weights are its out-of-fold predictions.
-3. After each fold: `tune.report` with METRIC = the mean of the completed folds' best validation
-   AUCs, `folds_done` = f (ASHA's time attribute: its first rung judges fold 1 alone, before
-   folds 2..K run), and a checkpoint holding every completed fold: `fold_<f>/weights.npz` and,
-   in state.json, each fold's best value and epoch, history and out-of-fold predictions.
+3. During fold 1, after every epoch: `tune.report` of fold 1's best validation AUC so far, with
+   `cv_budget` = the epoch (ASHA's time attribute), so ASHA's early rungs judge fold 1's epochs
+   exactly as they judge a single-split trial's, before folds 2..K run: a configuration stopped
+   there costs what it would cost without --cv.
+4. After each fold f: `tune.report` with METRIC = the mean of the completed folds' best validation
+   AUCs, `folds_done` = f, `cv_budget` = f * max_epochs (a completed fold counts as its whole
+   budget, whether or not patience ended it sooner, so the budget only grows), and a checkpoint
+   holding every completed fold: `fold_<f>/weights.npz` and, in state.json, each fold's best value
+   and epoch, history and out-of-fold predictions.
 
 Tune keeps the latest checkpoint (the one with most folds). A trial whose worker dies resumes
 after its last completed fold; the fold it was training starts again from its first epoch.
@@ -33,7 +38,7 @@ from ray import tune
 
 from cxr_model.config import WORST, improves
 from cxr_search.checkpoint import STATE_FILE, WEIGHTS_FILE, fold_dir, save_weights
-from cxr_search.folds import FOLDS_DONE, standard_error
+from cxr_search.folds import CV_BUDGET, FOLDS_DONE, standard_error
 from cxr_search.space import METRIC
 
 
@@ -54,10 +59,12 @@ class CVResumeState:
 
 
 class FoldRecorder(keras.callbacks.Callback):
-    """Per epoch: the logs; at every improving epoch: a copy of the full model's weights."""
+    """Per epoch: the logs; at every improving epoch: a copy of the full model's weights. With
+    `report`, also a report to Tune after every epoch (fold 1: what ASHA's early rungs judge)."""
 
-    def __init__(self):
+    def __init__(self, report=None):
         super().__init__()
+        self.report = report
         self.history: dict[str, list[float]] = {}
         self.best_value, self.best_epoch, self.best_weights = WORST, 0, None
         self.epochs = 0
@@ -71,6 +78,8 @@ class FoldRecorder(keras.callbacks.Callback):
         if improves(value, self.best_value):
             self.best_value, self.best_epoch = value, epoch + 1
             self.best_weights = self.model.get_weights()
+        if self.report is not None:
+            self.report(self)
 
 
 def train_cv_trial(config: dict[str, Any], pool, settings: dict[str, Any], cache) -> None:
@@ -93,7 +102,7 @@ def train_cv_trial(config: dict[str, Any], pool, settings: dict[str, Any], cache
         for f in range(len(folds), pool.k):
             start = time.perf_counter()
             data = pool.fold_data(f)
-            recorder = FoldRecorder()
+            recorder = FoldRecorder(report=_epoch_reporter(on_features) if f == 0 else None)
             history = fit(train_cfg, data, callbacks=[recorder], feature_cache=cache if on_features else None)
             model = history.model
             if recorder.best_weights is not None:
@@ -114,16 +123,30 @@ def train_cv_trial(config: dict[str, Any], pool, settings: dict[str, Any], cache
             (folder / STATE_FILE).write_text(json.dumps({
                 "cv": pool.k, "folds": folds, "feature_cache": on_features, "train_config": train_cfg.to_dict(),
             }))
-            tune.report(_metrics(folds, resume, on_features), checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(_metrics(folds, resume, on_features, settings["max_epochs"]),
+                        checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _metrics(folds: list[dict], resume: CVResumeState, on_features: bool) -> dict[str, Any]:
+def _epoch_reporter(on_features: bool):
+    """Fold 1's per-epoch report (no checkpoint: a retry starts fold 1 again)."""
+    def report(recorder: FoldRecorder) -> None:
+        best = recorder.best_value if recorder.best_epoch else float("nan")
+        tune.report({METRIC: best, "cv_se": float("nan"), FOLDS_DONE: 0, CV_BUDGET: recorder.epochs,
+                     "fold_val_auc": best, "fold_best_epoch": recorder.best_epoch, "fold_epochs": recorder.epochs,
+                     f"epoch_{METRIC}": recorder.history.get(METRIC, [float("nan")])[-1],
+                     "epoch": recorder.epochs, "resumed_from_fold": 0, "feature_cache": on_features,
+                     "node_id": ray.get_runtime_context().get_node_id()})
+    return report
+
+
+def _metrics(folds: list[dict], resume: CVResumeState, on_features: bool, max_epochs: int) -> dict[str, Any]:
     values = [f["best_value"] for f in folds if f["best_value"] is not None]
     last = folds[-1]
     return {
         METRIC: float(np.mean(values)) if values else float("nan"),
         "cv_se": standard_error(values),
         FOLDS_DONE: len(folds),
+        CV_BUDGET: len(folds) * max_epochs,
         "fold_val_auc": last["best_value"] if last["best_value"] is not None else float("nan"),
         "fold_best_epoch": last["best_epoch"],
         "fold_epochs": last["epochs_run"],

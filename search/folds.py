@@ -25,6 +25,9 @@ FOLDS_FILE = "folds.csv"
 # What a CV trial reports after each fold: how many folds it has completed (ASHA's time attribute
 # in a CV sweep, and the score the kept checkpoint is chosen by).
 FOLDS_DONE = "folds_done"
+# ASHA's time attribute in a CV sweep: fold 1's epochs while it trains, then K * max_epochs after
+# fold K (search/cv_trial.py), so the early rungs judge fold 1 epoch by epoch.
+CV_BUDGET = "cv_budget"
 
 
 def assign_folds(patient_ids, labels, k: int, seed: int) -> np.ndarray:

@@ -63,12 +63,16 @@ def collect_results(cfg: SearchConfig) -> tuple[pd.DataFrame, dict[str, pd.DataF
 
 
 def fold_frame(frame: pd.DataFrame | None) -> pd.DataFrame:
-    """One row per completed fold of a CV trial (a retry may re-report a fold: keep the last)."""
+    """A CV trial's reports: one row per completed fold (a retry may re-report a fold: the last
+    is kept); a trial stopped inside fold 1 keeps its last per-epoch row (folds_done 0)."""
     if frame is None or frame.empty or FOLDS_DONE not in frame:
         return pd.DataFrame()
     frame = frame.dropna(subset=[FOLDS_DONE]).copy()
     frame[FOLDS_DONE] = frame[FOLDS_DONE].astype(int)
-    return frame.drop_duplicates(FOLDS_DONE, keep="last").sort_values(FOLDS_DONE).reset_index(drop=True)
+    folds = frame[frame[FOLDS_DONE] > 0]
+    if folds.empty:
+        return frame.tail(1).reset_index(drop=True)
+    return folds.drop_duplicates(FOLDS_DONE, keep="last").sort_values(FOLDS_DONE).reset_index(drop=True)
 
 
 def cv_trial_row(trial, folds: pd.DataFrame, cfg: SearchConfig) -> dict[str, Any]:
@@ -79,9 +83,11 @@ def cv_trial_row(trial, folds: pd.DataFrame, cfg: SearchConfig) -> dict[str, Any
     row[METRIC] = float(last[METRIC]) if last is not None else math.nan
     row["cv_se"] = float(last["cv_se"]) if last is not None else math.nan
     row[FOLDS_DONE] = int(last[FOLDS_DONE]) if last is not None else 0
-    best_epochs = [int(e) for e in folds["fold_best_epoch"]] if last is not None else []
+    done = folds[folds[FOLDS_DONE] > 0] if last is not None else folds
+    best_epochs = [int(e) for e in done["fold_best_epoch"]] if len(done) else []
     row["fold_best_epochs"] = "-".join(str(e) for e in best_epochs)
-    row["best_epoch"] = int(np.median(best_epochs)) if best_epochs else 0
+    row["best_epoch"] = int(np.median(best_epochs)) if best_epochs else int(last["fold_best_epoch"]) \
+        if last is not None else 0
     row["epochs_run"] = int(last["epoch"]) if last is not None else 0
     if trial.status == "ERROR":
         row["stopped_by"] = "error"
@@ -90,7 +96,8 @@ def cv_trial_row(trial, folds: pd.DataFrame, cfg: SearchConfig) -> dict[str, Any
     else:
         row["stopped_by"] = "folds" if row[FOLDS_DONE] >= cfg.cv else "asha"
     row["stopped_early"] = row["stopped_by"] == "asha"
-    row["duration_s"] = float(folds["time_this_iter_s"].sum()) if "time_this_iter_s" in folds else math.nan
+    # time_this_iter_s: since the previous report, fold 1's epochs included
+    row["duration_s"] = float(last["time_total_s"]) if last is not None and "time_total_s" in last else math.nan
     nodes = list(dict.fromkeys(folds["node_id"].dropna())) if "node_id" in folds else []
     row["node_id"] = nodes[-1] if nodes else None
     row["n_nodes"] = len(nodes)
@@ -99,7 +106,7 @@ def cv_trial_row(trial, folds: pd.DataFrame, cfg: SearchConfig) -> dict[str, Any
     row["attempts"] = 1 + int(trial.num_failures)
     row["checkpoint"] = checkpoint_uri(trial.checkpoint)
     row["error"] = _error_line(trial)
-    for _, fold in folds.iterrows():
+    for _, fold in done.iterrows():
         row[f"{FOLD_PREFIX}{int(fold[FOLDS_DONE])}"] = float(fold["fold_val_auc"])
     return row
 

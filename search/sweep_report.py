@@ -265,6 +265,8 @@ def plot_learning_curves(table: pd.DataFrame, path: Path, by_fold: bool = False)
         values = row[cols].to_numpy(dtype=float)
         epochs = np.arange(1, len(values) + 1)
         keep = ~np.isnan(values)
+        if not keep.any():  # a CV trial stopped inside fold 1 has no completed fold to draw
+            continue
         line, = ax.plot(epochs[keep], values[keep], "-o", markersize=3,
                         label=f"{row['trial_id']} ({row[METRIC]:.3f}, {row['head_units']})")
         if row["stopped_early"]:

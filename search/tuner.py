@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxr_search.config import SearchConfig
-from cxr_search.folds import FOLDS_DONE
+from cxr_search.folds import CV_BUDGET, FOLDS_DONE
 from cxr_search.space import METRIC, MODE, SpaceSampler
 from cxr_search.tracking import (
     close_orphaned_optuna_trials,
@@ -285,9 +285,11 @@ def build_scheduler(cfg: SearchConfig):
 
     # metric and mode come from TuneConfig (named there so Tune's status shows the best trial)
     if cfg.cv:
-        # One report per fold: the first rung judges fold 1 alone, so a configuration ASHA stops
-        # there has cost 1/K of a full cross-validation (search/cv_trial.py).
-        return ASHAScheduler(time_attr=FOLDS_DONE, max_t=cfg.cv, grace_period=1,
+        # The budget is fold 1's epochs, then max_epochs per completed fold (search/cv_trial.py):
+        # the rungs below max_epochs judge fold 1 epoch by epoch, as without --cv, so a poor
+        # configuration costs what it costs there; later rungs judge the mean of the folds done.
+        return ASHAScheduler(time_attr=CV_BUDGET, max_t=cfg.cv * cfg.max_epochs,
+                             grace_period=min(cfg.grace_period, cfg.max_epochs),
                              reduction_factor=cfg.reduction_factor)
     return ASHAScheduler(
         time_attr="training_iteration",  # one iteration = one epoch

@@ -54,8 +54,9 @@ def test_a_killed_cv_trial_is_retried_from_its_last_fold(ray_session, prepared_s
     resumed = [r for r in rows if r["resumed_from_fold"] > 0]
     assert resumed and all(r["pid"] != killer.killed_pid for r in resumed)
     assert resumed[0]["resumed_from_fold"] in (1, 2)
-    assert all(r["folds_done"] > r["resumed_from_fold"] for r in rows)
-    assert sorted({r["folds_done"] for r in rows}) == [1, 2, 3]
+    folds = [r for r in rows if r["folds_done"] > 0]
+    assert all(r["folds_done"] > r["resumed_from_fold"] for r in folds)
+    assert sorted({r["folds_done"] for r in folds}) == [1, 2, 3]
     state = json.loads((Path(row["checkpoint"]) / "state.json").read_text())
     assert [f["fold"] for f in state["folds"]] == [1, 2, 3]
     assert all((Path(row["checkpoint"]) / f"fold_{f}" / "weights.npz").is_file() for f in (1, 2, 3))
@@ -85,7 +86,7 @@ def test_driver_killed_mid_cv_trial_resumes_to_every_trial(prepared_small, tmp_p
     space.write_text(TEST_SPACE + "trainable_blocks: 0\n")
     run = tmp_path / "run"
     args = [str(prepared_small), "--out", str(run), "--trials", str(TRIALS), "--max-epochs", "2", "--cv", str(K),
-            "--reduction-factor", "4", "--concurrency", "1", "--weights", "none", "--max-failures", "2",
+            "--reduction-factor", "2", "--concurrency", "1", "--weights", "none", "--max-failures", "2",
             "--patience", "2", "--space", str(space)]
     ray_tmp = tempfile.mkdtemp(prefix="cxr19-", dir="/tmp")
     first = None
@@ -113,15 +114,19 @@ def test_driver_killed_mid_cv_trial_resumes_to_every_trial(prepared_small, tmp_p
     table = pd.read_csv(run / "results.csv")
     assert len(table) == TRIALS and table["trial_id"].is_unique
     assert (table["status"] == "TERMINATED").all(), table[["trial_id", "status", "error"]].to_string()
-    assert (table["folds_done"] == K).all()  # reduction factor 4 > K: ASHA stops none after fold 1
+    complete = table[table["folds_done"] == K]
+    assert len(complete) >= 1 and (table.loc[table["folds_done"] < K, "stopped_by"] == "asha").all()
     ended = {t["id"] for t in before if t["status"] in ("TERMINATED", "ERROR")}
     for trial_id in table["trial_id"]:
-        rows = _result_rows(run / "tune" / f"trial_{trial_id}")
-        # every fold reported; none before the checkpoint a retry started from
-        assert sorted({r["folds_done"] for r in rows}) == list(range(1, K + 1)), trial_id
+        reports = _result_rows(run / "tune" / f"trial_{trial_id}")
+        assert reports, trial_id
+        rows = [r for r in reports if r["folds_done"] > 0]
+        # every fold it ran reported; none before the checkpoint a retry started from
+        if trial_id in set(complete["trial_id"]):
+            assert sorted({r["folds_done"] for r in rows}) == list(range(1, K + 1)), trial_id
         assert all(r["folds_done"] > r["resumed_from_fold"] for r in rows), trial_id
         if trial_id in ended:
-            assert max(r["timestamp"] for r in rows) <= kill_time + 1, trial_id
+            assert max(r["timestamp"] for r in reports) <= kill_time + 1, trial_id
     study = optuna.load_study(study_name=f"cxr-{run.name}", storage=f"sqlite:///{run / 'optuna.db'}")
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == TRIALS, states
