@@ -7,10 +7,11 @@ stopped_early, duration_s, node_id, n_nodes, feature_cache, attempts (1 + retrie
 worker), checkpoint, error, and the validation AUC of every epoch, `val_auc_e1` ... `val_auc_eN`,
 so trials stopped at different budgets can be compared at the same budget.
 
-With `--cv K` a trial reports once per fold, and its row says so: `val_auc` is the mean of its
-completed folds' best validation AUCs and `cv_se` its standard error, `folds_done` (K, or fewer
-for a trial ASHA stopped), `val_auc_f1` ... `val_auc_fK` per fold, `fold_best_epochs` ("3-5-4"),
-`best_epoch` their median (what `--refit` trains for), `epochs_run` the epochs of all its folds
+With `--cv K` a trial reports every epoch of fold 1, then once per fold, and its row says so:
+`val_auc` is the mean of its completed folds' best validation AUCs (fold 1's best so far for a
+trial ASHA stopped inside fold 1) and `cv_se` its standard error, `folds_done` (K, or fewer for a
+trial ASHA stopped: 0 inside fold 1), `val_auc_f1` ... `val_auc_fK` per fold, `fold_best_epochs`
+("3-5-4"), `best_epoch` their median (what `--refit` trains for), `epochs_run` the epochs of all its folds
 together, and stopped_by `folds` (all K) or `asha`. Complete trials are listed first: only they
 can be exported (the ensemble needs every fold), then the rest by their partial mean.
 

@@ -9,8 +9,9 @@ The path of one trial, in the order it runs (`train_trial` below reads the same 
 4. After every epoch `ReportCallback` (search/trial_reporter.py) reports the best-so-far val AUC
    to Tune (ASHA and Optuna read it) and, when it improved, a checkpoint with the full model's
    weights, the optimizer's state and the history.
-With `--cv K` step 2 hands over to search/cv_trial.py after the set-up: K fits, one per fold, and
-one report per fold (the mean best val AUC of the folds so far), checkpointing every fold's model.
+With `--cv K` step 2 hands over to search/cv_trial.py after the set-up: K fits, one per fold; fold
+1 reports every epoch (ASHA's early rungs), then one report per completed fold (the mean best val
+AUC of the folds so far) with a checkpoint of every completed fold's model.
 
 A plain function, as in Ray Tune's own examples. Keras, TensorFlow/JAX and cxr_model are imported
 inside it, after the accelerator settings are in the environment, because a GPU runtime reads
