@@ -47,12 +47,15 @@ _VERSIONED = ("cxr-tune", "keras", "tensorflow", "jax", "jaxlib", "numpy", "ray"
 
 def export(model, run_dir, *, train_cfg, threshold: float, metrics: dict, manifest_hash: str | None = None,
            history=None, extra: dict | None = None, threshold_method: str | None = None,
-           target_sensitivity: float | None = None, resize: str = "pad", overwrite: bool = False) -> Path:
+           target_sensitivity: float | None = None, resize: str = "pad", overwrite: bool = False,
+           threshold_split: str = "val") -> Path:
     """Write the export folder `run_dir` (see the module docstring) and return its path.
 
     metrics: {split: evaluate() output}, e.g. {"val": ..., "test": ...}; a single evaluate() output
     is taken as the test metrics. resize: the prepared data's resize mode ("pad" or "crop"), which
     `cxr predict` must apply to new images. Refuses a non-empty existing run_dir unless overwrite.
+    threshold_split: what the threshold was chosen on, as the card records it ("val", or "oof": the
+    out-of-fold predictions of a cross-validated sweep).
     """
     run_dir = Path(run_dir)
     check_export_target(run_dir, overwrite)
@@ -63,7 +66,7 @@ def export(model, run_dir, *, train_cfg, threshold: float, metrics: dict, manife
         artifacts = _save_model(model, staging)
         plot_files = _write_plots(staging / PLOTS_DIR, metrics, history)
         card = _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, threshold_method,
-                           target_sensitivity, resize, artifacts, plot_files)
+                           target_sensitivity, resize, artifacts, plot_files, threshold_split)
         _write_json(staging / CARD_FILE, card)
         _write_json(staging / METRICS_FILE, {"metrics": metrics, "history": _history_dict(history)})
         _move_into_place(staging, run_dir)
@@ -221,7 +224,7 @@ def _write_plots(folder: Path, metrics: dict, history) -> list[str]:
 
 
 def _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, threshold_method,
-                target_sensitivity, resize, artifacts, plot_files) -> dict:
+                target_sensitivity, resize, artifacts, plot_files, threshold_split="val") -> dict:
     import keras
 
     config = train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else dict(train_cfg)
@@ -241,7 +244,7 @@ def _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, thre
         "threshold": float(threshold),
         "decision_rule": "PNEUMONIA if P(PNEUMONIA) >= threshold",
         "threshold_selection": {"method": threshold_method, "target_sensitivity": target_sensitivity,
-                                "split": "val"},
+                                "split": threshold_split},
         "config": config,
         # ROC/PR points and calibration bins stay in metrics.json; the card keeps the numbers a
         # reader compares.

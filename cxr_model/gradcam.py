@@ -27,6 +27,12 @@ def gradcam_heatmaps(model, images, layer_name: str = TARGET_LAYER, batch_size: 
     """Grad-CAM maps for PNEUMONIA, float32 [N, h, w] in [0, 1] (each map divided by its maximum)."""
     import keras
 
+    bases = [layer.name for layer in model.layers if layer.name.startswith("vgg16_fold")]
+    if len(bases) > 1:
+        from cxr_datasets.errors import CxrError
+
+        raise CxrError(f"Grad-CAM explains one VGG16 base, and this model is an ensemble of {len(bases)} "
+                       "fine-tuned ones (cxr search --cv with trainable blocks): leave out --gradcam")
     to_conv, from_conv = split_at_layer(model, layer_name)
 
     def pneumonia_log_odds(conv):

@@ -109,12 +109,65 @@ def inference_model(model: keras.Model) -> keras.Model:
     which computes the very same float32 values. Used by the exporter, so model.keras needs no
     cxr-tune code to load.
     """
+    if model.name == ENSEMBLE_NAME:  # already the portable graph
+        return model
     size = model.input_shape[1]
     image = keras.Input((size, size, 1), dtype="uint8", name="image")
     x = builtin_preprocess(size)(image)
     features = model.get_layer("vgg16")(x, training=False)
     probs = model.get_layer("head")(features, training=False)
     return keras.Model(image, probs, name="cxr_vgg16_inference")
+
+
+ENSEMBLE_NAME = "cxr_vgg16_ensemble"
+
+
+def ensemble_model(members: list[keras.Model]) -> keras.Model:
+    """One portable graph whose output is the mean of the members' softmax outputs.
+
+    members: full models of one architecture (e.g. the K fold models of a cross-validated
+    configuration). Built-in layers only, like `inference_model`: the preprocessing once, then
+    when every member has the same VGG16 weights (a frozen base: the folds differ in their heads
+    only) ONE base feeding K heads, else K bases; `Average` takes the mean of the K softmax outputs,
+    so rows still sum to 1. With one shared base, Grad-CAM (block5_conv3) explains the ensemble.
+    The weights are copied: the ensemble does not share variables with `members`.
+    """
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    size = members[0].input_shape[1]
+    image = keras.Input((size, size, 1), dtype="uint8", name="image")
+    x = builtin_preprocess(size)(image)
+    cfgs = [_base_and_head(m) for m in members]
+    shared = all(_same_weights(cfgs[0][0], base) for base, _ in cfgs[1:])
+    outputs = []
+    if shared:
+        base = _copy_of(cfgs[0][0], "vgg16")
+        features = base(x, training=False)
+        for k, (_, head) in enumerate(cfgs, start=1):
+            outputs.append(_copy_of(head, f"head_fold{k}")(features, training=False))
+    else:
+        for k, (base, head) in enumerate(cfgs, start=1):
+            features = _copy_of(base, f"vgg16_fold{k}")(x, training=False)
+            outputs.append(_copy_of(head, f"head_fold{k}")(features, training=False))
+    probs = keras.layers.Average(name="fold_mean")(outputs) if len(outputs) > 1 else outputs[0]
+    return keras.Model(image, probs, name=ENSEMBLE_NAME)
+
+
+def _base_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    return model.get_layer("vgg16"), model.get_layer("head")
+
+
+def _same_weights(a: keras.Model, b: keras.Model) -> bool:
+    wa, wb = a.get_weights(), b.get_weights()
+    return len(wa) == len(wb) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(wa, wb))
+
+
+def _copy_of(model: keras.Model, name: str) -> keras.Model:
+    """A fresh copy of a nested model (same layers, same weights), under another name."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    clone.name = name
+    return clone
 
 
 def builtin_preprocess(size: int) -> keras.Model:

@@ -52,10 +52,13 @@ def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str 
 
 def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
              threshold_method: str = _EVAL.threshold_method, target_sensitivity: float = _EVAL.target_sensitivity,
-             n_boot: int = _EVAL.n_boot, overwrite: bool = False, extra: dict | None = None) -> dict:
+             n_boot: int = _EVAL.n_boot, overwrite: bool = False, extra: dict | None = None,
+             val_scores=None, threshold_split: str = "val") -> dict:
     """Threshold on validation, metrics on validation and test at that threshold, export.
 
-    1. P(PNEUMONIA) on the validation split (`val` = (images, labels), else loaded from prepared_dir)
+    1. P(PNEUMONIA) on the validation split (`val` = (images, labels), else loaded from prepared_dir);
+       or `val_scores` = (labels, probabilities) already computed: a cross-validated sweep passes
+       the out-of-fold predictions of train + val (threshold_split="oof", as the card records)
     2. the threshold and the fixed operating points from validation alone (choose_threshold,
        choose_operating_points)
     3. validation metrics at that threshold
@@ -66,8 +69,11 @@ def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
     from .model import predict_proba  # Keras: a model is at hand, so it is loaded already
 
     prepared_dir = Location.of(prepared_dir)
-    x_val, y_val = val if val is not None else load_split(prepared_dir, "val")
-    val_probs = predict_proba(model, x_val)
+    if val_scores is not None:
+        y_val, val_probs = val_scores
+    else:
+        x_val, y_val = val if val is not None else load_split(prepared_dir, "val")
+        val_probs = predict_proba(model, x_val)
     threshold = choose_threshold(y_val, val_probs, method=threshold_method, target=target_sensitivity)
     points = choose_operating_points(y_val, val_probs)
     seed = train_cfg.seed
@@ -81,7 +87,7 @@ def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
         manifest_hash=manifest_hash(prepared_dir), history=history, extra=extra,
         threshold_method=threshold_method,
         target_sensitivity=target_sensitivity if threshold_method == "sensitivity" else None,
-        resize=read_manifest(prepared_dir)["options"]["resize"], overwrite=overwrite,
+        resize=read_manifest(prepared_dir)["options"]["resize"], overwrite=overwrite, threshold_split=threshold_split,
     )
     return {"model_dir": Path(run_dir), "threshold": threshold, "threshold_method": threshold_method,
             "metrics": metrics}

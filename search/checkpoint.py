@@ -6,6 +6,11 @@ importing Keras; search/trial_reporter.py writes them inside trials.
     RUN/tune/trial_<id>/checkpoint_*/optimizer.npz the optimizer's variables (step, Adam's moments)
     RUN/tune/trial_<id>/checkpoint_*/state.json    epoch, best value and epoch, per-epoch history,
                                                    feature_cache, the trial's TrainConfig
+With `--cv K` (search/cv_trial.py) one checkpoint holds every fold the trial has completed:
+    RUN/tune/trial_<id>/checkpoint_*/fold_<f>/weights.npz   fold f's model at its best epoch
+    RUN/tune/trial_<id>/checkpoint_*/state.json             per fold: best value and epoch, epochs
+                                                            run, history, held-out rows and their
+                                                            out-of-fold probabilities
 """
 from __future__ import annotations
 
@@ -22,6 +27,11 @@ from cxr_model.config import WORST
 WEIGHTS_FILE = "weights.npz"
 OPTIMIZER_FILE = "optimizer.npz"  # the optimizer's variables: step count, Adam's moments
 STATE_FILE = "state.json"
+
+
+def fold_dir(fold: int) -> str:
+    """A CV checkpoint's sub-folder of fold `fold` (1-based)."""
+    return f"fold_{fold}"
 
 
 @dataclass

@@ -24,6 +24,7 @@ SEARCH_EPILOG = """examples:
   cxr search runs/prepared --out runs/sweep --resume         # continue an interrupted sweep
   cxr search runs/prepared --out runs/s1 --resume --storage s3://bucket/cxr/s1  # on a new head
   cxr search runs/prepared --out runs/smoke --smoke          # 2 tiny trials, random weights
+  cxr search runs/prepared --out runs/cv --cv 5              # 5-fold CV per trial, the fold ensemble exported
   cxr search s3://bucket/prepared --out runs/sweep           # prepared data in a bucket (gs://, file://)
   cxr search /data/prepared --out runs/s1 --address auto --storage s3://bucket/cxr/s1  # on a cluster
 
@@ -62,6 +63,13 @@ def _add_search(subparsers) -> None:
     budget.add_argument("--reduction-factor", type=int, help=_default("ASHA keeps 1/R per rung", "reduction_factor"))
     budget.add_argument("--patience", type=int, help=_default("epochs without improvement before fit stops",
                                                               "patience"))
+    budget.add_argument("--cv", type=int, metavar="K",
+                        help=_default("K >= 2: patient-grouped K-fold cross-validation of train + val in every trial, "
+                                      "ASHA judging fold 1 first; the best configuration's K fold models are "
+                                      "exported as one ensemble (0: one validation split)", "cv"))
+    budget.add_argument("--refit", action="store_true", default=None,
+                        help="with --cv: export the best configuration retrained once on all of train + val, "
+                             "for the median of its folds' best epochs, instead of the fold ensemble")
     budget.add_argument("--smoke", action="store_true",
                         help="tiny everything (2 trials, 2 epochs, random weights) for a quick check")
     res = p.add_argument_group("resources")
@@ -112,7 +120,9 @@ def handle_search(args) -> int:
     from cxr_search.summary import print_summary
 
     cfg, resume = config_from_args(args)
-    print(f"cxr search: {cfg.trials} trials, up to {cfg.max_epochs} epochs each, run folder {cfg.run_dir}"
+    folds = f", {cfg.cv}-fold cross-validation" if cfg.cv else ""
+    print(f"cxr search: {cfg.trials} trials, up to {cfg.max_epochs} epochs each{' fold' if cfg.cv else ''}{folds}, "
+          f"run folder {cfg.run_dir}"
           + (" (resuming)" if resume else ""))
     summary = run_search(cfg, resume=resume)
     return print_summary(cfg, summary)

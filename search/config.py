@@ -50,6 +50,8 @@ class SearchConfig:
     feature_cache_dir: str | None = None  # None: a node-local temp folder (each node computes once)
     feature_cache: bool = True        # frozen, unaugmented trials train on cached VGG16 features
     asha: bool = True                 # early stopping by ASHA; False runs every trial to max_epochs
+    cv: int = 0                       # 0: one validation split; K >= 2: patient-grouped K-fold CV of train + val
+    refit: bool = False               # with cv: export the best config retrained on all of train + val
     verbose: int = 1                  # Tune's console output: 0 silent, 1 status table, 2 per result
     mlflow: str | None = None         # MLflow tracking URI: one MLflow run per trial (pip install 'cxr-tune[mlflow]')
     prepared_hash: str | None = None  # sha256 of PREPARED's manifest.json when the sweep started;
@@ -65,6 +67,11 @@ class SearchConfig:
         _at_least(self, "reduction_factor", 2)  # 1 would keep every trial at every rung
         _at_least(self, "max_failures", -1)     # -1: retry without limit (Tune's convention)
         _at_least(self, "seed", 0)
+        _at_least(self, "cv", 0)
+        if self.cv == 1:
+            raise ConfigError("cv must be 0 (one validation split) or a number of folds >= 2, got 1")
+        if self.refit and not self.cv:
+            raise ConfigError("refit retrains the best configuration of a cross-validated sweep: give cv >= 2")
         _at_least(self, "patience", 1)
         _at_least(self, "verbose", 0)
         for name, low in (("gpus_per_trial", 0.0), ("cpus_per_trial", 0.0)):

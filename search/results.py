@@ -7,6 +7,14 @@ stopped_early, duration_s, node_id, n_nodes, feature_cache, attempts (1 + retrie
 worker), checkpoint, error, and the validation AUC of every epoch, `val_auc_e1` ... `val_auc_eN`,
 so trials stopped at different budgets can be compared at the same budget.
 
+With `--cv K` a trial reports every epoch of fold 1, then once per fold, and its row says so:
+`val_auc` is the mean of its completed folds' best validation AUCs (fold 1's best so far for a
+trial ASHA stopped inside fold 1) and `cv_se` its standard error, `folds_done` (K, or fewer for a
+trial ASHA stopped: 0 inside fold 1), `val_auc_f1` ... `val_auc_fK` per fold, `fold_best_epochs`
+("3-5-4"), `best_epoch` their median (what `--refit` trains for), `epochs_run` the epochs of all its folds
+together, and stopped_by `folds` (all K) or `asha`. Complete trials are listed first: only they
+can be exported (the ensemble needs every fold), then the rest by their partial mean.
+
 Written as RUN/results.parquet and RUN/results.csv, and next to Tune's experiment state when
 --storage is elsewhere (s3://...).
 """
@@ -16,12 +24,15 @@ import io
 import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cxr_search.config import SearchConfig, write_to_storage
+from cxr_search.folds import FOLDS_DONE
 from cxr_search.space import EPOCH_METRIC, METRIC, MODE, param_columns
 
 EPOCH_PREFIX = f"{METRIC}_e"  # METRIC of epoch N is the column f"{EPOCH_PREFIX}{N}"
+FOLD_PREFIX = f"{METRIC}_f"   # with --cv: the best METRIC of fold N is the column f"{FOLD_PREFIX}{N}"
 
 
 def collect_results(cfg: SearchConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -32,14 +43,73 @@ def collect_results(cfg: SearchConfig) -> tuple[pd.DataFrame, dict[str, pd.DataF
     frames = analysis.trial_dataframes  # {trial_id: all reported rows}
     rows, histories = [], {}
     for trial in analysis.trials:
+        if cfg.cv:
+            reports = fold_frame(frames.get(trial.trial_id))
+            histories[trial.trial_id] = reports
+            rows.append(cv_trial_row(trial, reports, cfg))
+            continue
         epochs = epoch_frame(frames.get(trial.trial_id))
         histories[trial.trial_id] = epochs
         rows.append(trial_row(trial, epochs, cfg))
     table = pd.DataFrame(rows)
     if not table.empty:
         ascending = MODE == "min"
-        table = table.sort_values(METRIC, ascending=ascending, na_position="last", kind="stable")
+        if cfg.cv:  # complete cross-validations first, then by (partial) mean
+            table = table.assign(_complete=table[FOLDS_DONE] >= cfg.cv)
+            table = table.sort_values(["_complete", METRIC], ascending=[False, ascending], na_position="last",
+                                      kind="stable").drop(columns="_complete")
+        else:
+            table = table.sort_values(METRIC, ascending=ascending, na_position="last", kind="stable")
     return table.reset_index(drop=True), histories
+
+
+def fold_frame(frame: pd.DataFrame | None) -> pd.DataFrame:
+    """A CV trial's reports: one row per completed fold (a retry may re-report a fold: the last
+    is kept); a trial stopped inside fold 1 keeps its last per-epoch row (folds_done 0)."""
+    if frame is None or frame.empty or FOLDS_DONE not in frame:
+        return pd.DataFrame()
+    frame = frame.dropna(subset=[FOLDS_DONE]).copy()
+    frame[FOLDS_DONE] = frame[FOLDS_DONE].astype(int)
+    folds = frame[frame[FOLDS_DONE] > 0]
+    if folds.empty:
+        return frame.tail(1).reset_index(drop=True)
+    return folds.drop_duplicates(FOLDS_DONE, keep="last").sort_values(FOLDS_DONE).reset_index(drop=True)
+
+
+def cv_trial_row(trial, folds: pd.DataFrame, cfg: SearchConfig) -> dict[str, Any]:
+    """A CV trial's row: see the module docstring."""
+    row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status}
+    row.update(param_columns(dict(trial.config)))
+    last = folds.iloc[-1] if len(folds) else None
+    row[METRIC] = float(last[METRIC]) if last is not None else math.nan
+    row["cv_se"] = float(last["cv_se"]) if last is not None else math.nan
+    row[FOLDS_DONE] = int(last[FOLDS_DONE]) if last is not None else 0
+    done = folds[folds[FOLDS_DONE] > 0] if last is not None else folds
+    best_epochs = [int(e) for e in done["fold_best_epoch"]] if len(done) else []
+    row["fold_best_epochs"] = "-".join(str(e) for e in best_epochs)
+    row["best_epoch"] = int(np.median(best_epochs)) if best_epochs else int(last["fold_best_epoch"]) \
+        if last is not None else 0
+    row["epochs_run"] = int(last["epoch"]) if last is not None else 0
+    if trial.status == "ERROR":
+        row["stopped_by"] = "error"
+    elif trial.status != "TERMINATED" or last is None:
+        row["stopped_by"] = "unfinished"
+    else:
+        row["stopped_by"] = "folds" if row[FOLDS_DONE] >= cfg.cv else "asha"
+    row["stopped_early"] = row["stopped_by"] == "asha"
+    # time_this_iter_s: since the previous report, fold 1's epochs included
+    row["duration_s"] = float(last["time_total_s"]) if last is not None and "time_total_s" in last else math.nan
+    nodes = list(dict.fromkeys(folds["node_id"].dropna())) if "node_id" in folds else []
+    row["node_id"] = nodes[-1] if nodes else None
+    row["n_nodes"] = len(nodes)
+    row["node_ip"] = str(last["node_ip"]) if last is not None and "node_ip" in last else None
+    row["feature_cache"] = bool(last["feature_cache"]) if last is not None else None
+    row["attempts"] = 1 + int(trial.num_failures)
+    row["checkpoint"] = checkpoint_uri(trial.checkpoint)
+    row["error"] = _error_line(trial)
+    for _, fold in done.iterrows():
+        row[f"{FOLD_PREFIX}{int(fold[FOLDS_DONE])}"] = float(fold["fold_val_auc"])
+    return row
 
 
 def epoch_frame(frame: pd.DataFrame | None) -> pd.DataFrame:
@@ -109,6 +179,11 @@ def _error_line(trial) -> str | None:
 def epoch_columns(table: pd.DataFrame) -> list[str]:
     cols = [c for c in table.columns if c.startswith(EPOCH_PREFIX) and c[len(EPOCH_PREFIX):].isdigit()]
     return sorted(cols, key=lambda c: int(c[len(EPOCH_PREFIX):]))
+
+
+def fold_columns(table: pd.DataFrame) -> list[str]:
+    cols = [c for c in table.columns if c.startswith(FOLD_PREFIX) and c[len(FOLD_PREFIX):].isdigit()]
+    return sorted(cols, key=lambda c: int(c[len(FOLD_PREFIX):]))
 
 
 def write_results(table: pd.DataFrame, cfg: SearchConfig) -> list[str]:

@@ -19,13 +19,12 @@ from typing import Any, Sequence
 
 from cxr_datasets import manifest_hash
 from cxr_datasets.errors import CxrError
-from cxr_model import Data
-from cxr_search.best import export_best
+from cxr_search.best import export_best, export_cv_best
 from cxr_search.config import CONFIG_FILE, SearchConfig
 from cxr_search.results import collect_results, write_results
 from cxr_search.sweep_report import write_report
 from cxr_search.tracking import log_best_to_mlflow
-from cxr_search.tuner import check_weights, run_sweep, sweep_finished
+from cxr_search.tuner import check_weights, run_sweep, sweep_data, sweep_finished
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -46,15 +45,18 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
         check_same_data(cfg, data_hash)
         if not (cfg.run_dir / CONFIG_FILE).is_file():
             cfg.save()  # resumed from --storage into a new folder: keep the config here too
-    # Loaded once: the trials train on it and the best trial's threshold is chosen on its val split.
-    data = Data.from_prepared(cfg.prepared)  # train + val only; the test split stays on disk
+    # Loaded once: the trials train on it and the best trial's threshold is chosen on its val split
+    # (with --cv: on its out-of-fold predictions, and the folds are recorded in RUN/folds.csv).
+    data = sweep_data(cfg)  # train + val only; the test split stays on disk
+    if cfg.cv:
+        record_folds(cfg, data)
     grid = run_sweep(cfg, resume=resume, callbacks=callbacks, data=data)
     table, _histories = collect_results(cfg)
     files = write_results(table, cfg)
     summary: dict[str, Any] = {"finished": sweep_finished(cfg, grid), "table": table, "best": None,
                                "report": None, "results_files": files}
     if summary["finished"]:
-        summary["best"] = export_best(cfg, table, data=data)
+        summary["best"] = export_cv_best(cfg, table, data) if cfg.cv else export_best(cfg, table, data=data)
         summary["mlflow_best_run"] = log_best_to_mlflow(cfg, summary["best"])  # None without --mlflow
         summary["wall_time_s"] = time.perf_counter() - start
         summary["report"] = write_report(cfg, table, summary["best"], wall_time_s=summary["wall_time_s"])
@@ -69,3 +71,13 @@ def check_same_data(cfg: SearchConfig, data_hash: str) -> None:
         raise CxrError(f"{cfg.prepared} is not the prepared data this sweep started with (manifest.json "
                        f"sha256 {data_hash[:12]}..., the sweep's {cfg.prepared_hash[:12]}...): restore it, "
                        "or start a new sweep with another --out")
+
+
+def record_folds(cfg: SearchConfig, pool) -> None:
+    """RUN/folds.csv (which patient is in which fold), and its copy in a remote --storage."""
+    from cxr_search.config import write_to_storage
+    from cxr_search.folds import FOLDS_FILE, write_folds
+
+    path = write_folds(pool, cfg.run_dir)
+    if cfg.remote_storage:
+        write_to_storage(f"{cfg.storage_path}/{FOLDS_FILE}", path.read_bytes())

@@ -21,7 +21,11 @@ def print_summary(cfg: SearchConfig, summary: dict[str, Any]) -> int:
     best = summary["best"]
     test = best["metrics"]["test"]
     print(f"\nBest trial {best['trial_id']}: {METRIC_LABEL} {best[METRIC]:.4f}; "
-          f"threshold {best['threshold']:.3f} (chosen on validation)")
+          f"threshold {best['threshold']:.3f} (chosen on {'out-of-fold predictions' if cfg.cv else 'validation'})")
+    if cfg.cv:
+        cv, single = best["cv"], best["cv"]["best_fold"]["test_roc_auc"]["value"]
+        print(f"Exported: {cv['exported']}; out-of-fold roc_auc {cv['oof_roc_auc']['value']:.4f}; test roc_auc of "
+              f"the fold ensemble {cv['ensemble_test_roc_auc']['value']:.4f}, of the best single fold model {single:.4f}")
     print("Test split, evaluated once (95% bootstrap intervals):")
     for name in DISPLAY_ORDER:
         m = test[name]

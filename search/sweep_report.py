@@ -24,7 +24,8 @@ from cxr_datasets.figures import DPI, new_figure, save_figure
 from cxr_model.config import METRIC_LABEL
 from cxr_model.evaluate import DISPLAY_ORDER
 from cxr_search.config import SearchConfig
-from cxr_search.results import epoch_columns
+from cxr_search.folds import FOLDS_DONE
+from cxr_search.results import epoch_columns, fold_columns
 from cxr_search.space import HYPERPARAMETERS, METRIC, describe, result_params
 
 TOP_CURVES = 6      # learning curves drawn (more is unreadable)
@@ -38,30 +39,32 @@ def write_report(cfg: SearchConfig, table: pd.DataFrame, best: dict[str, Any], *
     plots = write_plots(cfg, table)
     optuna_plots, skipped = write_optuna_plots(cfg, cfg.run_dir / PLOTS_DIR)
     plots.update(optuna_plots)
+    chosen_on = "out-of-fold predictions" if cfg.cv else "validation"
     text = "\n".join([
         f"# cxr-tune sweep report: `{cfg.run_dir.name}`",
         "",
         _summary(cfg, table, wall_time_s),
         "## Best trial",
         "",
-        _best_section(best),
-        "## Test metrics (evaluated once, threshold chosen on validation)",
+        _best_section(best, cfg),
+        *([_cv_section(cfg, best)] if cfg.cv else []),
+        f"## Test metrics (evaluated once, threshold chosen on {chosen_on})",
         "",
-        _metrics_table(best["metrics"]),
+        _metrics_table(best["metrics"], "out-of-fold" if cfg.cv else "validation"),
         "",
         f"![confusion matrix]({_rel(cfg, best['model_dir'] / 'plots' / 'confusion_test.png')}) "
         f"![ROC]({_rel(cfg, best['model_dir'] / 'plots' / 'roc_test.png')})",
         "",
         "## Calibration and operating points",
         "",
-        _calibration_section(best["metrics"]),
+        _calibration_section(best["metrics"], "out-of-fold" if cfg.cv else "validation"),
         "",
         f"![precision-recall]({_rel(cfg, best['model_dir'] / 'plots' / 'pr_test.png')}) "
         f"![reliability]({_rel(cfg, best['model_dir'] / 'plots' / 'reliability_test.png')})",
         "",
         "## Trials",
         "",
-        _trials_table(table),
+        _trials_table(table, cfg),
         "",
         "## Plots",
         "",
@@ -91,8 +94,16 @@ def _summary(cfg: SearchConfig, table: pd.DataFrame, wall_time_s: float | None) 
     parts = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
     wall = f" in {wall_time_s / 60:.1f} min" if wall_time_s else ""
     nodes = table["node_id"].nunique()
-    return (f"{len(table)} trials{wall} on {nodes} node(s), up to {cfg.max_epochs} epochs each "
-            f"(ASHA grace {cfg.grace_period}, reduction factor {cfg.reduction_factor}); ended by: {parts}. "
+    if cfg.cv:
+        used = int(table["epochs_run"].sum())
+        budget = (f"{cfg.cv}-fold patient-grouped cross-validation of train + val, up to {cfg.max_epochs} epochs "
+                  f"per fold (ASHA on folds: every trial runs fold 1, reduction factor {cfg.reduction_factor}); "
+                  f"{used} trial-epochs in all, against {len(table) * cfg.cv * cfg.max_epochs} for every trial's "
+                  f"full CV at the epoch budget")
+    else:
+        budget = (f"up to {cfg.max_epochs} epochs each "
+                  f"(ASHA grace {cfg.grace_period}, reduction factor {cfg.reduction_factor})")
+    return (f"{len(table)} trials{wall} on {nodes} node(s), {budget}; ended by: {parts}. "
             f"Prepared data: `{cfg.prepared}`{_data_hash(cfg)}; base weights: "
             f"{cfg.weights or 'none (random init)'}.\n")
 
@@ -101,15 +112,21 @@ def _data_hash(cfg: SearchConfig) -> str:
     return f" (manifest sha256 `{cfg.prepared_hash[:12]}...`)" if cfg.prepared_hash else ""
 
 
-def _best_section(best: dict[str, Any]) -> str:
+def _best_section(best: dict[str, Any], cfg: SearchConfig | None = None) -> str:
     params = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in best["params"].items())
+    if cfg is not None and cfg.cv:
+        cv = best["cv"]
+        return (f"Trial `{best['trial_id']}`: {METRIC_LABEL} {_pm(cv[f'{METRIC}_mean'], cv[f'{METRIC}_se'])} "
+                f"over {cfg.cv} folds (median best epoch {best['best_epoch']}); decision threshold "
+                f"{best['threshold']:.4f} ({best['threshold_method']}, on the out-of-fold predictions of train + val). "
+                f"Exported to `{best['model_dir']}`.\n\n| parameter | value |\n|---|---|\n{params}\n")
     return (f"Trial `{best['trial_id']}`: {METRIC_LABEL} {best[METRIC]:.4f} at epoch {best['best_epoch']}; "
             f"decision threshold {best['threshold']:.4f} ({best['threshold_method']}, on validation). "
             f"Exported to `{best['model_dir']}`.\n\n| parameter | value |\n|---|---|\n{params}\n")
 
 
-def _metrics_table(metrics: dict[str, Any]) -> str:
-    lines = ["| metric | test | 95% CI | validation |", "|---|---|---|---|"]
+def _metrics_table(metrics: dict[str, Any], val_label: str = "validation") -> str:
+    lines = [f"| metric | test | 95% CI | {val_label} |", "|---|---|---|---|"]
     for name in DISPLAY_ORDER:
         test, val = metrics["test"][name], metrics["val"][name]
         lines.append(f"| {name} | {_fmt(test['value'])} | {_fmt(test['ci_low'])} - {_fmt(test['ci_high'])} "
@@ -119,11 +136,11 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _calibration_section(metrics: dict[str, Any]) -> str:
+def _calibration_section(metrics: dict[str, Any], val_label: str = "validation") -> str:
     """Threshold-free scores (AUPRC, Brier, ECE, AUC with DeLong's interval) and sensitivity /
     specificity at the operating points chosen on validation, for test and validation."""
     test, val = metrics["test"], metrics["val"]
-    lines = ["| score | test | 95% CI | validation |", "|---|---|---|---|"]
+    lines = [f"| score | test | 95% CI | {val_label} |", "|---|---|---|---|"]
     for label, key in (("ROC AUC (DeLong CI)", "roc_auc_delong"), ("AUPRC (average precision)", "auprc"),
                        ("Brier score (lower is better)", "brier")):
         t = test[key]
@@ -132,7 +149,7 @@ def _calibration_section(metrics: dict[str, Any]) -> str:
     lines.append(f"| ECE, 10 bins (lower is better) | {_fmt(test['ece'])} | | {_fmt(val['ece'])} |")
     points = test.get("operating_points") or []
     if points:
-        lines += ["", "Operating points (threshold chosen on validation, applied unchanged to test; "
+        lines += ["", f"Operating points (threshold chosen on {val_label}, applied unchanged to test; "
                   "Wilson 95% intervals):", "",
                   "| operating point | threshold | test sensitivity | test specificity | val sensitivity | val specificity |",
                   "|---|---|---|---|---|---|"]
@@ -147,14 +164,60 @@ def _ci(m: dict[str, Any]) -> str:
     return f"{_fmt(m['value'])} [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
 
 
-def _trials_table(table: pd.DataFrame) -> str:
-    cols = ["trial_id", METRIC, "best_epoch", "epochs_run", "stopped_by", *result_params(), "duration_s"]
+def _trials_table(table: pd.DataFrame, cfg: SearchConfig | None = None) -> str:
+    if cfg is not None and cfg.cv:
+        table = table.assign(**{f"{METRIC} (CV mean ± SE)": [
+            _pm(m, se) for m, se in zip(table[METRIC], table["cv_se"])]})
+        cols = ["trial_id", f"{METRIC} (CV mean ± SE)", FOLDS_DONE, *fold_columns(table), "fold_best_epochs",
+                "epochs_run", "stopped_by", *result_params(), "duration_s"]
+    else:
+        cols = ["trial_id", METRIC, "best_epoch", "epochs_run", "stopped_by", *result_params(), "duration_s"]
     shown = table[[c for c in cols if c in table]].head(TOP_TABLE)
     lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     for _, row in shown.iterrows():
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
     more = f"\n({len(table) - TOP_TABLE} more in results.csv)" if len(table) > TOP_TABLE else ""
     return "\n".join(lines) + more
+
+
+def _cv_section(cfg: SearchConfig, best: dict[str, Any]) -> str:
+    """The folds of the best configuration and whether selection held: each exported candidate's
+    selection-time score beside its test AUC."""
+    cv = best["cv"]
+    lines = ["## Cross-validation", "",
+             f"{cfg.cv} patient-grouped, class-stratified folds of train + val (`folds.csv`: each patient's "
+             f"fold); the best trial's {METRIC_LABEL}: {_pm(cv[f'{METRIC}_mean'], cv[f'{METRIC}_se'])} "
+             f"(mean ± standard error over its folds). Exported: {cv['exported']}"
+             + (" (one shared frozen VGG16 base)" if cv.get("shared_base") and not cv.get("refit") else "") + ".", "",
+             "| fold | held-out images | " + METRIC_LABEL + " | best epoch | epochs run |", "|---|---|---|---|---|"]
+    for f in cv["folds"]:
+        lines.append(f"| {f['fold']} | {f['n_held_out']} | {_fmt(f[METRIC])} | {f['best_epoch']} | {f['epochs_run']} |")
+    test = cv["ensemble_test_roc_auc"]
+    oof = cv["oof_roc_auc"]
+    refit = cv.get("refit")
+    single = cv["best_fold"]["test_roc_auc"]
+    fold = cv["best_fold"]["fold"]
+    best_fold_val = next(f[METRIC] for f in cv["folds"] if f["fold"] == fold)
+    lines += ["", "Did selection hold? Each model's score at selection time beside its test ROC AUC "
+              "(95% bootstrap intervals):", "",
+              "| model | selection-time score | test ROC AUC | 95% CI |", "|---|---|---|---|",
+              f"| ensemble of the {cv['members']} fold models{'' if refit else ' (exported)'} "
+              f"| out-of-fold ROC AUC {_fmt(oof['value'])} "
+              f"| {_fmt(test['value'])} | {_fmt(test['ci_low'])} - {_fmt(test['ci_high'])} |",
+              f"| best single fold model (fold {fold}) | its fold's {METRIC_LABEL} {_fmt(best_fold_val)} "
+              f"| {_fmt(single['value'])} | {_fmt(single['ci_low'])} - {_fmt(single['ci_high'])} |"]
+    if refit:
+        r = refit["test_roc_auc"]
+        lines.append(f"| refit on all of train + val, {refit['epochs']} epochs (exported) | none (no held-out images) "
+                     f"| {_fmt(r['value'])} "
+                     f"| {_fmt(r['ci_low'])} - {_fmt(r['ci_high'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(mean: Any, se: Any) -> str:
+    if se is None or (isinstance(se, float) and math.isnan(se)):
+        return _fmt(mean)
+    return f"{_fmt(mean)} ± {_fmt(se)}"
 
 
 def _fmt(value: Any) -> str:
@@ -179,7 +242,8 @@ def write_plots(cfg: SearchConfig, table: pd.DataFrame) -> dict[str, Path]:
     folder = cfg.run_dir / PLOTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     plots = {
-        "learning curves of the top trials": plot_learning_curves(table, folder / "learning_curves.png"),
+        "learning curves of the top trials": plot_learning_curves(table, folder / "learning_curves.png",
+                                                                  by_fold=bool(cfg.cv)),
         f"each hyperparameter against {METRIC_LABEL}": plot_params_vs_metric(
             table, cfg.space, folder / f"params_vs_{METRIC}.png"),
     }
@@ -189,22 +253,26 @@ def write_plots(cfg: SearchConfig, table: pd.DataFrame) -> dict[str, Path]:
     return plots
 
 
-def plot_learning_curves(table: pd.DataFrame, path: Path) -> Path:
-    """METRIC per epoch of the best trials; ASHA-stopped trials end early, marked x."""
+def plot_learning_curves(table: pd.DataFrame, path: Path, by_fold: bool = False) -> Path:
+    """METRIC per epoch of the best trials; ASHA-stopped trials end early, marked x. With
+    `by_fold` (a CV sweep) the best METRIC of each fold instead, fold after fold."""
     fig = new_figure(7, 4.2)
     ax = fig.subplots()
-    cols = epoch_columns(table)
+    cols = fold_columns(table) if by_fold else epoch_columns(table)
+    unit = "fold" if by_fold else "epoch"
     finished = table[table[METRIC].notna()].head(TOP_CURVES)
     for _, row in finished.iterrows():
         values = row[cols].to_numpy(dtype=float)
         epochs = np.arange(1, len(values) + 1)
         keep = ~np.isnan(values)
+        if not keep.any():  # a CV trial stopped inside fold 1 has no completed fold to draw
+            continue
         line, = ax.plot(epochs[keep], values[keep], "-o", markersize=3,
                         label=f"{row['trial_id']} ({row[METRIC]:.3f}, {row['head_units']})")
         if row["stopped_early"]:
             ax.plot(epochs[keep][-1], values[keep][-1], "x", color=line.get_color(), markersize=9)
-    ax.set(title=f"{METRIC_LABEL.capitalize()} per epoch, top {len(finished)} trials (x: stopped early)",
-           xlabel="epoch", ylabel=METRIC_LABEL)
+    ax.set(title=f"{METRIC_LABEL.capitalize()} per {unit}, top {len(finished)} trials (x: stopped early)",
+           xlabel=unit, ylabel=METRIC_LABEL)
     ax.xaxis.get_major_locator().set_params(integer=True)  # a MaxNLocator: it takes integer=True
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")

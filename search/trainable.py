@@ -9,6 +9,9 @@ The path of one trial, in the order it runs (`train_trial` below reads the same 
 4. After every epoch `ReportCallback` (search/trial_reporter.py) reports the best-so-far val AUC
    to Tune (ASHA and Optuna read it) and, when it improved, a checkpoint with the full model's
    weights, the optimizer's state and the history.
+With `--cv K` step 2 hands over to search/cv_trial.py after the set-up: K fits, one per fold; fold
+1 reports every epoch (ASHA's early rungs), then one report per completed fold (the mean best val
+AUC of the folds so far) with a checkpoint of every completed fold's model.
 
 A plain function, as in Ray Tune's own examples. Keras, TensorFlow/JAX and cxr_model are imported
 inside it, after the accelerator settings are in the environment, because a GPU runtime reads
@@ -45,7 +48,8 @@ _FEATURE_CACHES: dict[str, Any] = {}
 def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     """Train `config` for up to settings["max_epochs"] epochs, reporting to Tune after each epoch.
 
-    data: a `cxr_model.Data` (train + validation only: the test split never reaches a trial).
+    data: a `cxr_model.Data` (train + validation only: the test split never reaches a trial), or
+    with `--cv K` a `cxr_search.folds.CVPool` (train + val pooled, each image's fold).
     settings: the sweep-wide values from `trial_settings()` (image size, weights, budget, ...).
     """
     # Before anything else: the worker's next reset reads it (see THREAD_JOIN_TIMEOUT_S).
@@ -67,6 +71,12 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
 
     # One "Checkpoint successfully created" line per improving epoch would drown Tune's status.
     logging.getLogger(CHECKPOINT_LOGGER).setLevel(logging.WARNING)
+    cache_dir = settings["feature_cache_dir"] or _node_local("cxr-tune-features")
+    if settings.get("cv"):  # `--cv K`: K fits, one report per fold (search/cv_trial.py)
+        from cxr_search.cv_trial import train_cv_trial
+
+        train_cv_trial(config, data, settings, _feature_cache(cache_dir))
+        return
     resume = ResumeState.from_checkpoint(tune.get_checkpoint())
     remaining = settings["max_epochs"] - resume.epochs_done
     if remaining <= 0:  # restored after its last epoch was checkpointed: nothing left to train
@@ -75,7 +85,6 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
                                 epochs=remaining, seed=settings["seed"], patience=settings["patience"],
                                 use_feature_cache=settings["use_feature_cache"])
     on_features = uses_feature_cache(train_cfg)
-    cache_dir = settings["feature_cache_dir"] or _node_local("cxr-tune-features")
     cache = _feature_cache(cache_dir) if on_features else None
     callback = ReportCallback(resume=resume, train_cfg=train_cfg, feature_cache=on_features)
     fit(train_cfg, data, callbacks=[callback], feature_cache=cache)
@@ -132,9 +141,10 @@ def visible_devices(backend: str) -> list[tuple[str, str]]:
 
 def trial_settings(*, image_size: int, weights: str | None, max_epochs: int, seed: int,
                    patience: int, cpus_per_trial: float, gpus_per_trial: float,
-                   feature_cache_dir: str | None, use_feature_cache: bool = True) -> dict[str, Any]:
+                   feature_cache_dir: str | None, use_feature_cache: bool = True, cv: int = 0) -> dict[str, Any]:
     """The sweep-wide part of every trial, as a plain dict (it travels to remote workers)."""
     return {
+        "cv": cv,  # 0: one validation split; K: the trial cross-validates over the pool's K folds
         "image_size": image_size,
         "weights": weights,
         "max_epochs": max_epochs,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxr_search.config import SearchConfig
+from cxr_search.folds import CV_BUDGET, FOLDS_DONE
 from cxr_search.space import METRIC, MODE, SpaceSampler
 from cxr_search.tracking import (
     close_orphaned_optuna_trials,
@@ -40,15 +41,13 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
     callbacks: extra `ray.tune.Callback`s (tests use one to kill a trial's worker).
     data: a `cxr_model.Data` to train on instead of loading `cfg.prepared` (run_search, benchmarks).
     """
-    from cxr_model import Data
-
     # With num_to_keep=1 every checkpoint forces a snapshot of the (small) experiment state, by
     # design here (one best checkpoint per trial); Tune would warn about it at every epoch.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     check_weights(cfg.weights)
     connect(cfg.address)
     if data is None:
-        data = Data.from_prepared(cfg.prepared)  # train + val only; the test split stays on disk
+        data = sweep_data(cfg)
     trainable = build_trainable(cfg, data)
     gpu_check = gpu_check_callback()
     callbacks = [*callbacks, gpu_check]
@@ -70,6 +69,18 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
 
         write_to_storage(f"{cfg.storage_path}/optuna.db", exported.read_bytes())
     return grid
+
+
+def sweep_data(cfg: SearchConfig):
+    """What the trials train on: train + val as a `cxr_model.Data`, or with --cv pooled into a
+    `cxr_search.folds.CVPool` with each image's fold. The test split stays on disk."""
+    if cfg.cv:
+        from cxr_search.folds import load_pool
+
+        return load_pool(cfg.prepared, k=cfg.cv, seed=cfg.seed)
+    from cxr_model import Data
+
+    return Data.from_prepared(cfg.prepared)
 
 
 def check_weights(weights: str | None) -> None:
@@ -240,7 +251,7 @@ def build_trainable(cfg: SearchConfig, data):
     settings = trial_settings(
         image_size=data.image_size, weights=cfg.weights, max_epochs=cfg.max_epochs, seed=cfg.seed,
         patience=cfg.patience, cpus_per_trial=resources["cpu"], gpus_per_trial=resources["gpu"],
-        feature_cache_dir=cfg.feature_cache_dir, use_feature_cache=cfg.feature_cache,
+        feature_cache_dir=cfg.feature_cache_dir, use_feature_cache=cfg.feature_cache, cv=cfg.cv,
     )
     # with_parameters puts `data` into the object store once; every trial on a node maps the same
     # arrays read-only (zero-copy numpy views), instead of each trial pickling its own copy.
@@ -273,6 +284,13 @@ def build_scheduler(cfg: SearchConfig):
     from ray.tune.schedulers import ASHAScheduler
 
     # metric and mode come from TuneConfig (named there so Tune's status shows the best trial)
+    if cfg.cv:
+        # The budget is fold 1's epochs, then max_epochs per completed fold (search/cv_trial.py):
+        # the rungs below max_epochs judge fold 1 epoch by epoch, as without --cv, so a poor
+        # configuration costs what it costs there; later rungs judge the mean of the folds done.
+        return ASHAScheduler(time_attr=CV_BUDGET, max_t=cfg.cv * cfg.max_epochs,
+                             grace_period=min(cfg.grace_period, cfg.max_epochs),
+                             reduction_factor=cfg.reduction_factor)
     return ASHAScheduler(
         time_attr="training_iteration",  # one iteration = one epoch
         max_t=cfg.max_epochs, grace_period=min(cfg.grace_period, cfg.max_epochs),
@@ -303,8 +321,10 @@ def build_run_config(cfg: SearchConfig, callbacks: Sequence[Any] = ()):
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         # One checkpoint per trial: trials only checkpoint when val AUC improved (see
         # search/trial_reporter.py), so the one kept is the trial's best.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
-                                                checkpoint_score_order=MODE),
+        # With --cv each checkpoint holds every fold done so far and its METRIC (the mean so far)
+        # may fall: the one kept is the one with most folds.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=FOLDS_DONE if cfg.cv
+                                                else METRIC, checkpoint_score_order="max" if cfg.cv else MODE),
         verbose=cfg.verbose,
         callbacks=_run_callbacks(cfg, callbacks),
     )
