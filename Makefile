@@ -62,6 +62,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/augment.py
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/cv.py
+	$(BIN)/python bench/prepare_scale.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
