@@ -24,6 +24,7 @@ writer threads finish, may leave `.OUT.partial-*` behind, which is safe to delet
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -41,43 +42,28 @@ from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
 from .decode import LocalRay, Written, hash_files, write_pass
 from .discover import Discovery, discover, patient_id_rules
 from .eda import sample_rows, write_eda
-from .errors import CxrError
+from .errors import ConfigError, CxrError
 from .shards import MANIFEST, PARQUET_SCHEMA, manifest_totals, write_manifest
 from .storage import Location, list_files
 
 
-def prepare(
-    source: str | os.PathLike,
-    out: str | os.PathLike,
-    image_size: int = PrepareConfig.image_size,
-    resize: str = PrepareConfig.resize,
-    split: str = PrepareConfig.split,
-    val_fraction: float = PrepareConfig.val_fraction,
-    seed: int = PrepareConfig.seed,
-    rows_per_shard: int = PrepareConfig.rows_per_shard,
-    fmt: str = PrepareConfig.format,
-    overwrite: bool = False,
-    *,
-    test_fraction: float = PrepareConfig.test_fraction,
-    max_pixels: int = PrepareConfig.max_pixels,
-    min_size: int = PrepareConfig.min_size,
-    num_cpus: int | None = PrepareConfig.num_cpus,
-    labels: str | os.PathLike | None = PrepareConfig.labels,
-    labels_format: str | None = PrepareConfig.labels_format,
-    negatives: str = PrepareConfig.negatives,
-    uncertain: str = PrepareConfig.uncertain,
-    views: str = PrepareConfig.views,
-    verbose: bool = True,
-) -> dict:
-    """Prepare `source` into `out` and return the manifest (also written to OUT/manifest.json)."""
-    cfg = PrepareConfig(
-        image_size=image_size, resize=resize, split=split, val_fraction=val_fraction,
-        test_fraction=test_fraction, seed=seed, rows_per_shard=rows_per_shard, format=fmt,
-        max_pixels=max_pixels, min_size=min_size, num_cpus=num_cpus,
-        labels=None if labels is None else str(labels),
-        labels_format=labels_format, negatives=negatives, uncertain=uncertain, views=views,
-    )
-    return run(source, out, cfg, overwrite=overwrite, verbose=verbose)
+def prepare(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig | None = None, *,
+            overwrite: bool = False, verbose: bool = True, **options) -> dict:
+    """Prepare `source` into `out` and return the manifest (also written to OUT/manifest.json).
+
+    Settings: a `PrepareConfig`, or its fields as keywords (`prepare(src, out, image_size=64,
+    seed=0)`), not both; the dataclass is the one list of them and of their defaults."""
+    if options:
+        if cfg is not None:
+            raise ConfigError("give prepare() a PrepareConfig or its fields as keywords, not both")
+        unknown = set(options) - {f.name for f in dataclasses.fields(PrepareConfig)}
+        if unknown:
+            raise ConfigError(f"unknown prepare option(s): {', '.join(sorted(unknown))} "
+                              "(the fields of PrepareConfig)")
+        if options.get("labels") is not None:
+            options["labels"] = str(options["labels"])
+        cfg = PrepareConfig(**options)
+    return run(source, out, cfg or PrepareConfig(), overwrite=overwrite, verbose=verbose)
 
 
 def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,

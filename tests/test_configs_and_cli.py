@@ -120,3 +120,14 @@ def test_config_error_is_a_value_error_and_a_user_error():
     assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, CxrError)
     with pytest.raises(ValueError):
         ModelConfig(dropout=2.0)
+
+
+def test_prepare_takes_a_config_or_its_fields_never_an_unknown_one(tmp_path):
+    import cxr_datasets
+    from cxr_datasets.config import PrepareConfig
+    from cxr_datasets.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="imagesize"):
+        cxr_datasets.prepare(tmp_path / "src", tmp_path / "out", imagesize=64)
+    with pytest.raises(ConfigError, match="not both"):
+        cxr_datasets.prepare(tmp_path / "src", tmp_path / "out", PrepareConfig(), image_size=64)

@@ -101,7 +101,7 @@ def _reencoded(path: Path) -> bytes:
 @pytest.fixture(scope="module")
 def prepared(messy, ray_session, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("out") / "prepared"
-    cxr_datasets.prepare(messy, out, image_size=SIZE, rows_per_shard=40, fmt="both", seed=0)
+    cxr_datasets.prepare(messy, out, image_size=SIZE, rows_per_shard=40, format="both", seed=0)
     return out
 
 
@@ -378,7 +378,7 @@ OWN_RAY_RUN = """
 import json, sys, cxr_datasets
 import ray, psutil  # Ray ships psutil (ray/thirdparty_files), on sys.path once ray is imported
 source, out = sys.argv[1], sys.argv[2]
-m = cxr_datasets.prepare(source, out, image_size=%d, rows_per_shard=40, fmt="parquet", seed=0,
+m = cxr_datasets.prepare(source, out, image_size=%d, rows_per_shard=40, format="parquet", seed=0,
                          verbose=False, num_cpus=2)
 left = [p.name() for p in psutil.Process().children(recursive=True) if p.is_running()]
 print(json.dumps({"manifest": m, "left": left}))
