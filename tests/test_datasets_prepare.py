@@ -352,6 +352,7 @@ def test_cli_prepare_and_error_exit(synth_source, ray_session, tmp_path, capsys)
     assert err.startswith("cxr: error: source folder not found") and err.count("\n") == 1
 
 
+@pytest.mark.slow  # make test-slow: the own-Ray test that compares outputs also checks Ray is stopped
 def test_a_ray_started_by_prepare_is_shut_down_before_it_returns(synth_source, tmp_path):
     """Without a running Ray, `prepare` starts one and stops it (in the background, overlapped with
     the writing): when `prepare` returns, Ray is down and a second `prepare` can start it again.

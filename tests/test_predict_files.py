@@ -152,6 +152,7 @@ def test_gradcam_split_reproduces_the_model_and_maps_are_normalised(samples_dir)
     assert set(heat.max(axis=(1, 2)).tolist()) <= {0.0, 1.0}  # each map scaled to its peak (0: no evidence)
 
 
+@pytest.mark.slow  # make test-slow: test_model_jax runs the JAX path in make test
 def test_jax_backend_loads_the_export_predicts_and_gives_the_same_gradcam(model_dir, samples_dir, tmp_path):
     """The export is backend-neutral and the JAX gradient branch agrees with TensorFlow's."""
     from cxr_model.export import load_model

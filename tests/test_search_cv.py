@@ -139,6 +139,7 @@ def test_report_shows_the_folds_and_the_ensemble(cv_sweep):
         assert needle in text, needle
 
 
+@pytest.mark.slow  # make test-slow: --refit retrains once more; the CV sweep itself stays in make test
 @pytest.mark.timeout(600)
 def test_refit_exports_the_best_configuration_retrained_on_everything(cv_sweep, tmp_path):
     import dataclasses

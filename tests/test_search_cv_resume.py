@@ -78,6 +78,7 @@ def _cv_trials(experiment: Path) -> list[dict]:
     return out
 
 
+@pytest.mark.slow  # make test-slow: make test kills and resumes a single-split sweep; this is its --cv variant
 @pytest.mark.timeout(900)
 def test_driver_killed_mid_cv_trial_resumes_to_every_trial(prepared_small, tmp_path):
     import optuna

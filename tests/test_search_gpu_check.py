@@ -45,6 +45,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # make test-slow: check_gpu's unit tests stay in make test
 @pytest.mark.timeout(300)
 def test_sweep_on_a_gpu_its_backend_cannot_see_stops_with_one_line(prepared_small, tmp_path):
     space = tmp_path / "space.yaml"

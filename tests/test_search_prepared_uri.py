@@ -20,6 +20,7 @@ SPACE = "head_layers: 1\nhead_units: 8\nbatch_size: 32\ntrainable_blocks: 1\naug
         "lr: {low: 1.0e-3, high: 1.0e-2, log: true}\nlabel_smoothing: 0.0\n"
 
 
+@pytest.mark.slow  # make test-slow: the search on a file:// URI stays in make test
 def test_train_and_evaluate_read_a_file_uri(prepared_small, tmp_path, capsys):
     from cxr_model import Data
 
