@@ -99,17 +99,24 @@ def cv_trial_row(trial, folds: pd.DataFrame, cfg: SearchConfig) -> dict[str, Any
     row["stopped_early"] = row["stopped_by"] == "asha"
     # time_this_iter_s: since the previous report, fold 1's epochs included
     row["duration_s"] = float(last["time_total_s"]) if last is not None and "time_total_s" in last else math.nan
-    nodes = list(dict.fromkeys(folds["node_id"].dropna())) if "node_id" in folds else []
-    row["node_id"] = nodes[-1] if nodes else None
-    row["n_nodes"] = len(nodes)
-    row["node_ip"] = str(last["node_ip"]) if last is not None and "node_ip" in last else None
-    row["feature_cache"] = bool(last["feature_cache"]) if last is not None else None
-    row["attempts"] = 1 + int(trial.num_failures)
-    row["checkpoint"] = checkpoint_uri(trial.checkpoint)
-    row["error"] = _error_line(trial)
+    row.update(_run_columns(trial, folds, last))
     for _, fold in done.iterrows():
         row[f"{FOLD_PREFIX}{int(fold[FOLDS_DONE])}"] = float(fold["fold_val_auc"])
     return row
+
+
+def _run_columns(trial, reports: pd.DataFrame, last) -> dict[str, Any]:
+    """Where and how a trial ran, from its reports (epochs or folds) and the last of them."""
+    nodes = list(dict.fromkeys(reports["node_id"].dropna())) if "node_id" in reports else []
+    return {
+        "node_id": nodes[-1] if nodes else None,
+        "n_nodes": len(nodes),
+        "node_ip": str(last["node_ip"]) if last is not None and "node_ip" in last else None,
+        "feature_cache": bool(last["feature_cache"]) if last is not None else None,
+        "attempts": 1 + int(trial.num_failures),
+        "checkpoint": checkpoint_uri(trial.checkpoint),
+        "error": _error_line(trial),
+    }
 
 
 def epoch_frame(frame: pd.DataFrame | None) -> pd.DataFrame:
@@ -132,14 +139,7 @@ def trial_row(trial, epochs: pd.DataFrame, cfg: SearchConfig) -> dict[str, Any]:
     row["stopped_by"] = stopped_by(trial.status, last, cfg)
     row["stopped_early"] = row["stopped_by"] in ("asha", "patience")
     row["duration_s"] = float(epochs["time_this_iter_s"].sum()) if "time_this_iter_s" in epochs else math.nan
-    nodes = list(dict.fromkeys(epochs["node_id"].dropna())) if "node_id" in epochs else []
-    row["node_id"] = nodes[-1] if nodes else None
-    row["n_nodes"] = len(nodes)
-    row["node_ip"] = str(last["node_ip"]) if last is not None and "node_ip" in last else None
-    row["feature_cache"] = bool(last["feature_cache"]) if last is not None else None
-    row["attempts"] = 1 + int(trial.num_failures)
-    row["checkpoint"] = checkpoint_uri(trial.checkpoint)
-    row["error"] = _error_line(trial)
+    row.update(_run_columns(trial, epochs, last))
     for _, epoch in epochs.iterrows():
         row[f"{EPOCH_PREFIX}{int(epoch['epoch'])}"] = float(epoch.get(EPOCH_METRIC, math.nan))
     return row

@@ -138,11 +138,9 @@ def restored_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     with _quiet_unreported_trials():
         tuner = tune.Tuner.restore(cfg.experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
-    # The saved run config's callbacks belong to the interrupted driver: this driver's own (the
-    # same set a new sweep gets, MLflow's logger included) replace them.
-    from cxr_search.ray_adapter import set_restored_callbacks
-
-    set_restored_callbacks(tuner, _run_callbacks(cfg, callbacks))
+    # The saved run config holds a DriverCallbacks, which forwards to this driver's own callbacks
+    # (the same set a new sweep gets, MLflow's logger included), not the interrupted driver's.
+    _run_callbacks(cfg, callbacks)
     return tuner
 
 
@@ -336,6 +334,8 @@ def trial_dirname(trial) -> str:
 
 
 def _run_callbacks(cfg: SearchConfig, callbacks) -> list | None:
-    """The driver's callbacks plus, with --mlflow, MLflow's logger: for a new sweep and a
-    restored one alike."""
-    return [*callbacks, *mlflow_callbacks(cfg)] or None
+    """The driver's callbacks plus, with --mlflow, MLflow's logger, for a new sweep and a restored
+    one alike: set as this driver's (search/ray_adapter.py); the run config gets their forwarder."""
+    from cxr_search.ray_adapter import DriverCallbacks
+
+    return DriverCallbacks.use([*callbacks, *mlflow_callbacks(cfg)]) or None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-from cxr_search.ray_adapter import CHECKPOINT_LOGGER, set_restored_callbacks
+from cxr_search.ray_adapter import CHECKPOINT_LOGGER, DriverCallbacks
 
 
 class _Mark(tune.Callback):
@@ -31,14 +31,15 @@ def test_a_restored_tuner_runs_with_the_callbacks_it_is_given(ray_session, tmp_p
         tune.report({"score": 1.0})
 
     storage = tmp_path / "storage"
-    run_config = tune.RunConfig(name="pin", storage_path=str(storage), callbacks=[_Mark(str(tmp_path), "old")],
+    run_config = tune.RunConfig(name="pin", storage_path=str(storage),
+                                callbacks=DriverCallbacks.use([_Mark(str(tmp_path), "old")]),
                                 failure_config=tune.FailureConfig(max_failures=0), verbose=0)
     grid = tune.Tuner(_fails_once, param_space={"folder": str(tmp_path)}, run_config=run_config).fit()
     assert grid.errors  # the one trial errored: something for the restored tuner to run
     (tmp_path / "old").unlink(missing_ok=True)
 
+    DriverCallbacks.use([_Mark(str(tmp_path), "new")])  # what a new driver does before restoring
     tuner = tune.Tuner.restore(str(storage / "pin"), trainable=_fails_once, resume_errored=True)
-    assert set_restored_callbacks(tuner, [_Mark(str(tmp_path), "new")])
     grid = tuner.fit()
 
     assert not grid.errors, repr(grid.errors[0])[:3000]

@@ -6,6 +6,7 @@ session's), is stopped with SIGINT like a user's Ctrl-C, and must exit cleanly.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import os
@@ -39,20 +40,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    """(base URL, process) of `cxr serve` on a free 127.0.0.1 port; SIGINT and a clean exit after."""
+@contextlib.contextmanager
+def _cxr_serve(model_dir, log, options, env=None):
+    """`cxr serve MODEL_DIR OPTIONS` on a free 127.0.0.1 port, once healthy: (url, port, process);
+    SIGINT after, and the exit code in the yielded dict's "code"."""
     import httpx
 
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-c", "import sys; from cxr_search.cli import main; sys.exit(main())", "serve",
-           str(model_dir), "--port", str(port), "--max-batch-size", "8", "--batch-wait-ms", "50",
-           "--max-upload-mb", str(MAX_UPLOAD_MB)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CXR_SERVE_TOKEN": TOKEN}
+           str(model_dir), "--port", str(port), *options]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
     url = f"http://127.0.0.1:{port}"
+    ended: dict = {}
     try:
         deadline = time.time() + 240
         while True:
@@ -64,16 +65,25 @@ def server(model_dir, tmp_path_factory):
                 pass
             assert time.time() < deadline, "server did not become healthy:\n" + log.read_text()[-3000:]
             time.sleep(1)
-        yield url, proc
+        yield url, port, proc, ended
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            code = proc.wait(timeout=90)
+            ended["code"] = proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
-            code = proc.wait()
-        assert code == 0, log.read_text()[-3000:]
-        assert "shutting down Ray Serve and Ray" in log.read_text()
+            ended["code"] = proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """(base URL, process) of `cxr serve` on a free 127.0.0.1 port; SIGINT and a clean exit after."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    options = ["--max-batch-size", "8", "--batch-wait-ms", "50", "--max-upload-mb", str(MAX_UPLOAD_MB)]
+    with _cxr_serve(model_dir, log, options, env={"CXR_SERVE_TOKEN": TOKEN}) as (url, _, proc, ended):
+        yield url, proc
+    assert ended["code"] == 0, log.read_text()[-3000:]
+    assert "shutting down Ray Serve and Ray" in log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -268,36 +278,10 @@ def test_a_chunked_multipart_upload_over_the_limit_is_refused_while_it_streams(s
 @pytest.fixture(scope="module")
 def tight_server(model_dir, tmp_path_factory):
     """`cxr serve` with one request per model call, 8 in flight, 1 queued and a 4 s timeout."""
-    import httpx
-
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve-tight") / "serve.log"
-    cmd = [sys.executable, "-c", "import sys; from cxr_search.cli import main; sys.exit(main())", "serve",
-           str(model_dir), "--port", str(port), "--max-batch-size", "1", "--max-queued", "1",
-           "--request-timeout-s", "4"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not become healthy:\n" + log.read_text()[-3000:]
-            time.sleep(1)
+    options = ["--max-batch-size", "1", "--max-queued", "1", "--request-timeout-s", "4"]
+    with _cxr_serve(model_dir, log, options) as (url, port, _, _ended):
         yield url, port
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _slow_upload(port: int) -> socket.socket:
