@@ -164,7 +164,7 @@ def time_prepare(source: Path, out: Path, image_size: int, cpus: int,
                  address: str | None = None) -> tuple[float, dict]:
     """`cxr prepare` as a user runs it: a new process, its imports included. With `address`, it
     joins that Ray instance (RAY_ADDRESS, as under `ray job submit`) instead of starting one."""
-    command = [sys.executable, "-m", "cxr_search.cli", "prepare", str(source), str(out), "--overwrite",
+    command = [sys.executable, "-m", "cxr_search.main", "prepare", str(source), str(out), "--overwrite",
                "--quiet", "--image-size", str(image_size), "--num-cpus", str(cpus)]
     env = dict(os.environ, RAY_ADDRESS=address) if address else \
         {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -96,7 +96,7 @@ def served(model_dir: Path, options: list[str], token: str | None = None):
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "import sys; from cxr_search.cli import main; sys.exit(main())", "serve",
+    cmd = [sys.executable, "-c", "import sys; from cxr_search.main import main; sys.exit(main())", "serve",
            str(model_dir), "--port", str(port), *options]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     if token:

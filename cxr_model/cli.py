@@ -4,10 +4,10 @@
     cxr evaluate runs/model runs/prepared --split test
     cxr predict runs/model scans/ --out preds.csv --gradcam heatmaps/
 
-`search/cli.py` calls `register(subparsers)`; each handler returns the exit code. The work itself is
-in `cxr_model.pipeline` and `cxr_model.predict`, so the search reuses it instead of this module.
+`search/main.py` calls `register(subparsers)`; each handler returns the exit code. The work itself is
+in `cxr_model.finalize` and `cxr_model.predict`, so the search reuses it instead of this module.
 Each handler imports its own work (pandas, and Keras in turn): every `cxr` command builds the
-whole parser, and `cxr prepare` should not load what `cxr train` needs (see search/cli.py).
+whole parser, and `cxr prepare` should not load what `cxr train` needs (see search/main.py).
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def _add_predict(subparsers) -> None:
 
 def _train(args) -> int:
     from cxr_model.evaluate import format_metrics
-    from cxr_model.pipeline import train_and_export
+    from cxr_model.finalize import train_and_export
     from cxr_model.train import EpochProgress  # Keras: loaded here, as the training needs it anyway
 
     cfg = _train_config(args)
@@ -161,7 +161,7 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from cxr_model.evaluate import format_metrics
-    from cxr_model.pipeline import evaluate_export
+    from cxr_model.finalize import evaluate_export
 
     result = evaluate_export(args.model_dir, args.prepared, split=args.split,
                              n_boot=EvalConfig(**given(args, EvalConfig)).n_boot, verify=not args.no_verify)

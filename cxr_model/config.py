@@ -146,7 +146,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """How a trained model is scored: the decision threshold (chosen on validation) and the
-    bootstrap intervals of its metrics; see `cxr_model.pipeline.finalize`."""
+    bootstrap intervals of its metrics; see `cxr_model.finalize.finalize`."""
 
     # Youden's J maximises sensitivity + specificity; "sensitivity" takes the best specificity
     # among thresholds that reach target_sensitivity (screening, where a missed case costs most).

@@ -6,7 +6,7 @@
 
 Nothing here tunes anything on the data it scores: `evaluate` and `metrics_from_probs` take the
 threshold as an argument, and `choose_threshold` is the only function that picks one (callers pass
-validation data to it; `cxr_model.pipeline` is the one place that does).
+validation data to it; `cxr_model.finalize` is the one place that does).
 
 Beyond the thresholded metrics, what clinical readers ask for: the Brier score and the expected
 calibration error (ECE, with the bins of a reliability diagram), the precision-recall curve and its

@@ -24,14 +24,14 @@ from .synth import SynthConfig, synth
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors (never run)
     from .image import preprocess_bytes, preprocess_file, read_gray, resize_gray
-    from .pipeline import prepare
+    from .prepare_dataset import prepare
     from .shards import load, manifest_hash, read_manifest, tfrecord_feature_spec
 
 # name -> the submodule that defines it
 _EXPORTS = {
     "preprocess_bytes": "image", "preprocess_file": "image", "read_gray": "image",
     "resize_gray": "image",
-    "prepare": "pipeline",
+    "prepare": "prepare_dataset",
     "load": "shards", "manifest_hash": "shards", "read_manifest": "shards",
     "tfrecord_feature_spec": "shards",
 }

@@ -1,4 +1,4 @@
-"""`cxr synth` and `cxr prepare`: the data stage's subcommands (wired in by search/cli.py), and the
+"""`cxr synth` and `cxr prepare`: the data stage's subcommands (wired in by search/main.py), and the
 one pattern all three CLIs use for options that set a config field.
 
     cxr synth data/synth --n 600 --seed 0
@@ -137,7 +137,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from .pipeline import run, summary_line
+    from .prepare_dataset import run, summary_line
 
     cfg = PrepareConfig(**given(args, PrepareConfig))
     manifest = run(args.source, args.out, cfg, overwrite=args.overwrite, verbose=not args.quiet)

@@ -12,7 +12,9 @@
     results.py     RUN/results.{parquet,csv}: one row per trial
     best.py        best trial -> checkpoint -> test (once) -> RUN/best/
     sweep_report.py  after the sweep: RUN/report.md and its plots
-    run.py         all of the above in order; commands.py and demo.py are `cxr search` / `cxr demo`
+    run.py         all of the above in order
+    cli.py, demo.py  the `cxr search` and `cxr demo` subcommands
+    main.py        the `cxr` program: wires every package's cli.py into one parser
 
 Only this package imports `ray.tune`, and only inside functions: `import cxr_search` stays light.
 """

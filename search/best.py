@@ -4,7 +4,7 @@ Why from the checkpoint and not by retraining its config: the checkpoint holds e
 whose validation AUC won the sweep (each trial checkpoints only its best epoch), so the model we
 export is the model we selected. A retrain would cost another full run and, with nondeterministic
 GPU kernels, land on a different model whose validation score nobody looked at. The threshold,
-the test evaluation and the export are `cxr_model.pipeline.finalize`, the same code `cxr train`
+the test evaluation and the export are `cxr_model.finalize.finalize`, the same code `cxr train`
 uses, so a searched model and a trained one are exported and reported identically.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pandas as pd
 
 from cxr_datasets.errors import CxrError
 from cxr_model import TrainConfig
-from cxr_model.pipeline import finalize
+from cxr_model.finalize import finalize
 from cxr_search.checkpoint import STATE_FILE, WEIGHTS_FILE, fold_dir, load_weights
 from cxr_search.config import SearchConfig
 from cxr_search.space import METRIC, MODE, result_params
@@ -62,7 +62,7 @@ def _model_with_weights(train_cfg, weights_path: Path):
 def export_best(cfg: SearchConfig, table: pd.DataFrame, data=None) -> dict[str, Any]:
     """Evaluate the best trial once on test (threshold from validation) and export RUN/best/.
 
-    Returns pipeline.finalize()'s dict plus the trial's id, parameters and METRIC in the sweep.
+    Returns cxr_model.finalize.finalize()'s dict plus the trial's id, parameters and METRIC in the sweep.
     """
     row = best_row(table)
     model, state, trial_cfg = load_checkpoint(row["checkpoint"])
@@ -121,8 +121,8 @@ def export_cv_best(cfg: SearchConfig, table: pd.DataFrame, pool) -> dict[str, An
     the out-of-fold predictions, evaluated once on test. Also the test AUC of its best single
     fold model, beside the ensemble's, for the report."""
     from cxr_model.evaluate import metrics_from_probs
+    from cxr_model.finalize import load_split
     from cxr_model.model import ensemble_model, predict_proba
-    from cxr_model.pipeline import load_split
 
     row = best_cv_row(table, cfg.cv)
     members, state, train_cfg = load_cv_checkpoint(row["checkpoint"])

@@ -1,83 +1,181 @@
-"""The `cxr` command line: one entry point, a subcommand per stage.
+"""`cxr search` and `cxr demo`: argument parsing and printing only; the work is in cxr_search.run
+(imported by the handlers, so that other `cxr` commands do not load it).
 
-    cxr synth data/synth                       # a synthetic Kaggle-layout data set
-    cxr prepare data/synth runs/prepared       # Ray Data: decode, grayscale, resize, shard
-    cxr train runs/prepared --out runs/model   # one configuration, evaluated and exported
-    cxr search runs/prepared --out runs/sweep  # Ray Tune + Optuna sweep, best model on test
-    cxr predict runs/sweep/best x.jpeg         # P(PNEUMONIA) at the model card's threshold
-
-Each package registers its own subcommands; this module only wires them and turns a `CxrError`
-into one line on stderr and exit code 2.
+    cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20 --gpus-per-trial 0.25
+    cxr search runs/prepared --out runs/sweep --resume          # after Ctrl-C or a killed driver
+    cxr search s3://bucket/prepared --out runs/sweep            # PREPARED at any pyarrow.fs URI
+    cxr demo --out runs/demo --overwrite                        # synthetic data, end to end, CPU
 """
 from __future__ import annotations
 
 import argparse
-import gc
-import os
-import sys
-from importlib import metadata
+import dataclasses
+from pathlib import Path
+from typing import Any
 
-from cxr_datasets import cli as data_cli
+from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
-from cxr_model import cli as model_cli
-from cxr_search import commands as search_cli
+from cxr_model.config import THRESHOLD_METHODS
+from cxr_search.config import CONFIG_FILE, SearchConfig
+from cxr_search.space import load_space
 
-EXAMPLES = __doc__.split("\n\n")[1]
-NO_TENSORFLOW = {"synth", "prepare"}  # commands that never import Keras
+SEARCH_EPILOG = """examples:
+  cxr search runs/prepared --out runs/sweep --trials 32 --max-epochs 20
+  cxr search runs/prepared --out runs/sweep --resume         # continue an interrupted sweep
+  cxr search runs/prepared --out runs/s1 --resume --storage s3://bucket/cxr/s1  # on a new head
+  cxr search runs/prepared --out runs/smoke --smoke          # 2 tiny trials, random weights
+  cxr search runs/prepared --out runs/cv --cv 5              # 5-fold CV per trial, the fold ensemble exported
+  cxr search s3://bucket/prepared --out runs/sweep           # prepared data in a bucket (gs://, file://)
+  cxr search /data/prepared --out runs/s1 --address auto --storage s3://bucket/cxr/s1  # on a cluster
 
+Trials sample the space of search/space.py (override it with --space FILE, YAML or JSON), Optuna's
+TPE proposes them, ASHA stops the weak ones early. The best trial by validation AUC is evaluated
+once on the test split at a threshold chosen on validation, and exported to RUN/best/ with
+RUN/report.md. The Optuna study is in RUN/optuna.db: `optuna-dashboard sqlite:///RUN/optuna.db`."""
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cxr",
-        description="Distributed hyperparameter search for pneumonia classification on chest X-rays.",
-        epilog="examples:\n" + EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    data_cli.register(sub)
-    model_cli.register(sub)
-    search_cli.register(sub)
-    return parser
+DEMO_EPILOG = """example:
+  cxr demo --out runs/demo --overwrite
 
+Synthetic chest X-rays (600) -> prepare (64 px) -> a 12-trial search (random-init VGG16, frozen,
+cached features, on the CPU) -> test evaluation -> export -> report, in 1-3 minutes on 2 cores.
+Prints where the report and the model are, and the test AUC."""
 
-def _version() -> str:
-    try:
-        return metadata.version("cxr-tune")
-    except metadata.PackageNotFoundError:  # run from a checkout that was not pip-installed
-        return "unknown (not installed)"
-
-
-def main(argv: list[str] | None = None) -> int:
-    # Quiets TensorFlow's C++ logging once it is set up; the lines it prints before that, at
-    # import and device start-up, are dropped by init_tensorflow_quietly (cxr_model/quiet.py).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
-    if args.command not in NO_TENSORFLOW:
-        from cxr_model.quiet import init_tensorflow_quietly
-
-        init_tensorflow_quietly()
-    try:
-        return int(args.func(args) or 0)
-    except CxrError as exc:
-        print(f"cxr: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("cxr: interrupted", file=sys.stderr)
-        return 130
+# The --smoke sizes: enough to run every stage once, nothing more.
+SMOKE = dict(trials=2, max_epochs=2, grace_period=1, concurrency=2, weights=None, n_boot=100, patience=2)
 
 
-def entry() -> int:
-    """The `cxr` program (the console script, `python -m cxr_search.cli`): `main`, then a quick
-    exit. Python's final garbage collection walks every object of the ~1,700 modules that a
-    `cxr prepare` has loaded by then (Ray, pandas, pyarrow, matplotlib): ~0.3 s of a ~5 s command,
-    measured. Nothing here relies on it (files are closed and Ray is shut down by then, and the
-    finalizers of cyclic garbage are not guaranteed to run at exit anyway), so what is alive now
-    is frozen out of it. Not part of `main`, which tests call in their own process."""
-    code = main()
-    gc.freeze()
-    return code
+def register(subparsers) -> None:
+    _add_search(subparsers)
+    _add_demo(subparsers)
 
 
-if __name__ == "__main__":
-    sys.exit(entry())
+def _add_search(subparsers) -> None:
+    p = subparsers.add_parser("search", help="hyperparameter sweep (Ray Tune + Optuna + ASHA), best model on test",
+                              epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prepared", metavar="PREPARED",
+                   help="folder written by `cxr prepare`, or its pyarrow.fs URI (s3://, gs://, file://)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder (results, report, best model)")
+    budget = p.add_argument_group("budget")
+    budget.add_argument("--trials", type=int, help=_default("trials to run", "trials"))
+    budget.add_argument("--max-epochs", type=int, help=_default("epochs of a trial never stopped", "max_epochs"))
+    budget.add_argument("--grace-period", type=int,
+                        help=_default("epochs before ASHA may stop a trial", "grace_period"))
+    budget.add_argument("--reduction-factor", type=int, help=_default("ASHA keeps 1/R per rung", "reduction_factor"))
+    budget.add_argument("--patience", type=int, help=_default("epochs without improvement before fit stops",
+                                                              "patience"))
+    budget.add_argument("--cv", type=int, metavar="K",
+                        help=_default("K >= 2: patient-grouped K-fold cross-validation of train + val in every trial, "
+                                      "ASHA judging fold 1 first; the best configuration's K fold models are "
+                                      "exported as one ensemble (0: one validation split)", "cv"))
+    budget.add_argument("--refit", action="store_true", default=None,
+                        help="with --cv: export the best configuration retrained once on all of train + val, "
+                             "for the median of its folds' best epochs, instead of the fold ensemble")
+    budget.add_argument("--smoke", action="store_true",
+                        help="tiny everything (2 trials, 2 epochs, random weights) for a quick check")
+    res = p.add_argument_group("resources")
+    res.add_argument("--concurrency", type=int, help=_default("trials at once", "concurrency"))
+    res.add_argument("--gpus-per-trial", type=float, metavar="F",
+                     help="GPU share per trial, e.g. 0.25 = four per GPU (default: 0.25 with GPUs, else 0)")
+    res.add_argument("--cpus-per-trial", type=float, metavar="C", help=_default("CPUs per trial", "cpus_per_trial"))
+    res.add_argument("--address", metavar="auto|ray://HOST:10001", help="Ray cluster to join (default: a local Ray)")
+    res.add_argument("--max-failures", type=int, metavar="K",
+                     help=_default("retries of a trial whose worker died, from its checkpoint", "max_failures"))
+    model = p.add_argument_group("model and search")
+    model.add_argument("--weights", metavar="imagenet|none|PATH", help=_default("VGG16 base weights", "weights"))
+    model.add_argument("--space", metavar="FILE", help="YAML/JSON overriding entries of the search space")
+    model.add_argument("--seed", type=int, help=_default("TPE's and every trial's seed", "seed"))
+    model.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
+                       help=_default("decision threshold chosen on validation", "threshold_method"))
+    model.add_argument("--n-boot", type=int, help=_default("bootstrap resamples for the test metrics' 95%% intervals",
+                                                           "n_boot"))
+    store = p.add_argument_group("storage")
+    store.add_argument("--storage", metavar="PATH|s3://...", help="Tune state and checkpoints (default: RUN)")
+    store.add_argument("--optuna-storage", metavar="URL", help="Optuna study in a database (default: saved with Tune's state in the storage; "
+                       "a SQLite copy in RUN/optuna.db)")
+    store.add_argument("--resume", action="store_true", help="continue the interrupted sweep in RUN, or the one in --storage (a new head, an empty RUN)")
+    store.add_argument("--mlflow", metavar="URI", help="also log every trial to this MLflow tracking URI, e.g. "
+                       "sqlite:///abs/mlflow.db or http://host:5000 (needs pip install 'cxr-tune[mlflow]')")
+    p.add_argument("--quiet", action="store_true", help="no live Tune status table")
+    p.set_defaults(func=handle_search)
+
+
+def _default(text: str, field: str) -> str:
+    return with_default(text, SearchConfig, field)
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="synthetic data -> prepare -> search -> test -> export, on the CPU",
+                              epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="demo folder (default: runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in DIR")
+    p.set_defaults(func=handle_demo)
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def handle_search(args) -> int:
+    # The work's modules (pandas, matplotlib, then Ray and Keras) load only for this command.
+    from cxr_search.run import run_search
+    from cxr_search.summary import print_summary
+
+    cfg, resume = config_from_args(args)
+    folds = f", {cfg.cv}-fold cross-validation" if cfg.cv else ""
+    print(f"cxr search: {cfg.trials} trials, up to {cfg.max_epochs} epochs each{' fold' if cfg.cv else ''}{folds}, "
+          f"run folder {cfg.run_dir}"
+          + (" (resuming)" if resume else ""))
+    summary = run_search(cfg, resume=resume)
+    return print_summary(cfg, summary)
+
+
+def config_from_args(args) -> tuple[SearchConfig, bool]:
+    """SearchConfig from the flags; on --resume, the saved one (a resumed sweep keeps its settings)."""
+    run_dir = Path(args.out)
+    # --space is a file, read below; PREPARED and --out are not settings a resume may change
+    flags = {k: v for k, v in given(args, SearchConfig).items() if k not in ("prepared", "out", "space")}
+    if args.resume:
+        cfg = _saved_config(run_dir, args.storage)
+        ignored = sorted(k for k in flags if k != "address" and flags[k] != getattr(cfg, k))
+        if ignored:
+            print(f"cxr search: resuming with the sweep's saved settings; ignoring --{', --'.join(ignored)}"
+                  .replace("_", "-"))
+        return dataclasses.replace(cfg, address=flags.get("address", cfg.address)), True
+    if (run_dir / CONFIG_FILE).is_file():
+        raise CxrError(f"{run_dir} already holds a sweep: add --resume to continue it, or choose another --out")
+    prepared = _checked_prepared(args.prepared)
+    values: dict[str, Any] = {**(SMOKE if args.smoke else {}), **flags}
+    cfg = SearchConfig(prepared=prepared, out=str(run_dir), space=load_space(args.space),
+                       verbose=0 if args.quiet else 1, **values)
+    return cfg, False
+
+
+def _saved_config(run_dir: Path, storage: str | None) -> SearchConfig:
+    """The sweep's saved config: from RUN, else from --storage (a new head, an empty RUN)."""
+    if (run_dir / CONFIG_FILE).is_file():
+        return SearchConfig.load(run_dir)
+    if storage:
+        cfg = SearchConfig.load_from_storage(storage)
+        if cfg is None:
+            raise CxrError(f"nothing to resume: no {CONFIG_FILE} in {storage}")
+        # this machine's run folder; the state (experiment, study, results) stays in the storage
+        return dataclasses.replace(cfg, out=str(run_dir))
+    raise CxrError(f"nothing to resume: {run_dir / CONFIG_FILE} not found (give --storage to resume "
+                   "a sweep from its storage)")
+
+
+def _checked_prepared(prepared: str) -> str:
+    """PREPARED as the sweep records it: a folder's absolute path, or the URI as given (s3://,
+    gs://, file://); CxrError if it holds no manifest.json."""
+    from cxr_datasets.shards import MANIFEST
+    from cxr_datasets.storage import Location
+
+    where = Location.of(prepared)
+    if where.child(MANIFEST).kind() != "file":
+        raise CxrError(f"{prepared} is not a prepared data set (no {MANIFEST}): run `cxr prepare` first")
+    return where.uri if where.is_uri else str(Path(prepared).resolve())
+
+
+def handle_demo(args) -> int:
+    from cxr_search.demo import run_demo
+
+    return run_demo(Path(args.out), overwrite=args.overwrite)

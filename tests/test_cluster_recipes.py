@@ -41,7 +41,7 @@ def project_version(repo_root: Path) -> str:
 
 def parse_cxr(argv: list[str]):
     """`cxr`'s own argument parser on a command line (exits, and so fails the test, on a bad flag)."""
-    from cxr_search.cli import build_parser
+    from cxr_search.main import build_parser
 
     assert argv[0] == "cxr", argv
     return build_parser().parse_args(argv[1:])
@@ -110,7 +110,7 @@ def test_the_files_the_image_copies_build_the_project(repo_root, tmp_path):
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == \
         {"cxr_datasets", "cxr_model", "cxr_search"}
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "cxr = cxr_search.cli:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "cxr = cxr_search.main:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 # ----------------------------------------------------------------------------- KubeRay

@@ -28,7 +28,7 @@ def cluster(ray_cluster) -> str:
 
 def _driver(args: list[str], log: Path, repo_root: Path) -> subprocess.Popen:
     env = cluster_env(RAY_DEDUP_LOGS="0")
-    return subprocess.Popen([sys.executable, "-m", "cxr_search.cli", "search", *args], cwd=repo_root,
+    return subprocess.Popen([sys.executable, "-m", "cxr_search.main", "search", *args], cwd=repo_root,
                             stdout=log.open("a"), stderr=subprocess.STDOUT, env=env)
 
 
@@ -118,7 +118,7 @@ def test_prepare_joins_the_cluster_named_by_ray_address_and_leaves_it_running(cl
     ignored there instead of failing; `prepare` disconnects without stopping the cluster."""
     out = tmp_path / "prepared"
     env = cluster_env(RAY_ADDRESS=cluster)
-    done = subprocess.run([sys.executable, "-m", "cxr_search.cli", "prepare", str(synth_source), str(out),
+    done = subprocess.run([sys.executable, "-m", "cxr_search.main", "prepare", str(synth_source), str(out),
                            "--image-size", "32", "--num-cpus", "1", "--quiet"],
                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

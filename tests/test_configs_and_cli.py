@@ -10,8 +10,8 @@ import pytest
 from cxr_datasets.config import PrepareConfig
 from cxr_datasets.errors import ConfigError, CxrError
 from cxr_model.config import EvalConfig, ModelConfig, TrainConfig
-from cxr_search.cli import build_parser, main
 from cxr_search.config import SearchConfig
+from cxr_search.main import build_parser, main
 
 
 def _cfg(tmp_path, **values):

@@ -11,7 +11,7 @@ import pytest
 from cxr_datasets.config import CLASS_NAMES, SPLITS
 from cxr_datasets.decode import DecodedColumns
 from cxr_datasets.eda import SAMPLES_PER_CLASS, sample_rows
-from cxr_datasets.pipeline import ROW_COLUMNS, _shard_rows
+from cxr_datasets.prepare_dataset import ROW_COLUMNS, _shard_rows
 from cxr_datasets.splits import _patient_labels
 
 

@@ -193,7 +193,7 @@ def test_prepare_with_generic_csv_end_to_end(tmp_path, ray_session):
     ("chexpert", "chexpert/CheXpert-v1.0-small/train.csv", ["--uncertain", "ones"], 7),
 ])
 def test_cxr_prepare_labels_per_archive(tmp_path, ray_session, archive, label_file, argv, total):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     out = tmp_path / "out"
     assert main(["prepare", str(ARCHIVES / archive), str(out), "--labels", str(ARCHIVES / label_file),

@@ -319,7 +319,7 @@ def test_existing_output_is_refused_then_replaced_atomically(prepared, synth_sou
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("cxr_datasets.pipeline.write_eda", crash)
+    monkeypatch.setattr("cxr_datasets.prepare_dataset.write_eda", crash)
     with pytest.raises(RuntimeError):
         cxr_datasets.prepare(synth_source, out, image_size=SIZE, overwrite=True, verbose=False)
     assert cxr_datasets.manifest_hash(out) == before  # the old OUT is intact
@@ -339,7 +339,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_prepared_one(synth_source, tmp
 
 
 def test_cli_prepare_and_error_exit(synth_source, ray_session, tmp_path, capsys):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     out = tmp_path / "cli"
     assert main(["prepare", str(synth_source), str(out), "--image-size", "32", "--quiet",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import cxr_datasets
-import cxr_datasets.pipeline as pipeline
+import cxr_datasets.prepare_dataset as pipeline
 from cxr_datasets import CxrError
 
 SIZE = 32

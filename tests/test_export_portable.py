@@ -31,7 +31,7 @@ def trained(prepared_small, tmp_path_factory):
     """(export folder, training-graph model): a 32-px model WITH an augmentation layer in its training
     graph, exported by the real finalize() (threshold and operating points on val, test once)."""
     from cxr_model import ModelConfig, TrainConfig, build_model
-    from cxr_model.pipeline import finalize
+    from cxr_model.finalize import finalize
 
     cfg = TrainConfig(model=ModelConfig(image_size=SIZE, weights=None, head_units=(8,), aug_strength=0.3, hflip=True))
     model = build_model(cfg.model, seed=0)
@@ -54,7 +54,7 @@ def prepared_test(prepared_small):
 @pytest.fixture(scope="module")
 def cxr_predict(trained, prepared_test, tmp_path_factory):
     """P(PNEUMONIA) per file from the `cxr predict` command on the prepared test split's source files."""
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     _, paths = prepared_test
     csv = tmp_path_factory.mktemp("pred") / "preds.csv"

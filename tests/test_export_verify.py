@@ -51,7 +51,7 @@ def test_load_model_accepts_the_untouched_export(exported_64):
 
 
 def test_cxr_predict_refuses_then_accepts_with_no_verify(tampered, samples_dir, tmp_path, capsys):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     image = next(samples_dir.rglob("*.jpeg"))
     assert main(["predict", str(tampered), str(image), "--quiet"]) == 2
@@ -63,7 +63,7 @@ def test_cxr_predict_refuses_then_accepts_with_no_verify(tampered, samples_dir, 
 
 
 def test_cxr_evaluate_refuses_a_swapped_model(tampered, prepared_small, capsys):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     assert main(["evaluate", str(tampered), str(prepared_small)]) == 2
     assert "is not the model its card describes" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cxr_search.cli import main
+from cxr_search.main import main
 
 TRAIN = ["--weights", "none", "--head-units", "8", "--aug-strength", "0", "--batch-size", "16", "--n-boot", "50"]
 

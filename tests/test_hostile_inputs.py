@@ -246,7 +246,7 @@ def test_prepare_finishes_on_a_hostile_source(tmp_path, synth_source, ray_sessio
 def test_cxr_predict_out_writes_a_name_that_is_not_utf8(exported_64, samples_dir, tmp_path):
     import pandas as pd
 
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     folder = tmp_path / "incoming"
     folder.mkdir()

@@ -20,16 +20,16 @@ def _stand_in(tmp_path: Path, body: str) -> dict[str, str]:
 
 def test_an_installed_hugging_face_datasets_and_cxr_tune_both_import(repo_root, tmp_path):
     env = _stand_in(tmp_path, "HUGGING_FACE = True\n")
-    code = ("import datasets, cxr_datasets, cxr_model, cxr_search.cli\n"
+    code = ("import datasets, cxr_datasets, cxr_model, cxr_search.main\n"
             "assert datasets.HUGGING_FACE, datasets.__file__\n"
-            "print(cxr_datasets.__file__); print(cxr_search.cli.__file__)\n"
-            "cxr_search.cli.build_parser().parse_args(['prepare', 'a', 'b'])\n")
+            "print(cxr_datasets.__file__); print(cxr_search.main.__file__)\n"
+            "cxr_search.main.build_parser().parse_args(['prepare', 'a', 'b'])\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     ours, cli = done.stdout.split()
     assert Path(ours).resolve() == repo_root / "datasets" / "__init__.py"
-    assert Path(cli).resolve() == repo_root / "search" / "cli.py"
+    assert Path(cli).resolve() == repo_root / "search" / "main.py"
 
 
 def test_the_cxr_command_runs_beside_hugging_face_datasets(tmp_path):

@@ -52,7 +52,7 @@ def test_predict_paths_uses_the_prepare_preprocessing_and_card_threshold(model_d
 
 
 def test_cxr_predict_writes_error_rows_for_bad_files_and_exits_0(model_dir, samples_dir, tmp_path, capsys):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     folder = tmp_path / "incoming" / "nested"
     folder.mkdir(parents=True)
@@ -88,7 +88,7 @@ def test_cxr_predict_writes_error_rows_for_bad_files_and_exits_0(model_dir, samp
 
 def test_cxr_predict_shows_progress_on_stderr_unless_quiet(model_dir, samples_dir, tmp_path, capsys, monkeypatch):
     import cxr_model.predict
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     folder = tmp_path / "many"
     folder.mkdir()
@@ -126,7 +126,7 @@ def test_file_progress_redraws_one_line_on_a_terminal():
 
 
 def test_cxr_predict_reports_an_empty_folder_in_one_line(model_dir, tmp_path, capsys):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(model_dir), str(tmp_path / "empty")]) == 2

@@ -72,7 +72,7 @@ def test_a_worker_node_killed_mid_prepare(ray_cluster, samples_dir, tmp_path):
     n_files = 900
     source = _copies(samples_dir, tmp_path / "src", n_files)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "cxr_search.cli", "prepare", str(source), str(out),
+    command = [sys.executable, "-m", "cxr_search.main", "prepare", str(source), str(out),
                "--image-size", "32", "--rows-per-shard", "50", "--quiet"]
     proc = subprocess.Popen(command, env=cluster_env(RAY_ADDRESS=ray_cluster.address),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

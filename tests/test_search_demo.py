@@ -8,8 +8,8 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_reaches_the_target_test_auc_in_minutes(tmp_path, capsys):
-    from cxr_search.cli import main
     from cxr_search.demo import MARKER, TARGET_TEST_AUC
+    from cxr_search.main import main
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
@@ -22,7 +22,7 @@ def test_demo_reaches_the_target_test_auc_in_minutes(tmp_path, capsys):
 
 
 def test_demo_refuses_to_delete_a_folder_it_did_not_make(tmp_path):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     (tmp_path / "precious.txt").write_text("keep me")
     assert main(["demo", "--out", str(tmp_path), "--overwrite"]) == 2

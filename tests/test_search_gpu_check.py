@@ -40,7 +40,7 @@ def test_check_names_the_backend_and_what_it_sees():
 DRIVER = """
 import sys, ray
 ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)  # a GPU Tune can schedule, none the backend sees
-from cxr_search.cli import main
+from cxr_search.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

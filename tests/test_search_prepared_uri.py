@@ -12,7 +12,7 @@ import pytest
 
 import cxr_datasets
 from cxr_datasets import CxrError
-from cxr_search.cli import main
+from cxr_search.main import main
 
 TRAIN = ["--weights", "none", "--head-units", "8", "--aug-strength", "0", "--batch-size", "16", "--n-boot", "50"]
 # One unfrozen trial: end to end on the arrays in Ray's object store (no feature cache folder).

@@ -153,7 +153,7 @@ class Driver:
         self.log = tmp / f"{name}.log"
         self.ray_tmp = ray_tmp
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cxr_search.cli", "search", *args], stdout=log,
+            self.proc = subprocess.Popen([sys.executable, "-m", "cxr_search.main", "search", *args], stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          cwd=Path(__file__).resolve().parents[1], env=env)
 

@@ -113,7 +113,7 @@ def test_bad_space_files_fail_with_one_clear_line(tmp_path, text, message):
 
 
 def test_cli_reports_a_bad_space_file_as_a_user_error(tmp_path, capsys):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()

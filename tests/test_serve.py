@@ -47,7 +47,7 @@ def _cxr_serve(model_dir, log, options, env=None):
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, "-c", "import sys; from cxr_search.cli import main; sys.exit(main())", "serve",
+    cmd = [sys.executable, "-c", "import sys; from cxr_search.main import main; sys.exit(main())", "serve",
            str(model_dir), "--port", str(port), *options]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,

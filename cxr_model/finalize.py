@@ -1,6 +1,6 @@
 """One configuration end to end: fit, threshold on validation, ONE test evaluation, export.
 
-    from cxr_model.pipeline import train_and_export
+    from cxr_model.finalize import train_and_export
     result = train_and_export(TrainConfig(model=ModelConfig(image_size=224)), "runs/prepared", "runs/model")
     result["metrics"]["test"]["roc_auc"]     # {"value", "ci_low", "ci_high"}
 

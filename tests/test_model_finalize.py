@@ -11,7 +11,7 @@ import pytest
 def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_small, tmp_path, monkeypatch):
     import cxr_datasets
     from cxr_model import ModelConfig, TrainConfig, build_model
-    from cxr_model.pipeline import finalize
+    from cxr_model.finalize import finalize
 
     evaluate_module = importlib.import_module("cxr_model.evaluate")  # `cxr_model.evaluate` is the function
     x_val, y_val, _ = cxr_datasets.load(prepared_small, "val")
@@ -32,10 +32,10 @@ def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_smal
         return real_evaluate(model, images, labels, **kwargs)
 
     monkeypatch.setattr(cxr_datasets, "load", load_spy)
-    pipeline_module = importlib.import_module("cxr_model.pipeline")  # what finalize calls
-    monkeypatch.setattr(pipeline_module, "choose_threshold", choose_spy)  # the decision threshold
+    finalize_module = importlib.import_module("cxr_model.finalize")  # what finalize calls
+    monkeypatch.setattr(finalize_module, "choose_threshold", choose_spy)  # the decision threshold
     monkeypatch.setattr(evaluate_module, "choose_threshold", choose_spy)  # each operating point's
-    monkeypatch.setattr(pipeline_module, "evaluate", evaluate_spy)
+    monkeypatch.setattr(finalize_module, "evaluate", evaluate_spy)
     cfg = TrainConfig(model=ModelConfig(image_size=32, weights=None, head_units=(8,), aug_strength=0.0))
     result = finalize(build_model(cfg.model, seed=0), cfg, prepared_small, tmp_path / "model", n_boot=200)
 
@@ -52,7 +52,7 @@ def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_smal
 
 
 def test_cxr_train_then_evaluate_end_to_end(prepared_small, tmp_path, capsys):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     out = tmp_path / "model"
     code = main(["train", str(prepared_small), "--out", str(out), "--weights", "none", "--epochs", "2",
@@ -93,7 +93,7 @@ def test_cxr_train_then_evaluate_end_to_end(prepared_small, tmp_path, capsys):
     (["--dropout", "1.5"], "dropout"),
 ])
 def test_cxr_train_rejects_bad_flags_in_one_line(prepared_small, tmp_path, capsys, flags, message):
-    from cxr_search.cli import main
+    from cxr_search.main import main
 
     try:
         code = main(["train", str(prepared_small), "--out", str(tmp_path / "m"), *flags])
