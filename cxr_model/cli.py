@@ -19,6 +19,7 @@ from cxr_datasets import read_manifest
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
 from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
+from cxr_model.evaluate import format_metrics
 from cxr_model.export import json_safe
 
 TRAIN_EPILOG = """example:
@@ -143,7 +144,6 @@ def _add_predict(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from cxr_model.evaluate import format_metrics
     from cxr_model.finalize import train_and_export
     from cxr_model.train import EpochProgress  # Keras: loaded here, as the training needs it anyway
 
@@ -160,7 +160,6 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from cxr_model.evaluate import format_metrics
     from cxr_model.finalize import evaluate_export
 
     result = evaluate_export(args.model_dir, args.prepared, split=args.split,

@@ -19,6 +19,7 @@ BatchStream.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import queue
 import threading
@@ -27,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cxr_datasets.errors import CxrError
+from cxr_datasets.storage import Location, list_files
 
 NUM_CLASSES = 2
 
@@ -73,7 +77,6 @@ class Data:
         backend; the shards must exist) rather than from the in-memory array.
         """
         import cxr_datasets
-        from cxr_datasets.storage import Location
 
         prepared = Location.of(prepared_dir)  # a URI's file system is resolved once
         x_train, y_train, _ = cxr_datasets.load(prepared, "train", verify=verify)
@@ -191,10 +194,7 @@ class BatchStream:
 def tfrecord_files(prepared_dir, split: str) -> list[str]:
     """The TFRecord shards `cxr prepare --format tfrecord|both` wrote for one split: paths, or
     URIs for a URI folder (tf.data reads file:// and gs://; s3:// needs tensorflow-io)."""
-    import fnmatch
 
-    from cxr_datasets.errors import CxrError
-    from cxr_datasets.storage import Location, list_files
 
     folder = Location.of(prepared_dir).child(split)
     found = list_files(folder) if folder.kind() == "dir" else []

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr_datasets.errors import CxrError
+
 from .config import EvalConfig
 
 METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1")
@@ -214,7 +216,6 @@ def choose_threshold(labels, probs, method: str = "youden", target: float = 0.95
     score, so the validation predictions are exactly those of the chosen ROC point while new cases
     near the boundary are not decided by an exact float tie.
     """
-    from cxr_datasets.errors import CxrError
 
     labels, probs = _check_inputs(labels, probs)
     if labels.min() == labels.max():

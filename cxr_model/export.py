@@ -24,14 +24,19 @@ crash never leaves a half-written export and an existing one is replaced whole o
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 from cxr_datasets.config import CLASS_NAMES  # label 0, 1
+from cxr_datasets.errors import CxrError
+from cxr_datasets.versions import package_versions
 
 from .export_formats import MODEL_FILE, ONNX_FILE, SAVED_MODEL_DIR
 
@@ -86,7 +91,6 @@ def load_model(run_dir, verify: bool = True):
     import keras
 
     import cxr_model.model  # noqa: F401  registers the custom layers that safe-mode loading needs
-    from cxr_datasets.errors import CxrError
 
     run_dir = Path(run_dir)
     for name in (CARD_FILE, MODEL_FILE):
@@ -103,7 +107,6 @@ def load_model(run_dir, verify: bool = True):
 
 def verify_model_file(run_dir, card: dict) -> None:
     """CxrError unless the export's model.keras has the sha256 its model card records."""
-    from cxr_datasets.errors import CxrError
 
     expected = card.get("model_sha256")
     if not expected:
@@ -117,7 +120,6 @@ def verify_model_file(run_dir, card: dict) -> None:
 
 def read_card(run_dir) -> dict:
     """The model card of an export folder, without loading the model."""
-    from cxr_datasets.errors import CxrError
 
     path = Path(run_dir) / CARD_FILE
     try:
@@ -130,7 +132,6 @@ def read_card(run_dir) -> dict:
 
 def check_export_target(run_dir, overwrite: bool = False) -> None:
     """CxrError unless `run_dir` is absent, an empty folder, or may be overwritten."""
-    from cxr_datasets.errors import CxrError
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -175,11 +176,6 @@ def _save_model(model, folder: Path) -> list[dict]:
 
 
 def _export_formats_on_tensorflow(folder: Path) -> None:
-    import subprocess
-    import sys
-
-    from cxr_datasets.errors import CxrError
-
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run([sys.executable, "-I", "-m", "cxr_model.export_formats", str(folder)], env=env,
                           capture_output=True, text=True, timeout=900)
@@ -195,8 +191,6 @@ def _artifact(folder: Path, name: str, fmt: str, loads_with: str) -> dict:
 
 
 def sha256_file(path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -272,8 +266,6 @@ def _operating_points(metrics: dict) -> list[dict]:
 
 
 def _versions() -> dict:
-    from cxr_datasets.versions import package_versions
-
     return package_versions(_VERSIONED)
 
 

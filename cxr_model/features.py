@@ -38,6 +38,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from cxr_datasets.errors import CxrError
+
 from .config import ModelConfig
 from .model import VGG16_NOTOP_MD5, build_base
 
@@ -166,8 +168,6 @@ class FeatureCache:
             if not os.path.lexists(rows_path):  # after the features: a .rows file names a complete array
                 _save_atomically(rows_path, rows if rows is not None else row_digests(_with_channel(images)))
         if not _regular(path):
-            from cxr_datasets.errors import CxrError
-
             raise CxrError(f"feature cache {path} is not a regular file (a link?): remove it")
         features = np.load(path, mmap_mode="r")  # shared page cache across trial processes
         self._memory[key] = features

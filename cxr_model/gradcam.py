@@ -14,9 +14,12 @@ gradient itself differs per backend, in `_value_and_grad`.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+
+from cxr_datasets.errors import CxrError
 
 TARGET_LAYER = "block5_conv3"
 MIN_OVERLAY_SIZE = 256  # small images are upscaled so the overlay is readable
@@ -29,8 +32,6 @@ def gradcam_heatmaps(model, images, layer_name: str = TARGET_LAYER, batch_size: 
 
     bases = [layer.name for layer in model.layers if layer.name.startswith("vgg16_fold")]
     if len(bases) > 1:
-        from cxr_datasets.errors import CxrError
-
         raise CxrError(f"Grad-CAM explains one VGG16 base, and this model is an ensemble of {len(bases)} "
                        "fine-tuned ones (cxr search --cv with trainable blocks): leave out --gradcam")
     to_conv, from_conv = split_at_layer(model, layer_name)
@@ -82,7 +83,6 @@ def write_overlays(images, heatmaps, paths) -> list[Path]:
 
 def overlay_png(image, heatmap) -> bytes:
     """The overlay of `write_overlays` for one uint8 image [S, S, 1] and its heatmap, as PNG bytes."""
-    import io
 
     buffer = io.BytesIO()
     _overlay_image(np.asarray(image)[..., 0], heatmap).save(buffer, format="PNG")

@@ -38,6 +38,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from cxr_datasets.errors import CxrError, first_line
+
 from .augment import augmentation_layer
 from .config import VGG16_BLOCKS, ModelConfig, TrainConfig
 
@@ -290,8 +292,6 @@ def resolve_weights(weights: str) -> Path:
         return imagenet_weights_path()
     path = Path(weights).expanduser()
     if not path.is_file():
-        from cxr_datasets.errors import CxrError
-
         raise CxrError(f"VGG16 weights file not found: {path} (use --weights imagenet, none or PATH)")
     return path
 
@@ -318,7 +318,6 @@ def _imagenet_weights_in(models_dir: Path) -> Path:
                                         cache_dir=str(models_dir.parent), cache_subdir="models",
                                         file_hash=VGG16_NOTOP_MD5)
         except Exception as exc:  # urllib, SSL, hash mismatch: all mean "no usable weights"
-            from cxr_datasets.errors import CxrError, first_line
 
             raise CxrError(
                 f"cannot download the ImageNet VGG16 weights ({first_line(exc, limit=160)}); run offline with "
@@ -341,6 +340,5 @@ def _load_base_weights(base: keras.Model, path: Path) -> None:
     try:
         base.load_weights(str(path))
     except Exception as exc:  # wrong file, wrong architecture, truncated HDF5
-        from cxr_datasets.errors import CxrError, first_line
 
         raise CxrError(f"cannot load VGG16 (no top) weights from {path}: {first_line(exc, limit=160)}") from exc

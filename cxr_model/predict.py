@@ -16,7 +16,9 @@ import numpy as np
 
 from cxr_datasets.config import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # what `cxr prepare` discovers
 from cxr_datasets.discover import enter_folder, is_image_name
+from cxr_datasets.errors import CxrError
 from cxr_datasets.progress import Progress
+from cxr_model.export import load_model
 
 COLUMNS = ["path", "p_pneumonia", "label", "threshold", "error"]
 # Files are decoded and predicted this many at a time, so a folder of 100k scans never sits in memory.
@@ -34,7 +36,6 @@ def predict_paths(model_dir, paths, batch_size: int = 32, gradcam_dir=None, prog
     """
     import pandas as pd
 
-    from cxr_model.export import load_model
 
     model, card = load_model(model_dir, verify=verify)
     files = expand_paths(paths)
@@ -63,7 +64,6 @@ def expand_paths(paths) -> list[Path]:
 
     A path that does not exist is kept: it becomes an error row, like any other unusable input.
     """
-    from cxr_datasets.errors import CxrError
 
     files = []
     for path in map(Path, paths):

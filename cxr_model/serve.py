@@ -36,14 +36,21 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import hmac
+import ipaddress
+import json
 import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from cxr_datasets.errors import ConfigError, CxrError, ImageRejected
+from cxr_model.export import MODEL_FILE, load_model, read_card, sha256_file, verify_model_file
 
 APP_NAME = "cxr"
 SERVE_EPILOG = """examples:
@@ -75,23 +82,21 @@ class ServeConfig:
     docs: bool = False             # FastAPI's /docs and /openapi.json
 
     def __post_init__(self):
-        from cxr_datasets.errors import CxrError
-
         for name in ("replicas", "max_batch_size"):
             if getattr(self, name) < 1:
-                raise CxrError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 < self.port < 65536:
-            raise CxrError(f"--port must be in 1..65535, got {self.port}")
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.max_upload_mb <= 0 or self.batch_wait_ms < 0:
-            raise CxrError("--max-upload-mb must be > 0 and --batch-wait-ms >= 0")
+            raise ConfigError("--max-upload-mb must be > 0 and --batch-wait-ms >= 0")
         if self.request_timeout_s <= 0 or (self.max_queued is not None and self.max_queued < 1):
-            raise CxrError("--request-timeout-s must be > 0 and --max-queued at least 1")
+            raise ConfigError("--request-timeout-s must be > 0 and --max-queued at least 1")
         if self.token is not None and len(self.token) < 16:
-            raise CxrError("--token must be at least 16 characters (e.g. python -c 'import secrets; "
-                           "print(secrets.token_urlsafe(32))')")
+            raise ConfigError("--token must be at least 16 characters (e.g. python -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))')")
         if not self.token and not self.insecure and not is_loopback(self.host):
-            raise CxrError(f"--host {self.host} listens beyond this machine: give --token (or CXR_SERVE_TOKEN), "
-                           "or --insecure to serve without one on a network you trust")
+            raise ConfigError(f"--host {self.host} listens beyond this machine: give --token (or CXR_SERVE_TOKEN), "
+                              "or --insecure to serve without one on a network you trust")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -103,8 +108,6 @@ class ServeConfig:
 
 
 def is_loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -141,8 +144,6 @@ class RequestGuard:
             return await _json_reply(send, 431, f"request headers over {self.max_header_bytes} bytes")
         values = dict(headers)
         if self.token is not None and scope.get("path") != "/healthz":
-            import hmac
-
             if not hmac.compare_digest(values.get(b"authorization", b""), self.token):
                 return await _json_reply(send, 401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
                                          [(b"www-authenticate", b"Bearer")])
@@ -172,8 +173,6 @@ def body_too_large(limit: int):
 
 
 async def _json_reply(send, status: int, reason: str, extra_headers=()) -> None:
-    import json
-
     body = json.dumps({"error": reason}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -224,8 +223,6 @@ def _make_deployment(cfg: ServeConfig):
     @serve.ingress(app)
     class CxrModel:
         def __init__(self, cfg: ServeConfig):
-            from cxr_model.export import load_model
-
             self.cfg = cfg
             self.model, self.card = load_model(cfg.model_dir, verify=cfg.verify)
             self.spec = self.card["input"]
@@ -270,7 +267,6 @@ def _make_deployment(cfg: ServeConfig):
 
         def _preprocess(self, data: bytes, name: str) -> np.ndarray:
             from cxr_datasets import preprocess_bytes
-            from cxr_datasets.errors import ImageRejected
 
             try:
                 image, _meta = preprocess_bytes(data, int(self.spec["image_size"]), self.spec["resize"], name=name)
@@ -342,10 +338,6 @@ def card_summary(card: dict, sha256: str) -> dict:
 
 
 def _sha256_of(model_dir) -> str:
-    from pathlib import Path
-
-    from cxr_model.export import MODEL_FILE, sha256_file
-
     return sha256_file(Path(model_dir) / MODEL_FILE)
 
 
@@ -367,7 +359,6 @@ def build_app(cfg: ServeConfig):
 
 def check_export(cfg: ServeConfig) -> None:
     """A wrong folder or a swapped model file fails here in one line, not inside a replica."""
-    from cxr_model.export import read_card, verify_model_file
 
     card = read_card(cfg.model_dir)
     if cfg.verify:
@@ -455,10 +446,6 @@ def register(subparsers) -> None:
 
 
 def _handle(args) -> int:
-    from pathlib import Path
-
-    from cxr_datasets.errors import CxrError
-
     token = args.token or os.environ.get("CXR_SERVE_TOKEN") or None
     if args.token_file:
         try:

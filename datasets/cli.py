@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from .config import FORMATS, LABEL_FORMATS, NEGATIVES, RESIZE_MODES, SPLIT_MODES, UNCERTAIN, VIEWS, PrepareConfig
+from .synth import synth
 
 
 def with_default(text: str, cls: type, name: str) -> str:
@@ -129,8 +130,6 @@ def _add_prepare(subparsers) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from .synth import synth
-
     out = synth(args.out, n=args.n, seed=args.seed)
     print(f"wrote {args.n} synthetic images to {out}/chest_xray (seed {args.seed})")
     return 0

@@ -46,6 +46,8 @@ import pandas as pd
 import pyarrow as pa
 
 from .config import SPLITS, PrepareConfig
+from .errors import CxrError, first_line
+from .storage import list_files
 from .workers import decode_batch, hash_batch
 
 BLOCK_BYTES = 16 * 2**20  # decoded pixels per block of pass 2 (1024 images at 128 px)
@@ -168,8 +170,6 @@ def _input_batch(rows: pd.DataFrame, paths: list[str], where: np.ndarray) -> pa.
 
 
 def _read_rejections(folder) -> list[dict]:
-    from .storage import list_files
-
     found: list[dict] = []
     for rel, _, is_dir in list_files(folder):
         if not is_dir and rel.endswith(".json"):
@@ -244,8 +244,6 @@ def ray_failures_are_one_line(stage: str) -> Iterator[None]:
     try:
         yield
     except RayError as exc:
-        from .errors import CxrError, first_line
-
         raise CxrError(f"Ray failed while {stage} ({type(exc).__name__}: {first_line(exc)}); "
                        "nothing was written to OUT: run the command again") from None
 

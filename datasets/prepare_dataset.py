@@ -45,6 +45,7 @@ from .eda import sample_rows, write_eda
 from .errors import ConfigError, CxrError
 from .shards import MANIFEST, PARQUET_SCHEMA, manifest_totals, write_manifest
 from .storage import Location, list_files
+from .versions import package_versions
 
 
 def prepare(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig | None = None, *,
@@ -352,7 +353,6 @@ def _timing(n_files: int, clock: StageClock) -> dict:
 
 def _versions(cfg: PrepareConfig) -> dict:
     """Installed versions of what shaped the output (decoders, writers), for the manifest."""
-    from .versions import package_versions
 
     packages = ["cxr-tune", "ray", "pillow", "numpy", "pandas", "pyarrow", "pydicom"]
     return package_versions(packages + ([] if cfg.format == "parquet" else ["tensorflow"]))

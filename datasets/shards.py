@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,6 @@ def parquet_table_bytes(table: pa.Table) -> bytes:
 
 def tfrecord_bytes(chunk: pd.DataFrame) -> bytes:
     """One TFRecord shard as bytes (TensorFlow's writer needs a path: a private temporary file)."""
-    import tempfile
 
     import tensorflow as tf
 

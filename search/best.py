@@ -20,6 +20,7 @@ import pandas as pd
 
 from cxr_datasets.errors import CxrError
 from cxr_model import TrainConfig
+from cxr_model.evaluate import metrics_from_probs
 from cxr_model.finalize import finalize
 from cxr_search.checkpoint import STATE_FILE, WEIGHTS_FILE, fold_dir, load_weights
 from cxr_search.config import SearchConfig
@@ -120,7 +121,6 @@ def export_cv_best(cfg: SearchConfig, table: pd.DataFrame, pool) -> dict[str, An
     probabilities, `cxr_model.model.ensemble_model`), its threshold and operating points chosen on
     the out-of-fold predictions, evaluated once on test. Also the test AUC of its best single
     fold model, beside the ensemble's, for the report."""
-    from cxr_model.evaluate import metrics_from_probs
     from cxr_model.finalize import load_split
     from cxr_model.model import ensemble_model, predict_proba
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
+from cxr_datasets.storage import Location
 from cxr_model.config import THRESHOLD_METHODS
 from cxr_search.config import CONFIG_FILE, SearchConfig
 from cxr_search.space import load_space
@@ -167,7 +168,6 @@ def _checked_prepared(prepared: str) -> str:
     """PREPARED as the sweep records it: a folder's absolute path, or the URI as given (s3://,
     gs://, file://); CxrError if it holds no manifest.json."""
     from cxr_datasets.shards import MANIFEST
-    from cxr_datasets.storage import Location
 
     where = Location.of(prepared)
     if where.child(MANIFEST).kind() != "file":

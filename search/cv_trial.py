@@ -39,7 +39,7 @@ from ray import tune
 from cxr_model.config import WORST, improves
 from cxr_search.checkpoint import STATE_FILE, WEIGHTS_FILE, fold_dir, save_weights
 from cxr_search.folds import CV_BUDGET, FOLDS_DONE, standard_error
-from cxr_search.space import METRIC
+from cxr_search.space import METRIC, to_train_config
 
 
 @dataclass
@@ -87,7 +87,6 @@ def train_cv_trial(config: dict[str, Any], pool, settings: dict[str, Any], cache
     from cxr_model import fit
     from cxr_model.model import predict_proba
     from cxr_model.train import uses_feature_cache
-    from cxr_search.space import to_train_config
 
     resume = CVResumeState.from_checkpoint(tune.get_checkpoint())
     train_cfg = to_train_config(config, image_size=settings["image_size"], weights=settings["weights"],

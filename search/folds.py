@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_datasets.errors import CxrError
+from cxr_datasets.storage import Location
 
 FOLDS_FILE = "folds.csv"
 # What a CV trial reports after each fold: how many folds it has completed (ASHA's time attribute
@@ -100,7 +101,6 @@ class CVPool:
 def load_pool(prepared, k: int, seed: int) -> CVPool:
     """Train + val of a prepared folder (or URI) with their patient ids, dealt into k folds."""
     import cxr_datasets
-    from cxr_datasets.storage import Location
 
     where = Location.of(prepared)
     parts = [cxr_datasets.load(where, split) for split in ("train", "val")]

@@ -20,6 +20,7 @@ from importlib import metadata
 from cxr_datasets import cli as data_cli
 from cxr_datasets.errors import CxrError
 from cxr_model import cli as model_cli
+from cxr_model.quiet import init_tensorflow_quietly
 from cxr_search import cli as search_cli
 
 EXAMPLES = __doc__.split("\n\n")[1]
@@ -54,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     if args.command not in NO_TENSORFLOW:
-        from cxr_model.quiet import init_tensorflow_quietly
-
         init_tensorflow_quietly()
     try:
         return int(args.func(args) or 0)

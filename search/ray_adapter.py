@@ -14,6 +14,7 @@ upgrade that changes one fails there, by name, instead of silently elsewhere.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 from ray import tune
@@ -54,7 +55,6 @@ for _name in _HOOKS:
 def validate_cluster_config(config: dict) -> dict:
     """`config` (a cluster-launcher YAML, loaded) as Ray fills in its defaults, after Ray's own
     schema validation; raises what `ray up` would raise for it."""
-    import copy
 
     from ray.autoscaler._private.util import prepare_config, validate_config
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from cxr_datasets import manifest_hash
 from cxr_datasets.errors import CxrError
 from cxr_search.best import export_best, export_cv_best
-from cxr_search.config import CONFIG_FILE, SearchConfig
+from cxr_search.config import CONFIG_FILE, SearchConfig, write_to_storage
 from cxr_search.results import collect_results, write_results
 from cxr_search.sweep_report import write_report
 from cxr_search.tracking import log_best_to_mlflow
@@ -75,7 +75,6 @@ def check_same_data(cfg: SearchConfig, data_hash: str) -> None:
 
 def record_folds(cfg: SearchConfig, pool) -> None:
     """RUN/folds.csv (which patient is in which fold), and its copy in a remote --storage."""
-    from cxr_search.config import write_to_storage
     from cxr_search.folds import FOLDS_FILE, write_folds
 
     path = write_folds(pool, cfg.run_dir)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from cxr_datasets.errors import CxrError
 from cxr_search.config import SearchConfig
 from cxr_search.space import METRIC
 
@@ -20,7 +22,6 @@ def export_study(cfg: SearchConfig) -> Path | None:
     whole, never half-written; `run_sweep` then copies it next to the experiment with a remote
     --storage. Nothing is read from the storage: see cxr_search.study_storage. None when this
     process holds no study for the sweep (Ray Client, where the tuner runs on the cluster)."""
-    import tempfile
 
     import optuna
 
@@ -55,7 +56,6 @@ def refuse_existing_study(cfg: SearchConfig) -> None:
     """A fresh sweep must not add its trials to another sweep's study (TPE would mix them)."""
     import optuna
 
-    from cxr_datasets.errors import CxrError
 
     names = [s.study_name for s in optuna.study.get_all_study_summaries(storage=cfg.optuna_url)]
     if cfg.study_name in names:
@@ -84,7 +84,6 @@ def mlflow_callbacks(cfg: SearchConfig) -> list:
     value as metrics) when `cfg.mlflow` names a tracking URI; the experiment is the study's name."""
     if not cfg.mlflow:
         return []
-    from cxr_datasets.errors import CxrError
 
     try:
         import mlflow  # noqa: F401  the optional extra: checked here for a clear message

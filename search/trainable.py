@@ -26,9 +26,17 @@ size an earlier trial on the node already compiled skips most of the compilation
 """
 from __future__ import annotations
 
+import logging
 import os
+import platform
+import stat
 import sys
+import tempfile
 from typing import Any
+
+from cxr_datasets.errors import CxrError
+from cxr_model.quiet import init_tensorflow_quietly
+from cxr_search.space import to_train_config
 
 # How long a reused worker waits for the previous trial's training thread to end before it takes
 # the next trial. Tune stops a trial (ASHA, or its last epoch) by raising SystemExit inside that
@@ -55,18 +63,15 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     # Before anything else: the worker's next reset reads it (see THREAD_JOIN_TIMEOUT_S).
     os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = THREAD_JOIN_TIMEOUT_S
     _configure_process(settings)
-    from cxr_model.quiet import init_tensorflow_quietly
 
     init_tensorflow_quietly()  # before Keras: no TensorFlow start-up noise in the trial's log
     check_gpu(settings)  # before any training: a trial that asked for a GPU never trains on the CPU
-    import logging
 
     from ray import tune
 
     from cxr_model import fit
     from cxr_model.train import uses_feature_cache
     from cxr_search.ray_adapter import CHECKPOINT_LOGGER
-    from cxr_search.space import to_train_config
     from cxr_search.trial_reporter import ReportCallback, ResumeState
 
     # One "Checkpoint successfully created" line per improving epoch would drown Tune's status.
@@ -112,7 +117,6 @@ def check_gpu(settings: dict[str, Any]) -> None:
     devices = visible_devices(backend)
     if any(kind == "gpu" for kind, _ in devices):
         return
-    import platform
 
     seen = ", ".join(name for _, name in devices) or "no devices"
     raise GpuNotVisible(
@@ -167,10 +171,7 @@ def _node_local(name: str) -> str:
     trial, not the driver): made with mode 0700, and refused in one line if it is a link, is not
     this user's, or others may write or read it. A shared /tmp is anyone's: a predictable folder
     there could be planted by another user, with links pointing to their files."""
-    import stat
-    import tempfile
 
-    from cxr_datasets.errors import CxrError
 
     path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}")
     try:

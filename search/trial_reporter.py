@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import ray
 from ray import tune
 
@@ -26,15 +27,11 @@ __all__ = ["ReportCallback", "ResumeState"]  # ResumeState: where trainable.py h
 
 
 def save_optimizer(optimizer, path: Path) -> None:
-    import numpy as np
-
     np.savez(path, *[keras.ops.convert_to_numpy(v.value) for v in optimizer.variables])
 
 
 def load_optimizer(optimizer, variables, path: Path | str) -> None:
     """Restore the optimizer's variables (built first for `variables`: Keras builds it lazily)."""
-    import numpy as np
-
     if not optimizer.built:
         optimizer.build(variables)
     with np.load(path) as stored:

@@ -15,11 +15,15 @@ Where things go (storage = --storage, default: the run folder):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from cxr_search.config import SearchConfig
+from cxr_datasets.errors import CxrError, first_line
+from cxr_search.config import SearchConfig, write_to_storage
 from cxr_search.folds import CV_BUDGET, FOLDS_DONE
 from cxr_search.space import METRIC, MODE, SpaceSampler
 from cxr_search.tracking import (
@@ -56,7 +60,6 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
         grid = _fit_keeping_sigint(tuner)
     except Exception:
         if gpu_check.line:  # the sweep was stopped on purpose: say why in one line
-            from cxr_datasets.errors import CxrError
 
             raise CxrError(gpu_check.line) from None
         raise
@@ -65,7 +68,6 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
         close_orphaned_optuna_trials(cfg)
     if exported is not None and cfg.remote_storage:
         # after the orphans are closed: the storage's copy says what RUN/optuna.db says
-        from cxr_search.config import write_to_storage
 
         write_to_storage(f"{cfg.storage_path}/optuna.db", exported.read_bytes())
     return grid
@@ -98,8 +100,6 @@ def check_weights(weights: str | None) -> None:
 def _fit_keeping_sigint(tuner):
     """tuner.fit(), with Ctrl-C working again afterwards: Tune leaves its own SIGINT handler
     installed after a sweep, which would swallow a Ctrl-C during the final evaluation."""
-    import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         return tuner.fit()
@@ -113,7 +113,6 @@ def _fit_keeping_sigint(tuner):
 def new_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     from ray import tune
 
-    from cxr_datasets.errors import CxrError
 
     if tune.Tuner.can_restore(cfg.experiment_path):
         raise CxrError(f"{cfg.experiment_path} already holds a sweep: add --resume to continue it, "
@@ -130,7 +129,6 @@ def restored_tuner(cfg: SearchConfig, trainable, callbacks: Sequence[Any] = ()):
     on where it stopped and the requested number of trials is reached, not exceeded."""
     from ray import tune
 
-    from cxr_datasets.errors import CxrError
 
     if not tune.Tuner.can_restore(cfg.experiment_path):
         raise CxrError(f"nothing to resume at {cfg.experiment_path}: run without --resume first")
@@ -161,8 +159,6 @@ class _DropUnreportedTrialWarning:
 
 @contextlib.contextmanager
 def _quiet_unreported_trials():
-    import logging
-
     log = logging.getLogger("ray.tune.analysis.experiment_analysis")
     dropper = _DropUnreportedTrialWarning()
     log.addFilter(dropper)
@@ -215,7 +211,6 @@ def connect(address: str | None) -> None:
     """Join the cluster at `address`, or start a local Ray; keep a connection that already exists."""
     import ray
 
-    from cxr_datasets.errors import CxrError, first_line
 
     if ray.is_initialized():
         return

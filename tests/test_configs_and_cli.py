@@ -54,6 +54,18 @@ def test_eval_config_checks_itself():
             EvalConfig(**values)
 
 
+@pytest.mark.parametrize("values, fragment", [
+    ({"replicas": 0}, "replicas"), ({"port": 70000}, "port"), ({"max_upload_mb": 0}, "max-upload-mb"),
+    ({"max_queued": 0}, "max-queued"), ({"token": "short"}, "16 characters"), ({"host": "0.0.0.0"}, "beyond this machine"),
+])
+def test_serve_config_checks_itself(values, fragment):
+    from cxr_model.serve import ServeConfig
+
+    with pytest.raises(ConfigError, match=fragment) as err:
+        ServeConfig(model_dir="m", **values)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+
+
 def _option_defaults(command: str) -> dict[str, str]:
     """{dest: the default shown in its help} of every option of `cxr COMMAND`."""
     parser = build_parser()

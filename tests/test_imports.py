@@ -4,6 +4,7 @@
 - only search/ imports ray.tune
 - no import cycle between the project's modules (e.g. cli.py <-> demo.py)
 - `cxr --help` loads none of keras, tensorflow, jax, ray, optuna (they are imported lazily)
+- an import inside a function is of a heavy module: never the standard library nor a light project module
 """
 from __future__ import annotations
 
@@ -117,6 +118,35 @@ def test_no_import_cycles_between_project_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+# project modules that load nothing heavy: imported at module level wherever they are used
+LIGHT_PROJECT = {"cxr_datasets.errors", "cxr_datasets.config", "cxr_datasets.storage", "cxr_datasets.versions",
+                 "cxr_model.config", "cxr_model.quiet", "cxr_search.config", "cxr_search.space"}
+
+
+def _function_level_imports(module: str) -> list[tuple[int, str]]:
+    tree = ast.parse(MODULES[module].read_text())
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return [(line, m) for line, m in _imports(module) if any(
+        getattr(n, "lineno", None) == line and id(n) in inside for n in ast.walk(tree))]
+
+
+def test_imports_inside_functions_are_of_heavy_modules_only():
+    light = []
+    for module in MODULES:
+        for line, imported in _function_level_imports(module):
+            if imported.split(".")[0] in sys.stdlib_module_names or imported in LIGHT_PROJECT:
+                light.append(f"{MODULES[module].relative_to(ROOT)}:{line} imports {imported} inside a function")
+    assert not light, "import these at module level (docs/DESIGN.md):\n" + "\n".join(light)
+
+
+def test_a_function_level_light_import_would_be_found(monkeypatch):
+    source = MODULES["cxr_model.serve"].read_text() + "\n\ndef _late():\n    import json\n    from cxr_datasets.errors import CxrError\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source)
+    found = [m for _, m in _function_level_imports("cxr_model.serve")]
+    assert "json" in found and "cxr_datasets.errors" in found
 
 
 def test_a_cycle_would_be_found(monkeypatch):
