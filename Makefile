@@ -10,6 +10,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
+# make test runs whole test files on this many pytest-xdist workers (module fixtures stay on one);
+# the tests wait on processes starting (Ray, TensorFlow, servers) much of the time, so 2 workers
+# keep 2 cores ~90% busy. TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
@@ -40,17 +45,17 @@ demo: $(STAMP)
 	$(BIN)/cxr demo --out $(DEMO_DIR) --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(XDIST) $(PYTEST_ARGS)
 
 # No Ray, no subprocess (markers set in tests/conftest.py): the unit tests, in about a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 -m 'not slow and not ray and not subprocess' $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 -m slow $(XDIST) $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m '' $(XDIST) $(PYTEST_ARGS)
 
 # ruff (lint and import order) and mypy, configured in pyproject.toml.
 lint: $(STAMP)

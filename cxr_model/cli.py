@@ -18,7 +18,16 @@ import sys
 from cxr_datasets import read_manifest
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
-from cxr_model.config import HEAD_POOLINGS, THRESHOLD_METHODS, VGG16_BLOCKS, EvalConfig, ModelConfig, TrainConfig
+from cxr_model.config import (
+    EXPORT_FORMATS,
+    HEAD_POOLINGS,
+    THRESHOLD_METHODS,
+    VGG16_BLOCKS,
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+    check_formats,
+)
 from cxr_model.evaluate import format_metrics
 from cxr_model.export import json_safe
 
@@ -94,8 +103,17 @@ def _add_train(subparsers) -> None:
     e = p.add_argument_group("threshold and export")
     _add_eval_options(e, threshold=True)
     e.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    add_formats_option(e)
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=_train)
+
+
+def add_formats_option(group) -> None:
+    """--formats, for `cxr train` and `cxr search`."""
+    group.add_argument("--formats", metavar="LIST",
+                       help="model files to export, comma-separated: keras (always; what cxr predict, serve "
+                            "and evaluate load), saved_model, onnx; `keras` alone skips the ~20 s TensorFlow "
+                            f"conversion (default: {','.join(EXPORT_FORMATS)})")
 
 
 def _add_eval_options(group, threshold: bool) -> None:
@@ -149,10 +167,11 @@ def _train(args) -> int:
 
     cfg = _train_config(args)
     ev = EvalConfig(**given(args, EvalConfig))
+    formats = check_formats(args.formats or EXPORT_FORMATS)  # before training, not after
     progress = [] if args.quiet else [EpochProgress(cfg.epochs)]
     result = train_and_export(cfg, args.prepared, args.out, threshold_method=ev.threshold_method,
                               target_sensitivity=ev.target_sensitivity, n_boot=ev.n_boot,
-                              overwrite=args.overwrite, callbacks=progress)
+                              overwrite=args.overwrite, formats=formats, callbacks=progress)
     print(format_metrics(result["metrics"]))
     print(f"threshold {result['threshold']:.4f} ({ev.threshold_method}, chosen on val); "
           f"exported to {result['model_dir']}")

@@ -23,6 +23,11 @@ from cxr_datasets.errors import ConfigError
 HEAD_POOLINGS = ("flatten", "avg")
 VGG16_BLOCKS = 5
 THRESHOLD_METHODS = ("youden", "sensitivity")
+# The files an export writes the model as: model.keras always (cxr predict, serve and evaluate load
+# it), and by default the same graph as a TensorFlow SavedModel and as ONNX. Those two come from a
+# TensorFlow child process (cxr_model/export_formats.py) that costs ~20 s even for a tiny model and
+# GBs for a 224 px VGG16, so `--formats keras` leaves them out where nothing needs them.
+EXPORT_FORMATS = ("keras", "saved_model", "onnx")
 
 # The metric that early stopping (train.py), the trials' reports, ASHA, Optuna, the results table
 # and the choice of the best trial all optimise, named once. Keras logs the AUC of P(PNEUMONIA)
@@ -163,6 +168,17 @@ class EvalConfig:
                               f"got {self.threshold_method!r}")
         _check_float(self, "target_sensitivity", low=0.0, high=1.0, low_open=True)
         _check_int(self, "n_boot", low=1)
+
+
+def check_formats(formats) -> tuple[str, ...]:
+    """The export formats as a tuple in EXPORT_FORMATS' order, from a tuple, list or "keras,onnx";
+    ConfigError for an unknown one or a set without keras."""
+    names = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
+    unknown = [f for f in names if f not in EXPORT_FORMATS]
+    if unknown or "keras" not in names:
+        raise ConfigError(f"formats must include keras and be among {', '.join(EXPORT_FORMATS)}, "
+                          f"got {','.join(map(str, names)) or 'none'}")
+    return tuple(f for f in EXPORT_FORMATS if f in names)
 
 
 def normalise_weights(weights) -> str | None:

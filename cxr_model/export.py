@@ -10,6 +10,7 @@ An export folder holds:
                        safe mode on any backend without cxr-tune installed
     saved_model/       the same as a TF SavedModel (TF Serving; `serve` endpoint), from either backend
     model.onnx         the same as ONNX (onnxruntime; input "image" uint8 NHWC)
+                       (these two unless `formats` leaves them out: cxr_model.config.EXPORT_FORMATS)
     model_card.json    config, threshold and how it was chosen, metrics with 95% intervals, class names,
                        input spec, the data manifest's hash, package versions, creation time
     metrics.json       the full metrics (ROC points included) and the training history
@@ -38,6 +39,7 @@ from cxr_datasets.config import CLASS_NAMES  # label 0, 1
 from cxr_datasets.errors import CxrError
 from cxr_datasets.versions import package_versions
 
+from .config import EXPORT_FORMATS, check_formats
 from .export_formats import MODEL_FILE, ONNX_FILE, SAVED_MODEL_DIR
 
 CARD_FILE = "model_card.json"
@@ -53,22 +55,24 @@ _VERSIONED = ("cxr-tune", "keras", "tensorflow", "jax", "jaxlib", "numpy", "ray"
 def export(model, run_dir, *, train_cfg, threshold: float, metrics: dict, manifest_hash: str | None = None,
            history=None, extra: dict | None = None, threshold_method: str | None = None,
            target_sensitivity: float | None = None, resize: str = "pad", overwrite: bool = False,
-           threshold_split: str = "val") -> Path:
+           threshold_split: str = "val", formats=EXPORT_FORMATS) -> Path:
     """Write the export folder `run_dir` (see the module docstring) and return its path.
 
     metrics: {split: evaluate() output}, e.g. {"val": ..., "test": ...}; a single evaluate() output
     is taken as the test metrics. resize: the prepared data's resize mode ("pad" or "crop"), which
     `cxr predict` must apply to new images. Refuses a non-empty existing run_dir unless overwrite.
     threshold_split: what the threshold was chosen on, as the card records it ("val", or "oof": the
-    out-of-fold predictions of a cross-validated sweep).
+    out-of-fold predictions of a cross-validated sweep). formats: the model files to write, among
+    EXPORT_FORMATS; model.keras always.
     """
+    formats = check_formats(formats)
     run_dir = Path(run_dir)
     check_export_target(run_dir, overwrite)
     metrics = _by_split(metrics)
     staging = run_dir.parent / f".{run_dir.name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        artifacts = _save_model(model, staging)
+        artifacts = _save_model(model, staging, formats)
         plot_files = _write_plots(staging / PLOTS_DIR, metrics, history)
         card = _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, threshold_method,
                            target_sensitivity, resize, artifacts, plot_files, threshold_split)
@@ -149,8 +153,9 @@ def _by_split(metrics: dict) -> dict:
     return dict(metrics)
 
 
-def _save_model(model, folder: Path) -> list[dict]:
-    """model.keras, saved_model/ and model.onnx of the portable inference graph; their card entries.
+def _save_model(model, folder: Path, formats: tuple[str, ...]) -> list[dict]:
+    """model.keras, saved_model/ and model.onnx (those of `formats`) of the portable inference
+    graph; their card entries.
 
     The inference graph (see `cxr_model.model.inference_model`) holds built-in layers only and no
     compile state, so loading it needs neither cxr-tune nor its custom metric. The SavedModel and
@@ -165,20 +170,24 @@ def _save_model(model, folder: Path) -> list[dict]:
 
     graph = inference_model(model)
     graph.save(folder / MODEL_FILE)
-    _export_formats_on_tensorflow(folder)
-    return [
-        _artifact(folder, MODEL_FILE, "keras", "keras.saving.load_model(path, safe_mode=True)"),
-        *[_artifact(folder, str(p.relative_to(folder)), "tf_saved_model",
-                    "tf.saved_model.load(dir).serve(images)")
-          for p in sorted((folder / SAVED_MODEL_DIR).rglob("*")) if p.is_file()],
-        _artifact(folder, ONNX_FILE, "onnx", "onnxruntime.InferenceSession(path).run(None, {'image': images})"),
-    ]
+    others = [f for f in formats if f != "keras"]
+    if others:
+        _export_formats_on_tensorflow(folder, others)
+    artifacts = [_artifact(folder, MODEL_FILE, "keras", "keras.saving.load_model(path, safe_mode=True)")]
+    if "saved_model" in formats:
+        artifacts += [_artifact(folder, str(p.relative_to(folder)), "tf_saved_model",
+                                "tf.saved_model.load(dir).serve(images)")
+                      for p in sorted((folder / SAVED_MODEL_DIR).rglob("*")) if p.is_file()]
+    if "onnx" in formats:
+        artifacts.append(_artifact(folder, ONNX_FILE, "onnx",
+                                   "onnxruntime.InferenceSession(path).run(None, {'image': images})"))
+    return artifacts
 
 
-def _export_formats_on_tensorflow(folder: Path) -> None:
+def _export_formats_on_tensorflow(folder: Path, formats: list[str]) -> None:
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-I", "-m", "cxr_model.export_formats", str(folder)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-I", "-m", "cxr_model.export_formats", str(folder), *formats],
+                          env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no error output"]
         raise CxrError(f"exporting the SavedModel and ONNX on TensorFlow failed: {tail[0]}")
@@ -223,6 +232,7 @@ def _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, thre
 
     config = train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else dict(train_cfg)
     shape = [int(d) for d in model.input_shape[1:]]
+    written = {a["format"] for a in artifacts}
     return {
         "schema_version": CARD_SCHEMA_VERSION,
         "model": "VGG16 transfer learning, pneumonia vs normal chest X-ray (cxr-tune)",
@@ -248,7 +258,8 @@ def _model_card(model, train_cfg, threshold, metrics, manifest_hash, extra, thre
         "backend": keras.backend.backend(),
         "versions": _versions(),
         "model_sha256": next(a["sha256"] for a in artifacts if a["path"] == MODEL_FILE),
-        "files": {"model": MODEL_FILE, "saved_model": SAVED_MODEL_DIR, "onnx": ONNX_FILE,
+        "files": {"model": MODEL_FILE, "saved_model": SAVED_MODEL_DIR if "tf_saved_model" in written else None,
+                  "onnx": ONNX_FILE if "onnx" in written else None,
                   "metrics": METRICS_FILE, "plots": plot_files, "artifacts": artifacts},
         "extra": extra or {},
     }

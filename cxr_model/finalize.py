@@ -21,7 +21,7 @@ from cxr_datasets import manifest_hash, read_manifest
 from cxr_datasets.errors import CxrError
 from cxr_datasets.storage import Location
 
-from .config import THRESHOLD_METHODS, EvalConfig  # noqa: F401  (THRESHOLD_METHODS: re-exported)
+from .config import EXPORT_FORMATS, THRESHOLD_METHODS, EvalConfig  # noqa: F401  (THRESHOLD_METHODS: re-exported)
 from .data import Data
 from .evaluate import choose_operating_points, choose_threshold, evaluate, metrics_from_probs
 from .export import check_export_target, export, load_model
@@ -31,7 +31,7 @@ _EVAL = EvalConfig()  # the defaults below are EvalConfig's
 
 def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str = _EVAL.threshold_method,
                      target_sensitivity: float = _EVAL.target_sensitivity, n_boot: int = _EVAL.n_boot,
-                     overwrite: bool = False,
+                     overwrite: bool = False, formats=EXPORT_FORMATS,
                      callbacks=(), feature_cache=None, data=None, extra: dict | None = None) -> dict:
     """Train `train_cfg` on the prepared data and export it to `out_dir`; returns finalize()'s dict.
 
@@ -47,13 +47,14 @@ def train_and_export(train_cfg, prepared_dir, out_dir, *, threshold_method: str 
     history = fit(train_cfg, data, callbacks=callbacks, feature_cache=feature_cache)
     return finalize(history.model, train_cfg, prepared_dir, out_dir, history=history,
                     val=(data.x_val, data.y_val), threshold_method=threshold_method,
-                    target_sensitivity=target_sensitivity, n_boot=n_boot, overwrite=overwrite, extra=extra)
+                    target_sensitivity=target_sensitivity, n_boot=n_boot, overwrite=overwrite, extra=extra,
+                    formats=formats)
 
 
 def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
              threshold_method: str = _EVAL.threshold_method, target_sensitivity: float = _EVAL.target_sensitivity,
              n_boot: int = _EVAL.n_boot, overwrite: bool = False, extra: dict | None = None,
-             val_scores=None, threshold_split: str = "val") -> dict:
+             val_scores=None, threshold_split: str = "val", formats=EXPORT_FORMATS) -> dict:
     """Threshold on validation, metrics on validation and test at that threshold, export.
 
     1. P(PNEUMONIA) on the validation split (`val` = (images, labels), else loaded from prepared_dir);
@@ -88,6 +89,7 @@ def finalize(model, train_cfg, prepared_dir, out_dir, *, history=None, val=None,
         threshold_method=threshold_method,
         target_sensitivity=target_sensitivity if threshold_method == "sensitivity" else None,
         resize=read_manifest(prepared_dir)["options"]["resize"], overwrite=overwrite, threshold_split=threshold_split,
+        formats=formats,
     )
     return {"model_dir": Path(run_dir), "threshold": threshold, "threshold_method": threshold_method,
             "metrics": metrics}

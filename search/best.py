@@ -72,7 +72,7 @@ def export_best(cfg: SearchConfig, table: pd.DataFrame, data=None) -> dict[str, 
     val = (data.x_val, data.y_val) if data is not None else None
     result = finalize(
         model, train_cfg, cfg.prepared, cfg.run_dir / BEST_DIR, history=state["history"], val=val,
-        threshold_method=cfg.threshold_method, n_boot=cfg.n_boot, overwrite=True,
+        threshold_method=cfg.threshold_method, n_boot=cfg.n_boot, overwrite=True, formats=cfg.formats,
         extra={"search": {"run_dir": str(cfg.run_dir), "trial_id": row["trial_id"],
                           f"{METRIC}_in_sweep": float(row[METRIC]), "best_epoch": int(state["best_epoch"]),
                           "trials": int(len(table))}},
@@ -147,7 +147,7 @@ def export_cv_best(cfg: SearchConfig, table: pd.DataFrame, pool) -> dict[str, An
         cv["exported"] = f"the mean of the {len(members)} fold models' probabilities"
     result = finalize(
         exported, card_cfg, cfg.prepared, cfg.run_dir / BEST_DIR, val_scores=(pool.y, oof), threshold_split="oof",
-        threshold_method=cfg.threshold_method, n_boot=cfg.n_boot, overwrite=True,
+        threshold_method=cfg.threshold_method, n_boot=cfg.n_boot, overwrite=True, formats=cfg.formats,
         extra={"search": {"run_dir": str(cfg.run_dir), "trial_id": row["trial_id"],
                           f"{METRIC}_in_sweep": float(row[METRIC]), "trials": int(len(table))}, "cv": cv},
     )

@@ -16,7 +16,8 @@ from typing import Any
 from cxr_datasets.cli import given, with_default
 from cxr_datasets.errors import CxrError
 from cxr_datasets.storage import Location
-from cxr_model.config import THRESHOLD_METHODS
+from cxr_model.cli import add_formats_option
+from cxr_model.config import THRESHOLD_METHODS, check_formats
 from cxr_search.config import CONFIG_FILE, SearchConfig
 from cxr_search.space import load_space
 
@@ -96,6 +97,7 @@ def _add_search(subparsers) -> None:
     store.add_argument("--resume", action="store_true", help="continue the interrupted sweep in RUN, or the one in --storage (a new head, an empty RUN)")
     store.add_argument("--mlflow", metavar="URI", help="also log every trial to this MLflow tracking URI, e.g. "
                        "sqlite:///abs/mlflow.db or http://host:5000 (needs pip install 'cxr-tune[mlflow]')")
+    add_formats_option(store)
     p.add_argument("--quiet", action="store_true", help="no live Tune status table")
     p.set_defaults(func=handle_search)
 
@@ -134,6 +136,8 @@ def config_from_args(args) -> tuple[SearchConfig, bool]:
     run_dir = Path(args.out)
     # --space is a file, read below; PREPARED and --out are not settings a resume may change
     flags = {k: v for k, v in given(args, SearchConfig).items() if k not in ("prepared", "out", "space")}
+    if "formats" in flags:
+        flags["formats"] = check_formats(flags["formats"])  # "keras,onnx" as the saved config has it
     if args.resume:
         cfg = _saved_config(run_dir, args.storage)
         ignored = sorted(k for k in flags if k != "address" and flags[k] != getattr(cfg, k))

@@ -18,7 +18,7 @@ from typing import Any
 
 from cxr_datasets.errors import ConfigError
 from cxr_datasets.storage import Location, is_uri
-from cxr_model.config import THRESHOLD_METHODS, EvalConfig, normalise_weights, reject_unknown
+from cxr_model.config import EXPORT_FORMATS, THRESHOLD_METHODS, EvalConfig, check_formats, normalise_weights, reject_unknown
 from cxr_search.space import resolve_space
 
 CONFIG_FILE = "search_config.json"
@@ -53,6 +53,7 @@ class SearchConfig:
     cv: int = 0                       # 0: one validation split; K >= 2: patient-grouped K-fold CV of train + val
     refit: bool = False               # with cv: export the best config retrained on all of train + val
     verbose: int = 1                  # Tune's console output: 0 silent, 1 status table, 2 per result
+    formats: tuple[str, ...] = EXPORT_FORMATS  # RUN/best/'s model files (cxr_model.config.EXPORT_FORMATS)
     mlflow: str | None = None         # MLflow tracking URI: one MLflow run per trial (pip install 'cxr-tune[mlflow]')
     prepared_hash: str | None = None  # sha256 of PREPARED's manifest.json when the sweep started;
     #                                   a resume refuses other data (set by run_search)
@@ -62,6 +63,7 @@ class SearchConfig:
         object.__setattr__(self, "weights", normalise_weights(self.weights))
         # the complete space: the defaults with this config's entries replacing theirs, validated
         object.__setattr__(self, "space", resolve_space(self.space, source="space"))
+        object.__setattr__(self, "formats", check_formats(self.formats))  # a JSON list, "keras,onnx": a tuple
         for name in ("trials", "max_epochs", "grace_period", "concurrency", "n_boot"):
             _at_least(self, name, 1)
         _at_least(self, "reduction_factor", 2)  # 1 would keep every trial at every rung

@@ -91,9 +91,11 @@ def test_readme_cluster_path_prepare_search_stop_resume(ray_cluster, synth_sourc
     head_id, worker_ids = node_ids(dashboard)
     assert len(worker_ids) == 2
 
-    # 1. prepare, as a job (its decode tasks run on the workers: the head has no CPUs)
+    # 1. prepare, as a job (its decode tasks run on the workers: the head has no CPUs); it joins
+    # the cluster RAY_ADDRESS names, ignores --num-cpus (for a local Ray) instead of failing, and
+    # leaves the cluster running for the sweep
     prepared = tmp_path / "prepared"
-    done = submit(dashboard, f"cxr prepare {synth_source} {prepared} --image-size 32 --quiet",
+    done = submit(dashboard, f"cxr prepare {synth_source} {prepared} --image-size 32 --num-cpus 1 --quiet",
                   submission_id="prepare")
     assert done.returncode == 0 and job_status(dashboard, "prepare") == "SUCCEEDED", \
         done.stdout[-3000:] + done.stderr[-3000:]
@@ -106,7 +108,7 @@ def test_readme_cluster_path_prepare_search_stop_resume(ray_cluster, synth_sourc
     trials = 4
     search = (f"cxr search {prepared} --out {run} --address auto --storage file://{storage} "
               f"--trials {trials} --max-epochs 2 --grace-period 1 --reduction-factor 2 --concurrency 2 "
-              f"--cpus-per-trial 1 --weights none --space {space} --quiet")
+              f"--cpus-per-trial 1 --weights none --space {space} --quiet --formats keras")
     done = submit(dashboard, search, submission_id="s1", wait=False)
     assert done.returncode == 0, done.stderr[-3000:]
     deadline = time.monotonic() + 300

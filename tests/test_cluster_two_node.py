@@ -112,6 +112,7 @@ def test_resume_after_the_driver_is_killed(cluster, prepared_small, space_file, 
     assert optuna.trial.TrialState.RUNNING not in states  # orphans of the killed driver are closed
 
 
+@pytest.mark.slow  # make test-slow: test_cluster_jobs's prepare job (with --num-cpus) and the sweep after it
 def test_prepare_joins_the_cluster_named_by_ray_address_and_leaves_it_running(cluster, synth_source,
                                                                             tmp_path, repo_root):
     """As under `ray job submit`: RAY_ADDRESS names the cluster; --num-cpus (for a local Ray) is

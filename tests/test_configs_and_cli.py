@@ -26,6 +26,7 @@ def _cfg(tmp_path, **values):
     ({"space": {"lr": {"low": 1, "high": 0}}}, "lr: low must be below high"),
     ({"space": {"momentum": 0.9}}, r"unknown key\(s\) momentum"),
     ({"address": "ray://head:10001"}, "storage"),
+    ({"formats": ("onnx",)}, "formats must include keras"), ({"formats": "keras,tflite"}, "got keras,tflite"),
 ])
 def test_search_config_checks_itself(tmp_path, values, fragment):
     with pytest.raises(ConfigError, match=fragment) as err:
@@ -34,8 +35,9 @@ def test_search_config_checks_itself(tmp_path, values, fragment):
 
 
 def test_search_config_completes_a_partial_space_and_round_trips(tmp_path):
-    cfg = _cfg(tmp_path, space={"lr": 1e-3})
+    cfg = _cfg(tmp_path, space={"lr": 1e-3}, formats="onnx,keras")
     assert cfg.space["lr"] == 1e-3 and "label_smoothing" in cfg.space
+    assert cfg.formats == ("keras", "onnx")  # a tuple in EXPORT_FORMATS' order, also after JSON
     assert SearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     cfg.save()
     assert SearchConfig.load(cfg.run_dir) == cfg
@@ -116,6 +118,8 @@ def test_train_flags_given_reach_the_config_and_the_rest_are_dataclass_defaults(
     (["train", "{prepared}", "--out", "{tmp}/m", "--label-smoothing", "0.5"], "label_smoothing"),
     (["search", "{prepared}", "--out", "{tmp}/r", "--trials", "0"], "trials must be an integer >= 1"),
     (["search", "{prepared}", "--out", "{tmp}/r", "--reduction-factor", "1"], "reduction_factor"),
+    (["search", "{prepared}", "--out", "{tmp}/r", "--formats", "onnx"], "formats must include keras"),
+    (["train", "{prepared}", "--out", "{tmp}/m", "--formats", "keras,pt"], "formats must include keras"),
     (["prepare", "{prepared}", "{tmp}/out", "--val-fraction", "0.9"], "val fraction"),
 ])
 def test_a_bad_config_value_is_one_line_from_the_cli(tmp_path, capsys, argv, fragment):

@@ -21,7 +21,8 @@ def test_version(capsys):
 
 def test_train_shows_each_epoch_and_evaluate_prints_json(prepared_small, tmp_path, capsys):
     out = tmp_path / "model"
-    assert main(["train", str(prepared_small), "--out", str(out), "--epochs", "3", "--patience", "3", *TRAIN]) == 0
+    assert main(["train", str(prepared_small), "--out", str(out), "--epochs", "3", "--patience", "3",
+                 "--formats", "keras", *TRAIN]) == 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("epoch ")]
     assert len(lines) == 3, err
@@ -54,6 +55,7 @@ def test_train_shows_each_epoch_and_evaluate_prints_json(prepared_small, tmp_pat
 
 
 def test_train_quiet_prints_no_progress(prepared_small, tmp_path, capsys):
-    assert main(["train", str(prepared_small), "--out", str(tmp_path / "m"), "--epochs", "1", "--quiet", *TRAIN]) == 0
+    assert main(["train", str(prepared_small), "--out", str(tmp_path / "m"), "--epochs", "1", "--quiet", "--formats", "keras",
+                 *TRAIN]) == 0
     captured = capsys.readouterr()
     assert "epoch 1/1" not in captured.err and "roc_auc" in captured.out

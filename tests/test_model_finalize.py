@@ -37,7 +37,8 @@ def test_threshold_is_chosen_on_validation_and_test_is_scored_once(prepared_smal
     monkeypatch.setattr(evaluate_module, "choose_threshold", choose_spy)  # each operating point's
     monkeypatch.setattr(finalize_module, "evaluate", evaluate_spy)
     cfg = TrainConfig(model=ModelConfig(image_size=32, weights=None, head_units=(8,), aug_strength=0.0))
-    result = finalize(build_model(cfg.model, seed=0), cfg, prepared_small, tmp_path / "model", n_boot=200)
+    result = finalize(build_model(cfg.model, seed=0), cfg, prepared_small, tmp_path / "model", n_boot=200,
+                      formats=("keras",))
 
     assert loads == ["val", "test"]  # test is read after the threshold exists, and only once
     # the decision threshold and each fixed operating point: all chosen on validation labels
@@ -57,7 +58,7 @@ def test_cxr_train_then_evaluate_end_to_end(prepared_small, tmp_path, capsys):
     out = tmp_path / "model"
     code = main(["train", str(prepared_small), "--out", str(out), "--weights", "none", "--epochs", "2",
                  "--head-units", "16,8", "--aug-strength", "0", "--batch-size", "16", "--n-boot", "200",
-                 "--threshold-method", "sensitivity", "--target-sensitivity", "0.9"])
+                 "--threshold-method", "sensitivity", "--target-sensitivity", "0.9", "--formats", "keras"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "roc_auc" in printed and "test (n=" in printed and f"exported to {out}" in printed
@@ -66,6 +67,7 @@ def test_cxr_train_then_evaluate_end_to_end(prepared_small, tmp_path, capsys):
     assert card["threshold_selection"] == {"method": "sensitivity", "target_sensitivity": 0.9, "split": "val"}
     assert card["metrics"]["val"]["sensitivity"]["value"] >= 0.9  # the target holds where it was set
     assert (out / "plots" / "curves.png").is_file() and (out / "model.keras").is_file()
+    assert not (out / "model.onnx").exists() and card["files"]["onnx"] is None  # --formats keras
 
     # Re-scoring the export at its card's threshold (same bootstrap seed) reproduces the card.
     assert main(["evaluate", str(out), str(prepared_small), "--split", "test", "--n-boot", "200"]) == 0

@@ -33,6 +33,7 @@ class KillWorkerAfterFold(tune.Callback):
             os.kill(self.killed_pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # make test-slow: make test retries a killed single-split trial; this is its --cv variant
 @pytest.mark.timeout(600)
 def test_a_killed_cv_trial_is_retried_from_its_last_fold(ray_session, prepared_small, tmp_path):
     from cxr_search.results import collect_results

