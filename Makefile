@@ -24,19 +24,19 @@ export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
 install: $(STAMP)
 
 # constraints.txt: the exact versions every cluster node installs (Dockerfile, cluster.yaml); the
-# venv takes the same ones.
+# venv takes the same ones. uv installs them: the same pinned set as pip, in ~30 s instead of ~2 min
+# on 2 cores (it downloads and unpacks TensorFlow, Ray and JAX in parallel).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || { test -n "$(PY)" && $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; } \
 		|| { echo "$(NEED_PY)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,mlflow]'
+	$(BIN)/python -m pip install -q 'uv>=0.5'
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e '.[dev,mlflow]'
 	touch $(STAMP)
 
 # Re-resolve constraints.txt after a change to pyproject.toml's dependencies (needs the network):
 # Linux x86_64, Python 3.11, like Ray's cluster image; extras gpu and aws included.
 lock: $(STAMP)
-	$(BIN)/python -m pip install -q uv
 	$(BIN)/uv pip compile pyproject.toml --extra gpu --extra aws --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --annotation-style line \
 		--custom-compile-command 'make lock' -o constraints.txt

@@ -123,8 +123,24 @@ def ray_cluster(workers: int = 2, cpus_per_worker: int = 1) -> Iterator[Cluster]
         _wait_for_line(nodes[0], head_log, "Ray runtime started")
         for i in range(workers):
             log = Path(temp_dir) / f"worker{i}.log"
-            nodes.insert(0, _ray_start(["--address", f"127.0.0.1:{port}", "--num-cpus", str(cpus_per_worker)], log))
-            _wait_for_line(nodes[0], log, "Ray runtime started")
+            args = ["--address", f"127.0.0.1:{port}", "--num-cpus", str(cpus_per_worker)]
+            for attempt in range(3):
+                nodes.insert(0, _ray_start(args, log))
+                try:
+                    _wait_for_line(nodes[0], log, "Ray runtime started")
+                    break
+                except RuntimeError:
+                    # `ray start` gives a raylet 30 s to register (a constant in ray/_private/node.py);
+                    # on 2 busy cores under `make test`'s two workers the GCS can answer later than
+                    # that. Only that failure is retried, on a fresh node; anything else is raised.
+                    if attempt == 2 or "timed out during startup" not in log.read_text(errors="replace"):
+                        raise
+                    failed = nodes.pop(0)
+                    try:
+                        os.killpg(failed.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    failed.wait()
         yield Cluster(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}",
                       temp_dir=temp_dir, worker_cpus=workers * cpus_per_worker,
                       worker_pids=tuple(proc.pid for proc in reversed(nodes[:-1])))

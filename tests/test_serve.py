@@ -246,8 +246,12 @@ def _serve_rss_mb() -> int:
 
 @pytest.mark.timeout(600)
 def test_a_chunked_multipart_upload_over_the_limit_is_refused_while_it_streams(server, samples_dir):
-    """1 GiB as a chunked multipart form (no Content-Length): 413 within seconds, and neither the
-    proxy nor the replica holds it (before, both grew ~1.5 GB and the answer took 13 s)."""
+    """3 GiB as a chunked multipart form (no Content-Length): 413 within seconds, and neither the
+    proxy nor the replica holds the body (before the streaming cap, both grew ~1.5 x the body and
+    the answer took 13 s for 1 GiB). What they do hold is what arrives before the 413: Ray Serve
+    2.60's proxy and replica queue request chunks without backpressure (docs/SECURITY.md), so that
+    is the time to the refusal x loopback speed: 95 MB alone, 462 MB beside make test's other
+    worker (2 cores, 2026-12-03). Bound: a third of the body."""
     import httpx
 
     url, _ = server
@@ -258,7 +262,7 @@ def test_a_chunked_multipart_upload_over_the_limit_is_refused_while_it_streams(s
         nonlocal peak
         yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n\r\n'
         chunk = b"\xff" * (1 << 20)
-        for i in range(1024):
+        for i in range(3 << 10):
             if i % 64 == 0:
                 peak = max(peak, _serve_rss_mb())
             yield chunk
@@ -270,7 +274,7 @@ def test_a_chunked_multipart_upload_over_the_limit_is_refused_while_it_streams(s
     assert reply.status_code == 413, reply.text
     assert "limit" in reply.json()["error"]
     assert elapsed < 30, elapsed
-    assert before > 0 and max(peak, _serve_rss_mb()) - before < 400, (before, peak)
+    assert before > 0 and max(peak, _serve_rss_mb()) - before < 1024, (before, peak)
     ok = _post(url, data=sorted(samples_dir.rglob("*.jpeg"))[0].read_bytes())
     assert ok.status_code == 200
 
