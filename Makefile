@@ -25,13 +25,14 @@ install: $(STAMP)
 
 # constraints.txt: the exact versions every cluster node installs (Dockerfile, cluster.yaml); the
 # venv takes the same ones. uv installs them: the same pinned set as pip, in ~30 s instead of ~2 min
-# on 2 cores (it downloads and unpacks TensorFlow, Ray and JAX in parallel).
+# on 2 cores (it downloads and unpacks TensorFlow, Ray and JAX in parallel). --compile-bytecode as
+# pip does: otherwise the first test processes all compile TensorFlow's and Ray's .pyc at once.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || { test -n "$(PY)" && $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; } \
 		|| { echo "$(NEED_PY)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q 'uv>=0.5'
-	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e '.[dev,mlflow]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[dev,mlflow]'
 	touch $(STAMP)
 
 # Re-resolve constraints.txt after a change to pyproject.toml's dependencies (needs the network):

@@ -125,7 +125,8 @@ def prepared_small(synth_source, ray_session, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported_64(tmp_path_factory) -> Path:
     """An exported 64-px model (random seeded weights, threshold 0.5): block5_conv3 is then 4 x 4,
-    enough to see a Grad-CAM heatmap's shape. For predict and serve, which only read it."""
+    enough to see a Grad-CAM heatmap's shape. For predict and serve, which only read it: model.keras
+    alone (the SavedModel/ONNX conversion is tested on the sweep's export and in test_export_portable)."""
     def build(folder):
         from cxr_model import ModelConfig, TrainConfig, build_model, export
         from cxr_model.evaluate import metrics_from_probs
@@ -133,7 +134,7 @@ def exported_64(tmp_path_factory) -> Path:
         cfg = TrainConfig(model=ModelConfig(image_size=64, weights=None, head_units=(8,), aug_strength=0.1))
         metrics = metrics_from_probs([0, 1, 0, 1], [0.2, 0.6, 0.4, 0.9], threshold=0.5, n_boot=50)
         export(build_model(cfg.model, seed=0), folder / "model", train_cfg=cfg, threshold=0.5, metrics=metrics,
-               threshold_method="youden", resize="pad")
+               threshold_method="youden", resize="pad", formats=("keras",))
 
     return _built_once(tmp_path_factory, "exported_64", build) / "model"
 

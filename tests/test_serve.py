@@ -9,6 +9,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import json
 import os
 import signal
 import socket
@@ -113,7 +114,8 @@ def test_healthz_and_model_report_the_card(server, model_dir):
     info = httpx.get(f"{url}/model", headers=AUTH, timeout=30).json()
     assert info["model_sha256"] == sha and info["threshold"] == 0.5
     assert info["input_spec"]["shape"] == [None, SIZE, SIZE, 1] and info["class_names"] == ["NORMAL", "PNEUMONIA"]
-    assert {f["path"] for f in info["files"]} >= {"model.keras", "model.onnx"}
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert info["files"] == card["files"]["artifacts"] and "model.keras" in {f["path"] for f in info["files"]}
 
 
 @pytest.mark.timeout(600)
