@@ -112,13 +112,15 @@ def trial_test_aucs(cfg, table, x_test, y_test) -> list[float]:
 
 def run_seed(args, seed: int, prepared: Path, out: Path, x_test, y_test) -> dict:
     """Both sweeps with one seed: {sweep name: {"table", "wall_s", "epochs"}}."""
-    from cxr_search.tuner import sweep_data
+    from cxr_search.shared_data import sweep_data
+    from cxr_search.tuner import connect
 
     results = {}
     for name, cv in (("single split", 0), (f"--cv {args.folds}", args.folds)):
         cfg = sweep_config(args, seed, prepared, out / f"seed{seed}" / ("cv" if cv else "single"), cv)
         print(f"seed {seed}, {name}: {args.trials} trials x up to {args.epochs} epochs"
               + (f" x {cv} folds" if cv else "") + " ...", flush=True)
+        connect(cfg.address)
         grid, wall, table, _ = timed_run_sweep(cfg, sweep_data(cfg))
         assert grid.num_errors == 0, f"{grid.num_errors} trial(s) failed: see {cfg.out}"
         table = table.sort_values("trial_id").reset_index(drop=True)

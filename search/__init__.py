@@ -6,6 +6,7 @@
     trial_reporter.py  inside a trial: the Keras callback that reports each epoch to Tune and
                    checkpoints the trial's best weights
     tuner.py       Tuner + OptunaSearch + ASHA, resume, Ray connection
+    shared_data.py the sweep's train + val in the object store, loaded by a Ray task
     tracking.py    what a sweep leaves beside Tune's state: RUN/optuna.db, MLflow runs
     study_storage.py  the Optuna study the driver holds (optuna.db is copied from it)
     ray_adapter.py the one place that relies on Ray internals (each pinned by a test)

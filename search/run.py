@@ -22,9 +22,10 @@ from cxr_datasets.errors import CxrError
 from cxr_search.best import export_best, export_cv_best
 from cxr_search.config import CONFIG_FILE, SearchConfig, write_to_storage
 from cxr_search.results import collect_results, write_results
+from cxr_search.shared_data import sweep_data
 from cxr_search.sweep_report import write_report
 from cxr_search.tracking import log_best_to_mlflow
-from cxr_search.tuner import check_weights, run_sweep, sweep_data, sweep_finished
+from cxr_search.tuner import check_weights, connect, run_sweep, sweep_finished
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -45,18 +46,21 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
         check_same_data(cfg, data_hash)
         if not (cfg.run_dir / CONFIG_FILE).is_file():
             cfg.save()  # resumed from --storage into a new folder: keep the config here too
-    # Loaded once: the trials train on it and the best trial's threshold is chosen on its val split
-    # (with --cv: on its out-of-fold predictions, and the folds are recorded in RUN/folds.csv).
+    # Loaded once, by a Ray task into the object store (search/shared_data.py): the trials train on
+    # it and the best trial's threshold is chosen on its val split (with --cv: on its out-of-fold
+    # predictions, and the folds are recorded in RUN/folds.csv).
+    connect(cfg.address)
     data = sweep_data(cfg)  # train + val only; the test split stays on disk
     if cfg.cv:
-        record_folds(cfg, data)
+        record_folds(cfg, data.get())
     grid = run_sweep(cfg, resume=resume, callbacks=callbacks, data=data)
     table, _histories = collect_results(cfg)
     files = write_results(table, cfg)
     summary: dict[str, Any] = {"finished": sweep_finished(cfg, grid), "table": table, "best": None,
                                "report": None, "results_files": files}
     if summary["finished"]:
-        summary["best"] = export_cv_best(cfg, table, data) if cfg.cv else export_best(cfg, table, data=data)
+        arrays = data.get()  # mapped from the object store, not copied
+        summary["best"] = export_cv_best(cfg, table, arrays) if cfg.cv else export_best(cfg, table, data=arrays)
         summary["mlflow_best_run"] = log_best_to_mlflow(cfg, summary["best"])  # None without --mlflow
         summary["wall_time_s"] = time.perf_counter() - start
         summary["report"] = write_report(cfg, table, summary["best"], wall_time_s=summary["wall_time_s"])

@@ -15,8 +15,9 @@ AUC of the folds so far) with a checkpoint of every completed fold's model.
 
 A plain function, as in Ray Tune's own examples. Keras, TensorFlow/JAX and cxr_model are imported
 inside it, after the accelerator settings are in the environment, because a GPU runtime reads
-them once, at import. The driver hands it the prepared arrays through Ray's object store
-(`tune.with_parameters`), so no trial reads or decodes an image file.
+them once, at import. The driver hands it a reference to the prepared arrays, which a Ray task
+loaded into the object store (`tune.with_parameters`, search/shared_data.py), so no trial reads or
+decodes an image file.
 
 Start-up is amortised by keeping trial processes alive (`reuse_actors=True` in search/tuner.py):
 the second trial in a worker finds Keras imported, the backend initialised and, for frozen-base
@@ -56,8 +57,9 @@ _FEATURE_CACHES: dict[str, Any] = {}
 def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     """Train `config` for up to settings["max_epochs"] epochs, reporting to Tune after each epoch.
 
-    data: a `cxr_model.Data` (train + validation only: the test split never reaches a trial), or
-    with `--cv K` a `cxr_search.folds.CVPool` (train + val pooled, each image's fold).
+    data: a `SharedData` (search/shared_data.py) of a `cxr_model.Data` (train + validation only:
+    the test split never reaches a trial), or with `--cv K` of a `cxr_search.folds.CVPool` (train +
+    val pooled, each image's fold).
     settings: the sweep-wide values from `trial_settings()` (image size, weights, budget, ...).
     """
     # Before anything else: the worker's next reset reads it (see THREAD_JOIN_TIMEOUT_S).
@@ -76,11 +78,12 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
 
     # One "Checkpoint successfully created" line per improving epoch would drown Tune's status.
     logging.getLogger(CHECKPOINT_LOGGER).setLevel(logging.WARNING)
+    arrays = data.get()  # zero-copy views of the object store's copy
     cache_dir = settings["feature_cache_dir"] or _node_local("cxr-tune-features")
     if settings.get("cv"):  # `--cv K`: K fits, one report per fold (search/cv_trial.py)
         from cxr_search.cv_trial import train_cv_trial
 
-        train_cv_trial(config, data, settings, _feature_cache(cache_dir))
+        train_cv_trial(config, arrays, settings, _feature_cache(cache_dir))
         return
     resume = ResumeState.from_checkpoint(tune.get_checkpoint())
     remaining = settings["max_epochs"] - resume.epochs_done
@@ -92,7 +95,7 @@ def train_trial(config: dict[str, Any], data, settings: dict[str, Any]) -> None:
     on_features = uses_feature_cache(train_cfg)
     cache = _feature_cache(cache_dir) if on_features else None
     callback = ReportCallback(resume=resume, train_cfg=train_cfg, feature_cache=on_features)
-    fit(train_cfg, data, callbacks=[callback], feature_cache=cache)
+    fit(train_cfg, arrays, callbacks=[callback], feature_cache=cache)
 
 
 # The start of the one line a trial fails with when it asked for a GPU and its backend sees none;

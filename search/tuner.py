@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from cxr_datasets.errors import CxrError, first_line
 from cxr_search.config import SearchConfig, write_to_storage
 from cxr_search.folds import CV_BUDGET, FOLDS_DONE
+from cxr_search.shared_data import SharedData, share, sweep_data
 from cxr_search.space import METRIC, MODE, SpaceSampler
 from cxr_search.tracking import (
     close_orphaned_optuna_trials,
@@ -43,7 +44,8 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
     """Run (or continue) the sweep described by `cfg`; returns Tune's ResultGrid.
 
     callbacks: extra `ray.tune.Callback`s (tests use one to kill a trial's worker).
-    data: a `cxr_model.Data` to train on instead of loading `cfg.prepared` (run_search, benchmarks).
+    data: the `SharedData` of `sweep_data(cfg)` (run_search loads it first), or a `cxr_model.Data`
+    to train on instead of `cfg.prepared` (benchmarks); by default `cfg.prepared` is loaded here.
     """
     # With num_to_keep=1 every checkpoint forces a snapshot of the (small) experiment state, by
     # design here (one best checkpoint per trial); Tune would warn about it at every epoch.
@@ -52,6 +54,8 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
     connect(cfg.address)
     if data is None:
         data = sweep_data(cfg)
+    elif not isinstance(data, SharedData):
+        data = share(data)
     trainable = build_trainable(cfg, data)
     gpu_check = gpu_check_callback()
     callbacks = [*callbacks, gpu_check]
@@ -71,18 +75,6 @@ def run_sweep(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[An
 
         write_to_storage(f"{cfg.storage_path}/optuna.db", exported.read_bytes())
     return grid
-
-
-def sweep_data(cfg: SearchConfig):
-    """What the trials train on: train + val as a `cxr_model.Data`, or with --cv pooled into a
-    `cxr_search.folds.CVPool` with each image's fold. The test split stays on disk."""
-    if cfg.cv:
-        from cxr_search.folds import load_pool
-
-        return load_pool(cfg.prepared, k=cfg.cv, seed=cfg.seed)
-    from cxr_model import Data
-
-    return Data.from_prepared(cfg.prepared)
 
 
 def check_weights(weights: str | None) -> None:
@@ -235,7 +227,8 @@ def trial_resources(cfg: SearchConfig) -> dict[str, float]:
 
 
 def build_trainable(cfg: SearchConfig, data):
-    """The trainable with the data in Ray's object store and the trial's resources attached."""
+    """The trainable with the data's object-store reference and the trial's resources attached.
+    `data`: a `SharedData` (search/shared_data.py)."""
     from ray import tune
 
     from cxr_search.trainable import train_trial, trial_settings
@@ -246,8 +239,8 @@ def build_trainable(cfg: SearchConfig, data):
         patience=cfg.patience, cpus_per_trial=resources["cpu"], gpus_per_trial=resources["gpu"],
         feature_cache_dir=cfg.feature_cache_dir, use_feature_cache=cfg.feature_cache, cv=cfg.cv,
     )
-    # with_parameters puts `data` into the object store once; every trial on a node maps the same
-    # arrays read-only (zero-copy numpy views), instead of each trial pickling its own copy.
+    # with_parameters hands every trial the reference (not the arrays); each trial on a node maps
+    # the same arrays read-only (zero-copy numpy views), instead of unpickling its own copy.
     return tune.with_resources(tune.with_parameters(train_trial, data=data, settings=settings), resources)
 
 
