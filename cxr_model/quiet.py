@@ -10,6 +10,7 @@ what is kept is written back right after); `TF_CPP_MIN_LOG_LEVEL=0` or `1` turns
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -26,9 +27,10 @@ def init_tensorflow_quietly() -> None:
     """Import TensorFlow and initialise its devices, its start-up noise dropped. Does nothing when
     TensorFlow is imported already, when Keras runs on another backend, or when the user asked for
     TensorFlow's info logs."""
-    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        return
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1"):
+        return
+    drop_retracing_warnings()
+    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
@@ -46,3 +48,16 @@ def init_tensorflow_quietly() -> None:
             kept = [line for line in captured.read().splitlines(keepends=True) if not NOISE.match(line)]
             if kept:
                 os.write(2, b"".join(kept))
+
+
+def _not_retracing(record: logging.LogRecord) -> bool:
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
+def drop_retracing_warnings() -> None:
+    """TensorFlow's "N out of the last M calls to <function> triggered tf.function retracing"
+    warning dropped: a reused trial worker builds a new model for every trial, so it fires from the
+    fifth trial on, and there is nothing to fix. Its other warnings pass."""
+    logger = logging.getLogger("tensorflow")  # the logger tf.get_logger() returns
+    if _not_retracing not in logger.filters:
+        logger.addFilter(_not_retracing)

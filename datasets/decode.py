@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -61,7 +61,7 @@ INPUT_SCHEMA = pa.schema([("pos", pa.int64()), ("path", pa.string()), ("height",
                           *((name, pa.string()) for name in INPUT_COLUMNS[3:])])
 
 
-def hash_files(paths: list[str], cfg: PrepareConfig, work, fs=None,
+def hash_files(paths: Sequence[str], cfg: PrepareConfig, work, fs=None,
                verbose: bool = True) -> pd.DataFrame:
     """Pass 1: one row per path, in input order: `reason` (why it cannot be read, else None),
     `sha256`, `node`, and `chunk`/`pos` (the batch that read it and its place there); the
@@ -109,7 +109,7 @@ class Written:
     samples: dict[int, bytes] = field(default_factory=dict)  # pos -> raw pixels
 
 
-def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs=None,
+def write_pass(rows: pd.DataFrame, paths: Sequence[str], out, cfg: PrepareConfig, fs=None,
                sample_positions: Iterable[int] = (), verbose: bool = True) -> Written:
     """Pass 2: decode the files of `rows` (sorted by split, then path; `file`: the index of its
     path in `paths`) and write OUT/<split>/part-NNNNN.<format> (`out`: a storage.Location).
@@ -162,7 +162,7 @@ def write_pass(rows: pd.DataFrame, paths: list[str], out, cfg: PrepareConfig, fs
     return _finish(results, _read_rejections(rejected), rows, out, cfg, formats)
 
 
-def _input_batch(rows: pd.DataFrame, paths: list[str], where: np.ndarray) -> pa.RecordBatch:
+def _input_batch(rows: pd.DataFrame, paths: Sequence[str], where: np.ndarray) -> pa.RecordBatch:
     part = rows.iloc[where]
     columns = [pa.array(where, pa.int64()), pa.array([paths[i] for i in part["file"]], pa.string())]
     columns += [pa.array(part[f.name].to_numpy(), f.type) for f in INPUT_SCHEMA if f.name in INPUT_COLUMNS]

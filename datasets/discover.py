@@ -14,9 +14,11 @@ its own patient, and the manifest counts how many were.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
@@ -73,7 +75,8 @@ PATIENT_ID_RULES: dict[str, dict] = {
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:
-    path: str  # absolute path, as found (symlinks not resolved)
+    # No absolute path: it is `Discovery.base` joined with `rel_path` (`Discovery.paths()`), made
+    # when a batch of files is handed to Ray, not kept for every file (~0.15 KB each).
     rel_path: str  # relative to SOURCE, POSIX separators: what the manifest and shards record
     label: int  # index into CLASS_NAMES
     official_split: str | None  # "train" | "val" | "test", None in a flat layout
@@ -90,6 +93,13 @@ class Discovery:
     mirror_roots: list[str] = field(default_factory=list)  # layout roots whose files were copies
     ignored_files: int = 0  # non-image files, hidden files, AppleDouble files
     labels: dict | None = None  # from a label file (labels.read_labels): format, rules, exclusions
+    # What the files' rel_path are relative to: SOURCE's local path, or its path in the URI's
+    # file system (symbolic links not resolved).
+    base: str = ""
+
+    def paths(self) -> FilePaths:
+        """The path of every file (in `files`' order), as the Ray tasks open it."""
+        return FilePaths(self.base, self.files)
 
     def summary(self) -> dict:
         return {
@@ -103,18 +113,36 @@ class Discovery:
         }
 
 
+class FilePaths(Sequence[str]):
+    """`base` joined with each file's rel_path, made when indexed (one string per file asked for)."""
+
+    def __init__(self, base: str, files: Sequence[SourceFile]):
+        self.base, self.files = base, files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [posixpath.join(self.base, f.rel_path) for f in self.files[index]]
+        return posixpath.join(self.base, self.files[index].rel_path)
+
+
 @dataclass(frozen=True, slots=True)
 class _Candidate:
-    # Plain strings and slots, no PurePosixPath: a candidate exists for every file, and the
-    # driver's peak memory should not grow with the data more than it must.
-    path: str
+    # Plain strings and slots, no PurePosixPath, no absolute path: a candidate exists for every
+    # file, and the driver's peak memory should not grow with the data more than it must.
     rel: str  # relative to SOURCE, POSIX separators
     label: int | None
     split: str | None  # interned: one shared object per split name
-    root: tuple[str, ...]  # the folders above the split (or class) folder
-    key: str  # the path below the root, lower-cased: equal keys are mirror copies
+    root: tuple[str, ...]  # the folders above the split (or class) folder; one object per root
     reason: str | None = None
     size: int | None = None  # known from a URI listing; local files are asked when needed
+
+    @property
+    def key(self) -> str:
+        """The path below the root, lower-cased: equal keys below nested roots are mirror copies."""
+        return self.rel.split("/", len(self.root))[-1].lower()
 
 
 def discover(source: str | os.PathLike | Location, *, follow_links: bool = False) -> Discovery:
@@ -129,10 +157,11 @@ def discover(source: str | os.PathLike | Location, *, follow_links: bool = False
     if kind != "dir":
         raise CxrError(f"source is not a folder: {loc}")
     candidates, ignored = _walk(loc.local, follow_links) if loc.local else _walk_uri(loc)
+    base = str(loc.local) if loc.local else loc.path
     source = loc.uri
     if not candidates:
         raise CxrError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {source}")
-    kept, skipped, mirror_roots = _drop_mirror_copies([c for c in candidates if c.reason is None])
+    kept, skipped, mirror_roots = _drop_mirror_copies([c for c in candidates if c.reason is None], base)
     layout = "official" if any(c.split for c in kept) else "flat"
     rejected = [{"path": c.rel, "reason": c.reason} for c in candidates if c.reason]
     files = []
@@ -141,6 +170,7 @@ def discover(source: str | os.PathLike | Location, *, follow_links: bool = False
             rejected.append({"path": cand.rel, "reason": "outside the train/val/test folders"})
             continue
         files.append(_source_file(cand))
+    del candidates, kept
     if not files:
         raise CxrError(
             f"no usable images under {source}: expected NORMAL/ and PNEUMONIA/ folders "
@@ -153,6 +183,7 @@ def discover(source: str | os.PathLike | Location, *, follow_links: bool = False
         mirror_copies_skipped=skipped,
         mirror_roots=mirror_roots,
         ignored_files=ignored,
+        base=base,
     )
 
 
@@ -195,7 +226,9 @@ def patient_id_rules(names) -> dict:
 
 def _walk_uri(loc: Location) -> tuple[list[_Candidate], int]:
     """`_walk` over a pyarrow file system's listing."""
-    candidates, ignored = [], 0
+    candidates: list[_Candidate] = []
+    roots: dict[tuple[str, ...], tuple[str, ...]] = {}
+    ignored = 0
     for rel, size, is_dir in list_files(loc):
         parts = rel.split("/")
         if not all(enter_folder(part) for part in parts[:-1]):
@@ -205,13 +238,15 @@ def _walk_uri(loc: Location) -> tuple[list[_Candidate], int]:
         if not is_image_name(parts[-1]):
             ignored += 1
             continue
-        cand = _classify_rel(str(PurePosixPath(rel)), loc.child(rel).path)
+        cand = _classify_rel(str(PurePosixPath(rel)), roots)
         candidates.append(replace(cand, size=-1 if is_dir else size))
     return candidates, ignored
 
 
 def _walk(source: Path, follow_links: bool = False) -> tuple[list[_Candidate], int]:
-    candidates, ignored = [], 0
+    candidates: list[_Candidate] = []
+    roots: dict[tuple[str, ...], tuple[str, ...]] = {}
+    ignored = 0
     # Strings joined per file, not a pathlib.Path per file: pathlib interns every file name in
     # the interpreter's table of interned strings, which then stays sized for all of them.
     for dirpath, dirnames, filenames in os.walk(source):
@@ -219,14 +254,14 @@ def _walk(source: Path, follow_links: bool = False) -> tuple[list[_Candidate], i
         prefix = "" if below == "." else below + "/"
         # A folder named like an image is reported (it is where a file was expected), not entered.
         for name in [d for d in dirnames if is_image_name(d)]:
-            candidates.append(_classify_rel(prefix + name, os.path.join(dirpath, name)))
+            candidates.append(_classify_rel(prefix + name, roots))
         dirnames[:] = sorted(d for d in dirnames if enter_folder(d) and not is_image_name(d))
         for name in sorted(filenames):
             if not is_image_name(name):
                 ignored += 1
                 continue
             path = os.path.join(dirpath, name)
-            cand = _classify_rel(_printable(prefix + name), path)
+            cand = _classify_rel(_printable(prefix + name), roots)
             reason = unusable_file(source, prefix + name, path, follow_links=follow_links)
             candidates.append(replace(cand, reason=reason) if reason else cand)
     return candidates, ignored
@@ -279,8 +314,9 @@ def is_image_name(name: str) -> bool:
     return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _classify_rel(rel: str, path: str) -> _Candidate:
-    """`rel`: a normalised POSIX path relative to SOURCE."""
+def _classify_rel(rel: str, roots: dict) -> _Candidate:
+    """`rel`: a normalised POSIX path relative to SOURCE. `roots`: the walk's root tuples, so that
+    the files below one root share its tuple."""
     parts = rel.split("/")
     # Folder names interned: the candidates of one folder share its name's string (and `root`'s)
     # instead of holding a copy each (~0.15 KB a file at the driver's peak).
@@ -288,16 +324,15 @@ def _classify_rel(rel: str, path: str) -> _Candidate:
     upper = [f.upper() for f in folders]
     label_at = max((i for i, f in enumerate(upper) if f in CLASS_NAMES), default=None)
     if label_at is None:
-        return _Candidate(path, rel, None, None, (), "", reason=_no_label_reason(folders))
+        return _Candidate(rel, None, None, (), reason=_no_label_reason(folders))
     split_at = max((i for i in range(label_at) if folders[i].lower() in SPLITS), default=None)
     root_end = label_at if split_at is None else split_at
+    root = folders[:root_end]
     return _Candidate(
-        path=path,
         rel=rel,
         label=CLASS_NAMES.index(upper[label_at]),
         split=None if split_at is None else sys.intern(folders[split_at].lower()),
-        root=folders[:root_end],
-        key="/".join(parts[root_end:]).lower(),
+        root=roots.setdefault(root, root),
     )
 
 
@@ -308,25 +343,29 @@ def _no_label_reason(folders: tuple[str, ...]) -> str:
     return f"unknown label folder '{folders[-1]}' (expected {expected})"
 
 
-def _drop_mirror_copies(candidates: list[_Candidate]) -> tuple[list[_Candidate], int, list[str]]:
+def _drop_mirror_copies(candidates: list[_Candidate], base: str) -> tuple[list[_Candidate], int, list[str]]:
     """Drop files that repeat, byte-size for byte-size, a file at the same path below an enclosing
     layout root (`chest_xray/chest_xray/train/...` repeats `chest_xray/train/...`).
 
     Sibling roots (`site1/NORMAL/1.png`, `site2/NORMAL/1.png`) are different images and both kept;
-    true duplicates anywhere are still caught later by content hash.
+    true duplicates anywhere are still caught later by content hash. Only the files below roots
+    that enclose or are enclosed by another root are compared (none in most sources: no
+    per-file key or group is made for them).
     """
+    roots = {c.root for c in candidates}
+    nested = {r for r in roots if any(_encloses(r, o) or _encloses(o, r) for o in roots)}
     by_key: dict[str, list[_Candidate]] = {}
-    for cand in sorted(candidates, key=lambda c: (len(c.root), c.rel)):
+    for cand in sorted((c for c in candidates if c.root in nested), key=lambda c: (len(c.root), c.rel)):
         by_key.setdefault(cand.key, []).append(cand)
-    kept: list[_Candidate] = []
     skipped: list[_Candidate] = []
     for group in by_key.values():
         group_kept: list[_Candidate] = []
         for cand in group:
-            is_copy = any(_encloses(k.root, cand.root) and _same_size(k, cand) for k in group_kept)
+            is_copy = any(_encloses(k.root, cand.root) and _same_size(k, cand, base) for k in group_kept)
             (skipped if is_copy else group_kept).append(cand)
-        kept.extend(group_kept)
     mirror_roots = sorted({"/".join(c.root) for c in skipped})
+    dropped = {id(c) for c in skipped}
+    kept = [c for c in candidates if id(c) not in dropped] if dropped else candidates
     return sorted(kept, key=lambda c: c.rel), len(skipped), mirror_roots
 
 
@@ -334,11 +373,11 @@ def _encloses(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
     return len(outer) < len(inner) and inner[: len(outer)] == outer
 
 
-def _same_size(a: _Candidate, b: _Candidate) -> bool:
+def _same_size(a: _Candidate, b: _Candidate, base: str) -> bool:
     if a.size is not None and b.size is not None:
         return a.size == b.size >= 0
     try:
-        return os.path.getsize(a.path) == os.path.getsize(b.path)
+        return os.path.getsize(posixpath.join(base, a.rel)) == os.path.getsize(posixpath.join(base, b.rel))
     except OSError:
         return False  # unreadable: keep it, so that it is reported rather than silently dropped
 
@@ -347,7 +386,6 @@ def _source_file(cand: _Candidate) -> SourceFile:
     assert cand.label is not None  # a candidate without a label has a reason and is never kept
     parsed = patient_id(cand.rel.rsplit("/", 1)[-1])
     return SourceFile(
-        path=cand.path,
         rel_path=cand.rel,
         label=int(cand.label),
         official_split=cand.split,

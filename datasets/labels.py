@@ -268,7 +268,7 @@ def _discovery(source: Path, rows: list[tuple], images: dict, tally: _Tally) -> 
             continue
         used.add(rel)
         files.append(SourceFile(
-            path=str(source / rel), rel_path=rel, label=label,
+            rel_path=rel, label=label,
             official_split=None if split is None else sys.intern(split),
             patient_id=patient or f"file:{rel}", patient_from_name=patient is not None))
     for rel in sorted(images["rel"]):
@@ -284,7 +284,7 @@ def _discovery(source: Path, rows: list[tuple], images: dict, tally: _Tally) -> 
                        f"({m['count']} label rows without their image, e.g. "
                        f"{(m['examples'] or ['none'])[0]})")
     return Discovery(files=sorted(files, key=lambda f: f.rel_path), rejected=tally.rejected, layout=layout,
-                     labels=tally.info)
+                     labels=tally.info, base=str(source))
 
 
 def _image_index(source: Path, follow_links: bool = False) -> dict:

@@ -90,7 +90,7 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
             with clock("select"):
                 candidates, report = _select(table, found, cfg)
             with clock("decode_and_write"):
-                written = write_pass(candidates, [f.path for f in found.files], tmp, cfg, fs=fs,
+                written = write_pass(candidates, found.paths(), tmp, cfg, fs=fs,
                                      sample_positions=sample_rows(candidates, cfg.seed).index,
                                      verbose=verbose)
             local_ray.stop()  # Ray's work is done: its shut-down overlaps with the EDA
@@ -195,7 +195,7 @@ def _hash(found: Discovery, cfg: PrepareConfig, work: Location, fs, verbose: boo
     """File metadata joined with pass 1's results (one row per discovered file). The file columns
     hold the very strings of `found.files` (object columns: no second copy of every path and
     patient id); `path` is left out, only the Ray tasks need it."""
-    results = hash_files([f.path for f in found.files], cfg, work, fs=fs, verbose=verbose)
+    results = hash_files(found.paths(), cfg, work, fs=fs, verbose=verbose)
     for name, dtype in FILE_COLUMNS.items():
         results[name] = pd.Series([getattr(f, name) for f in found.files], dtype=dtype)
     return results

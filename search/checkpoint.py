@@ -2,7 +2,8 @@
 trial resumes from. Light (numpy and json): the driver reads checkpoints (search/best.py) without
 importing Keras; search/trial_reporter.py writes them inside trials.
 
-    RUN/tune/trial_<id>/checkpoint_*/weights.npz   model.get_weights(), in order
+    RUN/tune/trial_<id>/checkpoint_*/weights.npz   the trainable weights of model.get_weights(),
+                                                   by position, and the sha256 of the rest
     RUN/tune/trial_<id>/checkpoint_*/optimizer.npz the optimizer's variables (step, Adam's moments)
     RUN/tune/trial_<id>/checkpoint_*/state.json    epoch, best value and epoch, per-epoch history,
                                                    feature_cache, the trial's TrainConfig
@@ -14,12 +15,14 @@ With `--cv K` (search/cv_trial.py) one checkpoint holds every fold the trial has
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cxr_datasets.errors import CxrError
 from cxr_model.config import WORST
 
 # Weights as a plain .npz of model.get_weights(): no h5py needed (the JAX GPU machines lack it),
@@ -58,9 +61,42 @@ class ResumeState:
 
 
 def save_weights(model, path: Path) -> None:
-    np.savez(path, *model.get_weights())
+    """The weights training changes (the trainable ones: the head, fine-tuned VGG16 blocks), by
+    their position in `model.get_weights()`, and the sha256 of all the others. The frozen VGG16
+    base is ~59 MB of a trial's ~60 MB of weights at any image size, the same in every trial of a
+    sweep (200 trials: 13 GB of copies); `load_weights` takes it from the model it loads into,
+    which `build_model` makes from the trial's config and seed, and checks it against the hash."""
+    values = model.get_weights()
+    kept, frozen = {}, hashlib.sha256()
+    for i, (variable, value) in enumerate(zip(model.weights, values)):
+        if variable.trainable:
+            kept[f"arr_{i}"] = value
+        else:
+            frozen.update(np.ascontiguousarray(value).tobytes())
+    np.savez(path, **kept, count=np.int64(len(values)), frozen_sha256=np.array(frozen.hexdigest()))
 
 
 def load_weights(model, path: Path | str) -> None:
+    """Set the checkpoint's weights on `model`, a model built from the trial's config and seed: the
+    stored ones by position, the others kept from `model` if their sha256 is the checkpoint's
+    (a CxrError if not: the base is not the one the trial trained on). A checkpoint written before
+    2026-12-04 holds every weight."""
     with np.load(path) as stored:
-        model.set_weights([stored[f"arr_{i}"] for i in range(len(stored.files))])
+        if "count" not in stored.files:  # every weight, in order
+            model.set_weights([stored[f"arr_{i}"] for i in range(len(stored.files))])
+            return
+        values = model.get_weights()
+        if len(values) != int(stored["count"]):
+            raise CxrError(f"checkpoint {path} holds weights for {int(stored['count'])} variables, "
+                           f"the model has {len(values)}: not the architecture it was trained with")
+        frozen = hashlib.sha256()
+        for i, value in enumerate(values):
+            if f"arr_{i}" in stored.files:
+                values[i] = stored[f"arr_{i}"]
+            else:
+                frozen.update(np.ascontiguousarray(value).tobytes())
+        if frozen.hexdigest() != str(stored["frozen_sha256"]):
+            raise CxrError(f"checkpoint {path}: the frozen weights of the model built to load it are "
+                           "not the ones the trial trained with (a changed --weights file, or "
+                           "another Keras version's initialiser?)")
+    model.set_weights(values)

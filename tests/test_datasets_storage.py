@@ -24,10 +24,10 @@ def _vanishing(monkeypatch, pattern: str) -> list[Path]:
 
     def discover_then_lose(source, **options):
         found = real_discover(source, **options)
-        for entry in found.files:
-            if Path(entry.path).match(pattern):
-                Path(entry.path).unlink()
-                removed.append(Path(entry.path))
+        for path in map(Path, found.paths()):
+            if path.match(pattern):
+                path.unlink()
+                removed.append(path)
         return found
 
     monkeypatch.setattr(pipeline, "discover", discover_then_lose)

@@ -37,10 +37,11 @@ def logistic_auc(features: np.ndarray, labels: np.ndarray, steps: int = 2000) ->
 @pytest.fixture(scope="module")
 def synth_files(synth_source) -> pd.DataFrame:
     rows = []
-    for f in discover(synth_source).files:
-        with Image.open(f.path) as image:
+    found = discover(synth_source)
+    for f in found.files:
+        with Image.open(Path(found.base) / f.rel_path) as image:
             rows.append({"label": f.label, "split": f.official_split, "patient": f.patient_id,
-                         "parsed": f.patient_from_name, "name": Path(f.path).name,
+                         "parsed": f.patient_from_name, "name": Path(f.rel_path).name,
                          "width": image.size[0], "height": image.size[1], "mode": image.mode})
     return pd.DataFrame(rows)
 

@@ -46,3 +46,20 @@ def test_the_filter_drops_only_the_known_start_up_lines():
             b"Traceback (most recent call last):\n", b"cxr: error: something the user must see\n"]
     assert all(NOISE.match(line) for line in dropped)
     assert not any(NOISE.match(line) for line in kept)
+
+
+def test_tensorflows_retracing_warning_is_dropped_and_its_other_warnings_pass(caplog):
+    import logging
+
+    from cxr_model.quiet import drop_retracing_warnings
+
+    drop_retracing_warnings()
+    drop_retracing_warnings()  # once is enough: no second filter
+    logger = logging.getLogger("tensorflow")
+    assert len(logger.filters) == len(set(map(id, logger.filters)))
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        logger.warning("5 out of the last 11 calls to <function f at 0x7f> triggered tf.function "
+                       "retracing. Tracing is expensive ...")
+        logger.warning("Compiled the loaded model, but the compiled metrics have yet to be built.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Compiled the loaded model, but the compiled metrics have yet to be built."]
