@@ -112,6 +112,7 @@ def trials_part(args) -> int:
     if not (data / "manifest.json").is_file():
         cxr_datasets.prepare(synthetic_source(folder / "source", n=120), data, image_size=32,
                              overwrite=True, verbose=False)
+    init_tensorflow_quietly()  # as `cxr search` does: this process exports the best model
     run = Path(tempfile.mkdtemp(prefix="cxr-search-trials-"))
     marks = sorted({1, 20, args.trials // 2, args.trials})
     seen: dict[int, float] = {}

@@ -4,7 +4,8 @@ importing Keras; search/trial_reporter.py writes them inside trials.
 
     RUN/tune/trial_<id>/checkpoint_*/weights.npz   the trainable weights of model.get_weights(),
                                                    by position, and the sha256 of the rest
-    RUN/tune/trial_<id>/checkpoint_*/optimizer.npz the optimizer's variables (step, Adam's moments)
+    RUN/tune/trial_<id>/checkpoint_*/optimizer.npz the optimizer's variables (step, Adam's moments),
+                                                   deleted when the trial ends (search/tuner.py)
     RUN/tune/trial_<id>/checkpoint_*/state.json    epoch, best value and epoch, per-epoch history,
                                                    feature_cache, the trial's TrainConfig
 With `--cv K` (search/cv_trial.py) one checkpoint holds every fold the trial has completed:

@@ -97,6 +97,12 @@ def test_each_trial_keeps_only_its_best_checkpoint(sweep):
         assert len(checkpoints) == 1
         state = json.loads((checkpoints[0] / "state.json").read_text())
         assert state["epoch"] == row["best_epoch"] and state["best_value"] == pytest.approx(row["val_auc"])
+        # what a finished trial's checkpoint keeps: its state and the weights training changed
+        # (not the frozen base, not the optimizer's state that only a retry needed)
+        assert sorted(p.name for p in checkpoints[0].iterdir()) == ["state.json", "weights.npz"]
+        # MiB: the head alone; or VGG16's block 5 (28 MB) and the head, of the whole 59 MB
+        limit = 1 if row["trainable_blocks"] == 0 else 32
+        assert (checkpoints[0] / "weights.npz").stat().st_size < limit * 2**20
 
 
 def test_optuna_study_is_persisted_in_sqlite_with_every_trial(sweep):
