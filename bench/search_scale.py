@@ -104,6 +104,7 @@ def trials_part(args) -> int:
     from ray import tune
 
     import cxr_datasets
+    from cxr_model.quiet import init_tensorflow_quietly
     from cxr_search.config import SearchConfig
     from cxr_search.run import run_search
 
