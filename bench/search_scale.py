@@ -6,8 +6,8 @@
 
 `data`: `cxr search` (2 trials, 1 epoch, `--weights none`, frozen base) on bench/prepare_scale.py's
 200,000 JPEGs prepared at 64 px (prepared once under bench/out/). The driver is the `cxr` process;
-its RSS (resident pages, the object-store pages it mapped included) is sampled every 0.2 s from
-/proc. The driver's work on the data (loading train + val and handing them to the trials) is done
+its RSS (resident pages: its heap, the libraries it loaded, TensorFlow's ~0.3 GB included, and any
+object-store pages it touched) is sampled every 0.2 s from /proc. The driver's work on the data (loading train + val and handing them to the trials) is done
 before the first trial reports; the trials' VGG16 features of ~180,000 images take ~20 min a trial
 on these 2 cores, so the run is stopped with SIGINT (Ctrl-C: the driver writes its results and
 exits) `--seconds` after the trials started. Printed: the driver's peak RSS, its RSS before it read
@@ -68,7 +68,7 @@ def data_part(args) -> int:
           flush=True)
     log = run / "cxr.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    peak, started, samples = 0.0, None, []
+    peak, started, samples, at_start = 0.0, None, [], 0.0
     begin = time.monotonic()
     while proc.poll() is None:
         try:
@@ -77,22 +77,17 @@ def data_part(args) -> int:
             break
         peak = max(peak, now)
         samples.append((time.monotonic() - begin, now))
-        text = log.read_text(errors="replace")
-        if started is None and "Trial train_trial_" in text and " started" in text:
+        if started is None and list((run / "run" / "tune").glob("trial_*")):  # Tune made the trials
             started = time.monotonic()
+            at_start = now
         if started is not None and time.monotonic() - started > args.seconds:
             proc.send_signal(signal.SIGINT)
             started = float("inf")
         time.sleep(0.2)
     proc.wait()
-    before = next((r for t, r in samples if t > 0), 0.0)
-    # RSS once Ray and Tune are up, before the data: the sample before the largest rise
-    steps = [(b[1] - a[1], a[1]) for a, b in zip(samples, samples[1:])]
-    base = max(steps)[1] if steps else before
-    print(f"driver: peak RSS {peak:.0f} MiB; before its largest rise {base:.0f} MiB; "
+    print(f"driver: peak RSS {peak:.0f} MiB, {at_start:.0f} MiB when the trials started; "
           f"{len(samples)} samples over {samples[-1][0] if samples else 0:.0f} s; exit {proc.returncode}")
-    print(f"ratio driver peak RSS / train+val pixels: {peak / pixels_mib:.2f} "
-          f"(rise {peak - base:.0f} MiB = {(peak - base) / pixels_mib:.2f} x the pixels)")
+    print(f"ratio driver peak RSS / train+val pixels: {peak / pixels_mib:.2f}")
     shutil.rmtree(run, ignore_errors=True)
     return 0
 
