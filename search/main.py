@@ -24,7 +24,9 @@ from cxr_model.quiet import init_tensorflow_quietly
 from cxr_search import cli as search_cli
 
 EXAMPLES = __doc__.split("\n\n")[1]
-NO_TENSORFLOW = {"synth", "prepare"}  # commands that never import Keras
+# Commands that never import Keras, or (search) only late: a sweep's driver starts TensorFlow for
+# the best model's export (search/run.py) or to check --weights, and holds ~0.6 GB less meanwhile.
+NO_TENSORFLOW = {"synth", "prepare", "search"}
 
 
 def build_parser() -> argparse.ArgumentParser:

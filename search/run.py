@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from cxr_datasets import manifest_hash
 from cxr_datasets.errors import CxrError
+from cxr_model.quiet import init_tensorflow_quietly
 from cxr_search.best import export_best, export_cv_best
 from cxr_search.config import CONFIG_FILE, SearchConfig, write_to_storage
 from cxr_search.results import collect_results, write_results
@@ -59,6 +60,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False, callbacks: Sequence[A
     summary: dict[str, Any] = {"finished": sweep_finished(cfg, grid), "table": table, "best": None,
                                "report": None, "results_files": files}
     if summary["finished"]:
+        init_tensorflow_quietly()  # the driver's first Keras: the sweep itself needs none here
         arrays = data.get()  # mapped from the object store, not copied
         summary["best"] = export_cv_best(cfg, table, arrays) if cfg.cv else export_best(cfg, table, data=arrays)
         summary["mlflow_best_run"] = log_best_to_mlflow(cfg, summary["best"])  # None without --mlflow

@@ -84,6 +84,9 @@ def check_weights(weights: str | None) -> None:
     file once here, under the same file lock, so that local trials find it in Keras's cache."""
     if weights is None:
         return
+    from cxr_model.quiet import init_tensorflow_quietly
+
+    init_tensorflow_quietly()  # `cxr search` starts TensorFlow only where its driver needs Keras
     from cxr_model.model import resolve_weights
 
     resolve_weights(weights)  # CxrError with one clear line
