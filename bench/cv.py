@@ -157,7 +157,9 @@ def main(argv=None) -> int:
     import ray
 
     import cxr_datasets
+    from cxr_model.quiet import init_tensorflow_quietly
 
+    init_tensorflow_quietly()  # this process scores every trial's model on test
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.trials > 10:

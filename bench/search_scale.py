@@ -68,7 +68,7 @@ def data_part(args) -> int:
           flush=True)
     log = run / "cxr.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    peak, started, samples, at_start = 0.0, None, [], 0.0
+    peak, started, samples, at_start, stopped_at = 0.0, None, [], 0.0, None
     begin = time.monotonic()
     while proc.poll() is None:
         try:
@@ -82,11 +82,14 @@ def data_part(args) -> int:
             at_start = now
         if started is not None and time.monotonic() - started > args.seconds:
             proc.send_signal(signal.SIGINT)
-            started = float("inf")
+            started, stopped_at = float("inf"), time.monotonic() - begin
         time.sleep(0.2)
     proc.wait()
-    print(f"driver: peak RSS {peak:.0f} MiB, {at_start:.0f} MiB when the trials started; "
+    before_stop = max((r for t, r in samples if stopped_at is None or t < stopped_at), default=0.0)
+    print(f"driver: peak RSS {peak:.0f} MiB ({before_stop:.0f} MiB before the SIGINT), "
+          f"{at_start:.0f} MiB when the trials started; "
           f"{len(samples)} samples over {samples[-1][0] if samples else 0:.0f} s; exit {proc.returncode}")
+    print("cxr's last lines: " + " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:]))
     print(f"ratio driver peak RSS / train+val pixels: {peak / pixels_mib:.2f}")
     shutil.rmtree(run, ignore_errors=True)
     return 0

@@ -221,8 +221,11 @@ def drop_optimizer_state_callback():
 
 
 def sweep_finished(cfg: SearchConfig, grid) -> bool:
-    """False when the sweep was interrupted (Ctrl-C): fewer trials ended than were requested."""
-    return grid.num_terminated + grid.num_errors >= cfg.trials
+    """False when the sweep was interrupted (Ctrl-C): fewer trials ended than were requested. A
+    trial ended when it errored or reported its metric: one that Ctrl-C stopped before its first
+    report counts as terminated in the grid, while Tune saved it as running (`--resume` runs it)."""
+    ended = sum(1 for result in grid if result.error is not None or METRIC in (result.metrics or {}))
+    return ended >= cfg.trials
 
 
 def connect(address: str | None) -> None:
