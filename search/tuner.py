@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxr_datasets.errors import CxrError, first_line
+from cxr_model.quiet import init_tensorflow_quietly
 from cxr_search.config import SearchConfig, write_to_storage
 from cxr_search.folds import CV_BUDGET, FOLDS_DONE
 from cxr_search.shared_data import SharedData, share, sweep_data
@@ -84,8 +85,6 @@ def check_weights(weights: str | None) -> None:
     file once here, under the same file lock, so that local trials find it in Keras's cache."""
     if weights is None:
         return
-    from cxr_model.quiet import init_tensorflow_quietly
-
     init_tensorflow_quietly()  # `cxr search` starts TensorFlow only where its driver needs Keras
     from cxr_model.model import resolve_weights
 
