@@ -39,24 +39,29 @@ def sweep_data(cfg: SearchConfig) -> SharedData:
     import ray
     from ray.exceptions import RayTaskError
 
-    ref = ray.remote(_load).options(name="cxr-load-sweep-data").remote(cfg)
+    # Two returns: the driver waits on the small one (under Ray Client, getting the data itself
+    # would copy every pixel to the client).
+    refs: Any = ray.remote(_load).options(name="cxr-load-sweep-data", num_returns=2).remote(cfg)
+    size_ref, ref = refs  # num_returns=2: one ObjectRef each (Ray's stubs type one)
     try:
-        data = ray.get(ref)  # waits for the load; maps the arrays, reads none of their pages
+        image_size = ray.get(size_ref)
     except RayTaskError as exc:
         raise exc.cause from None
-    return SharedData(ref, image_size=int(data.image_size))
+    return SharedData(ref, image_size=int(image_size))
 
 
 def _load(cfg: SearchConfig):
-    """What the trials train on: a `cxr_model.Data`, or with --cv a `CVPool` with each image's
-    fold. The test split stays on disk."""
+    """(image size, what the trials train on: a `cxr_model.Data`, or with --cv a `CVPool` with
+    each image's fold). The test split stays on disk."""
     if cfg.cv:
         from cxr_search.folds import load_pool
 
-        return load_pool(cfg.prepared, k=cfg.cv, seed=cfg.seed)
-    from cxr_model import Data
+        data = load_pool(cfg.prepared, k=cfg.cv, seed=cfg.seed)
+    else:
+        from cxr_model import Data
 
-    return Data.from_prepared(cfg.prepared)
+        data = Data.from_prepared(cfg.prepared)
+    return data.image_size, data
 
 
 def share(data) -> SharedData:
