@@ -1,6 +1,8 @@
-"""What the benchmarks share: synthetic data generated once per folder, and a timed sweep."""
+"""What the benchmarks share: synthetic data generated once per folder, a timed sweep, a process's
+resident memory."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -32,3 +34,9 @@ def timed_run_sweep(cfg, data):
     wall = time.perf_counter() - start
     table, histories = collect_results(cfg)
     return grid, wall, table, histories
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    """Resident memory of a process (this one by default) now, in MiB, from /proc."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

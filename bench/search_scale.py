@@ -6,8 +6,8 @@
 
 `data`: `cxr search` (2 trials, 1 epoch, `--weights none`, frozen base) on bench/prepare_scale.py's
 200,000 JPEGs prepared at 64 px (prepared once under bench/out/). The driver is the `cxr` process;
-its RSS (resident pages: its heap, the libraries it loaded, TensorFlow's ~0.3 GB included, and any
-object-store pages it touched) is sampled every 0.2 s from /proc. The driver's work on the data (loading train + val and handing them to the trials) is done
+its RSS (resident pages: its heap, the libraries it loaded, and any object-store pages it
+touched) is sampled every 0.2 s from /proc. The driver's work on the data (loading train + val and handing them to the trials) is done
 before the first trial reports; the trials' VGG16 features of ~180,000 images take ~20 min a trial
 on these 2 cores, so the run is stopped with SIGINT (Ctrl-C: the driver writes its results and
 exits) `--seconds` after the trials started. Printed: the driver's peak RSS, its RSS before it read
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -31,14 +30,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import rss_mib  # noqa: E402
 from prepare_scale import BENCH_DIR, source  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def rss_mib(pid: int | str = "self") -> float:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def du_mib(folder: Path) -> float:
@@ -140,7 +135,8 @@ def trials_part(args) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{len(table)} trials ({int((table['status'] == 'ERROR').sum())} errored) in {wall:.0f} s; "
           f"driver RSS after the export {after:.0f} MiB, peak {peak:.0f} MiB")
-    print(f"disk: run folder {du_mib(run):.1f} MiB ({du_mib(run) / len(table) * 1024:.0f} KiB a trial), "
+    disk = du_mib(run)
+    print(f"disk: run folder {disk:.1f} MiB ({disk / len(table) * 1024:.0f} KiB a trial), "
           f"of which checkpoints {sum(du_mib(p) for p in run.rglob('checkpoint_*')):.1f} MiB in "
           f"{len(list(run.rglob('checkpoint_*')))} folders")
     first, last = min(m for m in seen if m >= 20), max(seen)

@@ -364,8 +364,8 @@ def _drop_mirror_copies(candidates: list[_Candidate], base: str) -> tuple[list[_
             is_copy = any(_encloses(k.root, cand.root) and _same_size(k, cand, base) for k in group_kept)
             (skipped if is_copy else group_kept).append(cand)
     mirror_roots = sorted({"/".join(c.root) for c in skipped})
-    dropped = {id(c) for c in skipped}
-    kept = [c for c in candidates if id(c) not in dropped] if dropped else candidates
+    dropped = {c.rel for c in skipped}  # a file's relative path is unique
+    kept = [c for c in candidates if c.rel not in dropped] if dropped else candidates
     return sorted(kept, key=lambda c: c.rel), len(skipped), mirror_roots
 
 

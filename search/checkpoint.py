@@ -68,13 +68,9 @@ def save_weights(model, path: Path) -> None:
     sweep (200 trials: 13 GB of copies); `load_weights` takes it from the model it loads into,
     which `build_model` makes from the trial's config and seed, and checks it against the hash."""
     values = model.get_weights()
-    kept, frozen = {}, hashlib.sha256()
-    for i, (variable, value) in enumerate(zip(model.weights, values)):
-        if variable.trainable:
-            kept[f"arr_{i}"] = value
-        else:
-            frozen.update(np.ascontiguousarray(value).tobytes())
-    np.savez(path, **kept, count=np.int64(len(values)), frozen_sha256=np.array(frozen.hexdigest()))
+    trained = {i for i, variable in enumerate(model.weights) if variable.trainable}
+    np.savez(path, **{f"arr_{i}": values[i] for i in sorted(trained)}, count=np.int64(len(values)),
+             frozen_sha256=np.array(_frozen_digest(values, trained)))
 
 
 def load_weights(model, path: Path | str) -> None:
@@ -90,14 +86,20 @@ def load_weights(model, path: Path | str) -> None:
         if len(values) != int(stored["count"]):
             raise CxrError(f"checkpoint {path} holds weights for {int(stored['count'])} variables, "
                            f"the model has {len(values)}: not the architecture it was trained with")
-        frozen = hashlib.sha256()
-        for i, value in enumerate(values):
-            if f"arr_{i}" in stored.files:
-                values[i] = stored[f"arr_{i}"]
-            else:
-                frozen.update(np.ascontiguousarray(value).tobytes())
-        if frozen.hexdigest() != str(stored["frozen_sha256"]):
+        trained = {i for i in range(len(values)) if f"arr_{i}" in stored.files}
+        if _frozen_digest(values, trained) != str(stored["frozen_sha256"]):
             raise CxrError(f"checkpoint {path}: the frozen weights of the model built to load it are "
                            "not the ones the trial trained with (a changed --weights file, or "
                            "another Keras version's initialiser?)")
+        for i in trained:
+            values[i] = stored[f"arr_{i}"]
     model.set_weights(values)
+
+
+def _frozen_digest(values: list, trained: set[int]) -> str:
+    """sha256 of the weights at the positions not in `trained`, in order."""
+    digest = hashlib.sha256()
+    for i, value in enumerate(values):
+        if i not in trained:
+            digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
