@@ -2,7 +2,7 @@
 
 Pass 1 (`hash_files`): the paths discovery accepted (read by `raydata.PlanSource`, see there why
 not `from_items`), read and hashed in `map_batches` (workers.hash_batch; nothing is decoded).
-The driver keeps one small row per file (`DecodedColumns`) and decides duplicates and the
+The driver keeps a few bytes per file (`HashColumns`) and decides duplicates and the
 patient splits from them: every file is seen before any row is final.
 
 Pass 2 (`write_pass`): the rows that survived the rules, sorted by split and path, are read
@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .config import SPLITS, PrepareConfig
+from .config import CLASS_NAMES, SPLITS, PrepareConfig
 from .errors import CxrError, first_line
 from .storage import list_files
 from .workers import decode_batch, hash_batch
@@ -62,18 +62,17 @@ INPUT_SCHEMA = pa.schema([("pos", pa.int64()), ("path", pa.string()), ("height",
 
 
 def hash_files(paths: Sequence[str], cfg: PrepareConfig, work, fs=None,
-               verbose: bool = True) -> pd.DataFrame:
-    """Pass 1: one row per path, in input order: `reason` (why it cannot be read, else None),
-    `sha256`, `node`, and `chunk`/`pos` (the batch that read it and its place there); the
-    `orig_*` columns stay -1/None until pass 2. `work`: a storage.Location every node sees (the
-    staging folder). Needs a running Ray (see `LocalRay`)."""
+               verbose: bool = True) -> HashColumns:
+    """Pass 1: every path's sha256, or why it cannot be read, and the node that tried it (see
+    `HashColumns`). `work`: a storage.Location every node sees (the staging folder). Needs a
+    running Ray (see `LocalRay`)."""
     import ray
 
     from .raydata import PlanSource, write_plan
 
-    columns = DecodedColumns(len(paths))
+    columns = HashColumns(len(paths))
     if not paths:
-        return columns.table()
+        return columns
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Reading and hashing costs ~0.05 ms a file: larger blocks than pass 2's amortise a task.
     size = _chunk_size(len(paths), 4 * cfg.files_per_task, cpus)
@@ -89,10 +88,11 @@ def hash_files(paths: Sequence[str], cfg: PrepareConfig, work, fs=None,
                                       override_num_blocks=len(rows)).map_batches(
             hash_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={"fs": fs})
         with ray_failures_are_one_line("reading the files"):
-            for number, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
-                columns.add(cast(pa.Table, batch).to_pydict(), chunk=number)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                columns.add(cast(pa.Table, batch))
     work.child(PLAN).remove_tree()
-    return columns.table()
+    columns.check()
+    return columns
 
 
 @dataclass
@@ -104,16 +104,18 @@ class Written:
     pos: np.ndarray  # positions of the accepted rows, ascending
     orig_width: np.ndarray
     orig_height: np.ndarray
-    orig_mode: list
+    orig_mode: pd.Categorical  # a byte per row: an archive has a handful of modes
     rejected: list[dict] = field(default_factory=list)  # {"pos", "reason", "node"}
     samples: dict[int, bytes] = field(default_factory=dict)  # pos -> raw pixels
 
 
-def write_pass(rows: pd.DataFrame, paths: Sequence[str], out, cfg: PrepareConfig, fs=None,
-               sample_positions: Iterable[int] = (), verbose: bool = True) -> Written:
-    """Pass 2: decode the files of `rows` (sorted by split, then path; `file`: the index of its
-    path in `paths`) and write OUT/<split>/part-NNNNN.<format> (`out`: a storage.Location).
-    A row's position is its row number in `rows`."""
+def write_pass(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns, out,
+               cfg: PrepareConfig, fs=None, sample_positions: Iterable[int] = (),
+               verbose: bool = True) -> Written:
+    """Pass 2: decode the files of `rows` (sorted by split, then path; columns `source_path`,
+    `label`, `patient_id`, `split` and `file`, the index of its path in `paths` and of its sha256
+    in `hashes`) and write OUT/<split>/part-NNNNN.<format> (`out`: a storage.Location). A row's
+    position is its row number in `rows`."""
     import ray
 
     from .raydata import PENDING, PlanSource, ShardSink, write_plan
@@ -142,7 +144,8 @@ def write_pass(rows: pd.DataFrame, paths: Sequence[str], out, cfg: PrepareConfig
             out.child(split).mkdir()
             size = _chunk_size(len(where), most, cpus)  # each split's tail is short too
             plan = out.child(PLAN, f"{split}.arrow")  # blocks of consecutive rows
-            counts = write_plan(plan, (_input_batch(rows, paths, where[i:i + size])
+            counts = write_plan(plan, (_input_batch(rows, paths, hashes, where[i:i + size],
+                                                    cfg.image_size)
                                        for i in range(0, len(where), size)), INPUT_SCHEMA)
             dataset = (
                 ray.data.read_datasource(PlanSource(plan, counts, INPUT_SCHEMA),
@@ -162,11 +165,27 @@ def write_pass(rows: pd.DataFrame, paths: Sequence[str], out, cfg: PrepareConfig
     return _finish(results, _read_rejections(rejected), rows, out, cfg, formats)
 
 
-def _input_batch(rows: pd.DataFrame, paths: Sequence[str], where: np.ndarray) -> pa.RecordBatch:
+def _input_batch(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns,
+                 where: np.ndarray, image_size: int) -> pa.RecordBatch:
+    """Pass 2's input rows `where` of `rows`, with the shard columns the driver keeps no column
+    for (they are made here, a batch at a time): the prepared size, the label's name, the hex
+    sha256."""
     part = rows.iloc[where]
-    columns = [pa.array(where, pa.int64()), pa.array([paths[i] for i in part["file"]], pa.string())]
-    columns += [pa.array(part[f.name].to_numpy(), f.type) for f in INPUT_SCHEMA if f.name in INPUT_COLUMNS]
-    return pa.record_batch(columns, schema=INPUT_SCHEMA)
+    files = part["file"].to_numpy()
+    n = len(where)
+    columns = {
+        "pos": pa.array(where, pa.int64()),
+        "path": pa.array([paths[i] for i in files], pa.string()),
+        "height": pa.array(np.full(n, image_size, np.int32)),
+        "width": pa.array(np.full(n, image_size, np.int32)),
+        "label": pa.array(part["label"].to_numpy(np.int64)),
+        "label_name": pa.array(np.array(CLASS_NAMES, dtype=object)[part["label"].to_numpy()],
+                               pa.string()),
+        "source_sha256": pa.array([hashes.hex(i) for i in files], pa.string()),
+        **{name: pa.array(part[name].to_numpy(), pa.string())
+           for name in ("patient_id", "split", "source_path")},
+    }
+    return pa.record_batch([columns[f.name] for f in INPUT_SCHEMA], schema=INPUT_SCHEMA)
 
 
 def _read_rejections(folder) -> list[dict]:
@@ -218,19 +237,20 @@ def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, 
     order = np.argsort(pos, kind="stable")
     pick = lambda name: np.concatenate([r[name] for r in results])[order] if results \
         else np.empty(0, np.int64)  # noqa: E731
-    modes = [mode for r in results for mode in _modes(r["orig_mode"])]
+    names = sorted({mode for r in results for mode in r["orig_mode"].dictionary.to_pylist()})
+    codes = np.concatenate([_mode_codes(r["orig_mode"], names) for r in results]) if results \
+        else np.empty(0, np.int8)
     return Written(shards=shards, pos=pos[order], orig_width=pick("orig_width"),
-                   orig_height=pick("orig_height"), orig_mode=[modes[i] for i in order],
+                   orig_height=pick("orig_height"), orig_mode=pd.Categorical.from_codes(codes[order], categories=names),
                    rejected=sorted(rejected, key=lambda r: r["pos"]),
                    samples={p: b for r in results for p, b in r["samples"].items()})
 
 
-def _modes(encoded: pa.DictionaryArray) -> Iterator[str]:
-    """A block's image modes from their dictionary encoding (accepted rows: never null), one
-    shared string per mode."""
-    names = [sys.intern(m) for m in encoded.dictionary.to_pylist()]
-    for code in encoded.indices.to_numpy(zero_copy_only=False):
-        yield names[code]
+def _mode_codes(encoded: pa.DictionaryArray, names: list[str]) -> np.ndarray:
+    """A block's image modes (dictionary-encoded; accepted rows: never null) as codes into
+    `names`."""
+    index = np.array([names.index(m) for m in encoded.dictionary.to_pylist()], np.int8)
+    return index[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 @contextlib.contextmanager
@@ -283,56 +303,61 @@ def data_context(verbose: bool, object_store_bytes: int | None = None) -> Iterat
         logger.setLevel(level)
 
 
-class DecodedColumns:
-    """The per-file results of the passes, written in place as each batch arrives: one
-    preallocated array per column, indexed by file. No tuple per file and no sort, so the driver's
-    share is a few dozen bytes per file; the strings are interned (a node address and an image
-    mode are one shared object each). Pass 1 fills `reason`, `sha256`, `node`, `pos`, `chunk`;
-    the original size and mode of the accepted files come from pass 2."""
-
-    NUMBERS = ("orig_width", "orig_height", "pos", "chunk")
-    STRINGS = ("reason", "sha256", "orig_mode", "node")
+class HashColumns:
+    """Pass 1's results, indexed by file and written in place as each batch arrives: why a file
+    cannot be read (`reason`, None if it can), the node that read it (`node`, one interned string
+    per node) and its sha256 as 32 raw bytes (`digest`, an [n, 32] uint8 array). The driver keeps
+    this for every file of the archive, so no object per file where an array does: the digests
+    are 32 bytes each (a hex string object was 113, and every table copy held a pointer to it)."""
 
     def __init__(self, n_files: int):
         self.seen = np.zeros(n_files, np.int32)
-        self.numbers = {name: np.full(n_files, -1, np.int64) for name in self.NUMBERS}
-        self.strings = {name: np.full(n_files, None, object) for name in self.STRINGS}
+        self.reason = np.full(n_files, None, object)
+        self.node = np.full(n_files, None, object)
+        self.digest = np.zeros((n_files, 32), np.uint8)
 
-    def add(self, meta: dict, chunk: int) -> int:
-        """Store one batch's columns (`idx` and any of the columns above; `node` one address for
-        the batch or one per file); returns its number of files."""
-        idx = np.asarray(meta["idx"], np.int64)
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    def add(self, batch: pa.Table) -> int:
+        """Store one batch of workers.HASH_SCHEMA rows; returns its number of files."""
+        idx = batch.column("idx").to_numpy()
         np.add.at(self.seen, idx, 1)
-        for name in ("orig_width", "orig_height", "pos"):
-            if name in meta:
-                self.numbers[name][idx] = meta[name]
-        self.numbers["chunk"][idx] = chunk
-        for name in ("reason", "sha256"):
-            if name in meta:
-                self.strings[name][idx] = meta[name]
-        if "orig_mode" in meta:
-            self.strings["orig_mode"][idx] = [None if m is None else sys.intern(m)
-                                              for m in meta["orig_mode"]]
-        node = meta.get("node")
-        if isinstance(node, str):
-            self.strings["node"][idx] = sys.intern(node)
-        elif node is not None:
-            self.strings["node"][idx] = [sys.intern(n) for n in node]
+        reasons = batch.column("reason")
+        if reasons.null_count < len(reasons):
+            self.reason[idx] = reasons.to_pylist()
+        self.node[idx] = [sys.intern(n) for n in batch.column("node").to_pylist()]
+        digests = batch.column("sha256").combine_chunks().fill_null(bytes(32))
+        raw = np.frombuffer(digests.buffers()[1], np.uint8)
+        self.digest[idx] = raw[digests.offset * 32:(digests.offset + len(digests)) * 32].reshape(-1, 32)
         return len(idx)
 
-    def table(self) -> pd.DataFrame:
+    def check(self) -> None:
         if not (self.seen == 1).all():
             # Callers join results to their file list by position: never let a lost or repeated
             # row shift every label after it.
-            raise RuntimeError(f"decoding returned {int(self.seen.sum())} rows for "
+            raise RuntimeError(f"reading returned {int(self.seen.sum())} rows for "
                                f"{len(self.seen)} files")
-        # object columns, not pandas' Arrow-backed default strings: filtering and sorting then
-        # copy 8-byte pointers instead of every string's bytes.
-        return pd.DataFrame({
-            **{name: pd.Series(self.strings[name], dtype=object, copy=False)
-               for name in self.STRINGS},
-            **self.numbers,
-        })
+
+    def hex(self, file: int) -> str:
+        """The sha256 of file number `file`, as the manifest and the shards write it."""
+        return self.digest[file].tobytes().hex()
+
+    def same_content(self) -> np.ndarray:
+        """Per file, the number of the first file with the same sha256 (itself if none before it
+        has): equal numbers, equal bytes. An int64 per file for the duplicate rule."""
+        if not len(self):
+            return np.empty(0, np.int64)
+        _, first, inverse = np.unique(self.digest.view("V32").ravel(), return_index=True,
+                                      return_inverse=True)
+        return first[inverse.ravel()].astype(np.int64)
+
+    def table(self) -> pd.DataFrame:
+        """`reason`, `node` (object columns: filtering and sorting copy 8-byte pointers, not every
+        string's bytes) and `content` (see `same_content`), one row per file."""
+        return pd.DataFrame({"reason": pd.Series(self.reason, dtype=object, copy=False),
+                             "node": pd.Series(self.node, dtype=object, copy=False),
+                             "content": self.same_content()})
 
 
 def _chunk_size(n_files: int, files_per_task: int, cpus: int) -> int:

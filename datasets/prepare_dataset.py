@@ -24,7 +24,10 @@ writer threads finish, may leave `.OUT.partial-*` behind, which is safe to delet
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -39,11 +42,11 @@ import pandas as pd
 
 from . import splits as split_rules
 from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
-from .decode import LocalRay, Written, hash_files, write_pass
-from .discover import Discovery, discover, patient_id_rules
+from .decode import HashColumns, LocalRay, Written, hash_files, write_pass
+from .discover import Discovery, FilePaths, discover, patient_id_rules
 from .eda import sample_rows, write_eda
 from .errors import ConfigError, CxrError
-from .shards import MANIFEST, PARQUET_SCHEMA, manifest_totals, write_manifest
+from .shards import MANIFEST, manifest_totals, write_manifest
 from .storage import Location, list_files
 from .versions import package_versions
 
@@ -86,19 +89,24 @@ def run(source: str | os.PathLike, out: str | os.PathLike, cfg: PrepareConfig,
             local_ray.start()
         with staging(dst) as tmp:
             with clock("hash"):
-                table = _hash(found, cfg, tmp, fs, verbose)
+                table, hashes = _hash(found, cfg, tmp, fs, verbose)
+            facts = _discovery_facts(found)
+            # The table holds the same strings: the per-file records go (~80 bytes a file).
+            found.files.clear()
             with clock("select"):
-                candidates, report = _select(table, found, cfg)
+                candidates, report = _select(table, hashes, found.layout, cfg)
             with clock("decode_and_write"):
-                written = write_pass(candidates, found.paths(), tmp, cfg, fs=fs,
+                paths = FilePaths(found.base, table["rel_path"].to_numpy())
+                written = write_pass(candidates, paths, hashes, tmp, cfg, fs=fs,
                                      sample_positions=sample_rows(candidates, cfg.seed).index,
                                      verbose=verbose)
             local_ray.stop()  # Ray's work is done: its shut-down overlaps with the EDA
-            accepted, samples = _apply_decode(table, candidates, written, found, report)
-            manifest = _manifest(src, cfg, found, table, accepted, report)
+            accepted, samples = _apply_decode(table, candidates, written, found.layout, report,
+                                              cfg.image_size)
+            manifest = _manifest(src, cfg, facts, table, accepted, report)
             manifest["shards"] = written.shards
             n_files = len(table)
-            del table, found, candidates  # the per-file lists the EDA needs no more
+            del table, hashes, paths, found, candidates  # the per-file lists the EDA needs no more
             with clock("eda"):
                 _write_eda(accepted, samples, tmp, manifest)
             with clock("ray_stop_wait"):
@@ -127,7 +135,8 @@ def _discover(source: Location, cfg: PrepareConfig) -> Discovery:
 
 
 class StageClock:
-    """Wall time per named stage, plus the total since creation (the manifest's `stage_s`)."""
+    """Wall time per named stage, plus the total since creation (the manifest's `stage_s`). After
+    each stage the memory its temporaries freed goes back to the OS (`release_freed_memory`)."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -140,9 +149,32 @@ class StageClock:
             yield
         finally:
             self.seconds[stage] = round(time.perf_counter() - began, 3)
+            release_freed_memory()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+def release_freed_memory() -> None:
+    """Return the heap pages that freed objects left behind to the OS (glibc's `malloc_trim`).
+
+    glibc keeps freed heap memory resident for reuse, and once a large array has been freed it
+    serves arrays of up to that size from the heap instead of giving each its own mapping (a
+    per-file column is 1.6 MB at 200,000 files), so without this the driver's resident memory
+    keeps every stage's temporaries: measured at 200,000 files, the peak before the EDA fell by
+    ~40 MB. Dask's workers trim for the same reason. A no-op where the C library has no
+    malloc_trim (macOS, musl)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def summary_line(manifest: dict, out: str | os.PathLike | Location) -> str:
@@ -191,14 +223,16 @@ def staging(out: Location) -> Iterator[Location]:
     old.remove_tree()
 
 
-def _hash(found: Discovery, cfg: PrepareConfig, work: Location, fs, verbose: bool) -> pd.DataFrame:
-    """File metadata joined with pass 1's results (one row per discovered file). The file columns
-    hold the very strings of `found.files` (object columns: no second copy of every path and
-    patient id); `path` is left out, only the Ray tasks need it."""
-    results = hash_files(found.paths(), cfg, work, fs=fs, verbose=verbose)
+def _hash(found: Discovery, cfg: PrepareConfig, work: Location, fs,
+          verbose: bool) -> tuple[pd.DataFrame, HashColumns]:
+    """File metadata joined with pass 1's results: one row per discovered file (its index is the
+    file's number), and every file's sha256 apart (`HashColumns`). The file columns hold the very
+    strings of `found.files` (object columns: no second copy of every path and patient id)."""
+    hashes = hash_files(found.paths(), cfg, work, fs=fs, verbose=verbose)
+    table = hashes.table()
     for name, dtype in FILE_COLUMNS.items():
-        results[name] = pd.Series([getattr(f, name) for f in found.files], dtype=dtype)
-    return results
+        table[name] = pd.Series([getattr(f, name) for f in found.files], dtype=dtype)
+    return table, hashes
 
 
 # The SourceFile fields the rules and the manifest read, and their column types.
@@ -206,13 +240,23 @@ FILE_COLUMNS = {"rel_path": object, "label": "int64", "official_split": object,
                 "patient_id": object, "patient_from_name": bool}
 
 
-def _select(table: pd.DataFrame, found: Discovery, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict]:
+def _discovery_facts(found: Discovery) -> dict:
+    """What the manifest says of discovery, taken before its per-file records are dropped."""
+    return {"discovery": found.summary(), "rejected": found.rejected, "labels": found.labels,
+            "patient_id_rule": (found.labels["patient_rule"] if found.labels else
+                                patient_id_rules(f.rel_path for f in found.files))}
+
+
+def _select(table: pd.DataFrame, hashes: HashColumns, layout: str,
+            cfg: PrepareConfig) -> tuple[pd.DataFrame, dict]:
     """Readable, de-duplicated rows with their split (pass 2 decodes them); and what the rules
     removed."""
-    mode = "official" if (cfg.split == "official" and found.layout == "official") else "random"
-    check_rejections(table, found.layout)
-    usable = table[table["reason"].isna()]
-    usable, duplicates = split_rules.drop_duplicates(usable, official=mode == "official")
+    mode = "official" if (cfg.split == "official" and layout == "official") else "random"
+    check_rejections(table, layout)
+    # Only the columns the rules read: each rule's copy of the rows is then ~50 bytes a file.
+    usable = table.loc[table["reason"].isna(), [*FILE_COLUMNS, "content"]]
+    usable, duplicates = split_rules.drop_duplicates(usable, official=mode == "official",
+                                                     key="content", key_text=hashes.hex)
     overlap = None
     if mode == "official":
         usable, overlap = split_rules.drop_test_patients_from_train(usable)
@@ -220,7 +264,7 @@ def _select(table: pd.DataFrame, found: Discovery, cfg: PrepareConfig) -> tuple[
         usable, mode, cfg.val_fraction, cfg.test_fraction, cfg.seed))
     has_test = bool((usable["official_split"] == "test").any())
     warnings = split_rules.check_splits(usable, mode, source_has_test=has_test)
-    rows = _shard_rows(usable, cfg.image_size)
+    rows = _shard_rows(usable)
     return rows, {"mode": mode, "duplicates": duplicates, "patient_overlap": overlap,
                   "split_warnings": warnings}
 
@@ -247,23 +291,17 @@ def check_rejections(table: pd.DataFrame, layout: str) -> None:
                        f"'{common}', e.g. {example}); the manifest of a run lists each file")
 
 
-# What pass 2, the EDA and the manifest's counts need of each row. `file`: the row's index in the
-# discovery's files (its path); `chunk`, `pos`: where pass 1 read it.
-ROW_COLUMNS = [*(name for name in PARQUET_SCHEMA.names if name != "image"), "patient_from_name",
-               "chunk", "pos", "file"]
+# What the driver keeps of each row that pass 2 decodes: `file`, the row's index in the discovery's
+# files (its path, its sha256). The shard columns that follow from these (the label's name, the
+# hex sha256, the prepared size) are made a batch at a time (decode._input_batch), not kept.
+ROW_COLUMNS = ["source_path", "label", "patient_id", "split", "patient_from_name", "file"]
 
 
-def _shard_rows(usable: pd.DataFrame, image_size: int) -> pd.DataFrame:
-    """The shard columns (PARQUET_SCHEMA's names, renamed rather than copied), sorted by split and
-    path, with the file each row comes from (`file`); the columns no later step reads are
-    dropped before the sort copies the rest."""
-    rows = usable.rename(columns={"rel_path": "source_path", "sha256": "source_sha256"}).assign(
-        height=image_size,
-        width=image_size,
-        label_name=pd.Series(np.array(CLASS_NAMES, dtype=object)[usable["label"].to_numpy()],
-                             index=usable.index, dtype=object),
-        file=usable.index.to_numpy(),
-    )[ROW_COLUMNS]
+def _shard_rows(usable: pd.DataFrame) -> pd.DataFrame:
+    """The rows pass 2 decodes (ROW_COLUMNS: `rel_path` renamed, not copied), sorted by split
+    and path; the columns no later step reads are dropped before the sort copies the rest."""
+    rows = usable.rename(columns={"rel_path": "source_path"}).assign(
+        file=usable.index.to_numpy())[ROW_COLUMNS]
     # Two stable sorts (path, then split) rather than sort_values on both: pandas sorts several
     # string keys through Arrow-backed categories, which leaves megabytes in Arrow's allocator.
     by_path = np.argsort(rows["source_path"].to_numpy(), kind="stable")
@@ -271,30 +309,35 @@ def _shard_rows(usable: pd.DataFrame, image_size: int) -> pd.DataFrame:
     return rows.take(by_path[np.argsort(split_rank, kind="stable")]).reset_index(drop=True)
 
 
-def _apply_decode(table: pd.DataFrame, candidates: pd.DataFrame, written: Written,
-                  found: Discovery, report: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _apply_decode(table: pd.DataFrame, candidates: pd.DataFrame, written: Written, layout: str,
+                  report: dict, image_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pass 2's results folded into the driver's tables: the files it rejected get their reason
     and node (the manifest lists them; a split of which nothing decoded is an error, as one that
-    nothing could read), the accepted rows their original size and mode. Returns the accepted
-    rows (the shards' rows, in shard order) and the EDA's sample rows with their pixels."""
+    nothing could read), the accepted rows their original size and mode and their label's name.
+    Returns the accepted rows (the shards' rows, in shard order) and the EDA's sample rows with
+    their pixels."""
     if written.rejected:
         files = candidates["file"].to_numpy()[[r["pos"] for r in written.rejected]]
         table.loc[files, "reason"] = [r["reason"] for r in written.rejected]
         table.loc[files, "node"] = [r["node"] for r in written.rejected]
-        check_rejections(table, found.layout)
+        check_rejections(table, layout)
     # Set in place, not `assign`: every copy of the rows is ~0.15 KB a file more at the peak. With
     # no file rejected here (the usual case) the accepted rows are the candidates themselves.
     accepted = candidates if len(written.pos) == len(candidates) else \
         candidates.take(written.pos).reset_index(drop=True)
+    accepted["label_name"] = pd.Series(np.array(CLASS_NAMES, dtype=object)[accepted["label"].to_numpy()],
+                                       index=accepted.index, dtype=object)
     accepted["orig_width"] = written.orig_width
     accepted["orig_height"] = written.orig_height
-    accepted["orig_mode"] = pd.Series(written.orig_mode, index=accepted.index, dtype=object)
+    accepted["orig_mode"] = pd.Series(written.orig_mode, index=accepted.index)
     if written.rejected:
         has_test = bool((accepted["split"] == "test").any())  # the official test, in that mode
         report["split_warnings"] = split_rules.check_splits(accepted, report["mode"],
                                                             source_has_test=has_test)
     picked = sorted(written.samples)
-    samples = candidates.take(picked).assign(image=[written.samples[p] for p in picked])
+    samples = candidates.take(picked).assign(
+        image=[written.samples[p] for p in picked], height=image_size, width=image_size,
+        label_name=[CLASS_NAMES[label] for label in candidates["label"].to_numpy()[picked]])
     return accepted, samples
 
 
@@ -311,11 +354,12 @@ def _write_eda(rows: pd.DataFrame, samples: pd.DataFrame, out: Location, manifes
                 out.child("eda", name).write_bytes((eda_dir / name).read_bytes())
 
 
-def _manifest(source: Location, cfg: PrepareConfig, found: Discovery, table: pd.DataFrame,
+def _manifest(source: Location, cfg: PrepareConfig, facts: dict, table: pd.DataFrame,
               rows: pd.DataFrame, report: dict) -> dict:
-    """Everything but `shards` (added once they are written) and the timing."""
+    """Everything but `shards` (added once they are written) and the timing. `facts`:
+    `_discovery_facts`."""
     counts = split_rules.split_counts(rows)
-    rejected = found.rejected + [
+    rejected = facts["rejected"] + [
         {"path": r.rel_path, "reason": r.reason, "node": r.node}
         for r in table[table["reason"].notna()].itertuples()
     ]
@@ -331,11 +375,10 @@ def _manifest(source: Location, cfg: PrepareConfig, found: Discovery, table: pd.
         "class_names": list(CLASS_NAMES),
         "image": {"height": cfg.image_size, "width": cfg.image_size, "channels": 1,
                   "dtype": "uint8", "encoding": "raw row-major bytes"},
-        "discovery": found.summary(),
+        "discovery": facts["discovery"],
         "patients_not_from_name": int((~rows["patient_from_name"]).sum()),
-        "patient_id_rule": (found.labels["patient_rule"] if found.labels else
-                            patient_id_rules(f.rel_path for f in found.files)),
-        "labels": found.labels,
+        "patient_id_rule": facts["patient_id_rule"],
+        "labels": facts["labels"],
         "split_warnings": report["split_warnings"],
         "rejected": sorted(rejected, key=lambda r: r["path"]),
         "duplicates": report["duplicates"],

@@ -19,13 +19,16 @@ from .config import CLASS_NAMES, SPLITS
 from .errors import CxrError
 
 
-def drop_duplicates(table: pd.DataFrame, official: bool) -> tuple[pd.DataFrame, list[dict]]:
-    """Rows of `table` (columns rel_path, sha256, official_split) left after exact-duplicate removal,
-    and one manifest entry per extra copy."""
+def drop_duplicates(table: pd.DataFrame, official: bool, key: str = "sha256",
+                    key_text=str) -> tuple[pd.DataFrame, list[dict]]:
+    """Rows of `table` (columns rel_path, official_split and `key`: equal keys, equal bytes) left
+    after exact-duplicate removal, and one manifest entry per extra copy (its `sha256`:
+    `key_text(key)`; prepare keys the rows by a number per content and writes its hex sha256)."""
     keep = pd.Series(True, index=table.index)
     report = []
-    repeated = table[table.duplicated("sha256", keep=False)]
-    for sha, group in repeated.groupby("sha256", sort=True):
+    repeated = table[table.duplicated(key, keep=False)]
+    for value, group in repeated.groupby(key, sort=True):
+        sha = key_text(value)
         in_test = group["official_split"].eq("test") if official else pd.Series(False, group.index)
         ordered = group.assign(_test=in_test).sort_values(["_test", "rel_path"], ascending=[False, True])
         kept_path = ordered["rel_path"].iloc[0]
@@ -35,7 +38,8 @@ def drop_duplicates(table: pd.DataFrame, official: bool) -> tuple[pd.DataFrame, 
                 continue
             keep[index] = False
             report.append(_duplicate(row, kept_path, sha, "removed"))
-    return table[keep], report
+    # in sha256 order (a stable sort keeps each group's order), whatever the key's order
+    return table[keep], sorted(report, key=lambda r: r["sha256"])
 
 
 def drop_test_patients_from_train(table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:

@@ -23,15 +23,15 @@ import hashlib
 import json
 import socket
 
-import numpy as np
 import pyarrow as pa
 
 from .errors import ImageRejected
 from .image import preprocess_bytes, read_file_bytes
 
-# What pass 1 returns per file (an Arrow table; decode.DecodedColumns stores it by `idx`).
-HASH_SCHEMA = pa.schema([("idx", pa.int64()), ("reason", pa.string()), ("sha256", pa.string()),
-                         ("node", pa.string()), ("pos", pa.int64())])
+# What pass 1 returns per file (an Arrow table; decode.HashColumns stores it by `idx`): the raw
+# 32-byte digest, not its 64-character hex (the driver keeps one per file: 32 bytes, no object).
+HASH_SCHEMA = pa.schema([("idx", pa.int64()), ("reason", pa.string()),
+                         ("sha256", pa.binary(32)), ("node", pa.string())])
 # What pass 2 adds to its input's shard columns for each accepted row.
 DECODED_FIELDS = [("image", pa.binary()), ("orig_width", pa.int32()), ("orig_height", pa.int32()),
                   ("orig_mode", pa.string())]
@@ -42,10 +42,10 @@ def hash_batch(batch: pa.Table, fs=None) -> pa.Table:
     (`fs`: None for local paths, else the pyarrow file system of a URI source)."""
     node = node_ip()
     reasons: list[str | None] = []
-    hashes: list[str | None] = []
+    hashes: list[bytes | None] = []
     for path in batch.column("path").to_pylist():
         try:
-            hashes.append(hashlib.sha256(read_file_bytes(path, fs)).hexdigest())
+            hashes.append(hashlib.sha256(read_file_bytes(path, fs)).digest())
             reasons.append(None)
         except ImageRejected as exc:
             hashes.append(None)
@@ -53,10 +53,9 @@ def hash_batch(batch: pa.Table, fs=None) -> pa.Table:
         except Exception as exc:  # a bug or a library surprise must not lose the other files
             hashes.append(None)
             reasons.append(f"unexpected error: {type(exc).__name__}: {exc}"[:300])
-    n = batch.num_rows
     return pa.table([batch.column("idx"), pa.array(reasons, pa.string()),
-                     pa.array(hashes, pa.string()), pa.array([node] * n, pa.string()),
-                     pa.array(np.arange(n), pa.int64())], schema=HASH_SCHEMA)
+                     pa.array(hashes, pa.binary(32)), pa.array([node] * batch.num_rows, pa.string())],
+                    schema=HASH_SCHEMA)
 
 
 def decode_batch(batch: pa.Table, fs, image_size: int, resize: str, max_pixels: int, min_size: int,

@@ -1,60 +1,66 @@
 """The driver's per-file metadata of `cxr prepare` (what keeps its memory flat as the data grows):
-decode results written in place by file index, object columns instead of Arrow-backed string
-copies, and the rewritten steps giving exactly what the pandas formulations they replaced gave.
+pass 1's results written in place by file index (sha256 digests as 32 raw bytes in one array),
+object columns instead of Arrow-backed string copies, shard columns made per batch, and the
+rewritten steps giving exactly what the pandas formulations they replaced gave.
 No Ray. The memory figure itself is bench/prepare_memory.py's."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from cxr_datasets.config import CLASS_NAMES, SPLITS
-from cxr_datasets.decode import DecodedColumns
+from cxr_datasets.decode import INPUT_SCHEMA, HashColumns, _input_batch
+from cxr_datasets.discover import FilePaths
 from cxr_datasets.eda import SAMPLES_PER_CLASS, sample_rows
 from cxr_datasets.prepare_dataset import ROW_COLUMNS, _shard_rows
 from cxr_datasets.splits import _patient_labels
+from cxr_datasets.workers import HASH_SCHEMA
 
 
-def _meta(idx, node="10.0.0.7"):
-    """What one decode task returns for files `idx`: odd ones rejected."""
+def _digest(i: int) -> bytes:
+    return hashlib.sha256(str(i % 4).encode()).digest()  # files 0 and 4 have the same bytes
+
+
+def _batch(idx, node="10.0.0.7") -> pa.Table:
+    """What one pass-1 task returns for files `idx`: odd ones unreadable."""
     ok = [i % 2 == 0 for i in idx]
-    return {
-        "idx": list(idx),
+    return pa.table({
+        "idx": pa.array(idx, pa.int64()),
         "reason": [None if good else f"bad {i}" for i, good in zip(idx, ok)],
-        "sha256": [f"{i:064x}" for i in idx],
-        "orig_width": [100 + i if good else -1 for i, good in zip(idx, ok)],
-        "orig_height": [200 + i if good else -1 for i, good in zip(idx, ok)],
-        "orig_mode": ["L" if good else None for good in ok],
-        "pos": [n if good else -1 for n, good in enumerate(ok)],
-        "node": node,
-    }
+        "sha256": pa.array([_digest(i) if good else None for i, good in zip(idx, ok)], pa.binary(32)),
+        "node": [node] * len(idx),
+    }, schema=HASH_SCHEMA)
 
 
-def test_decoded_columns_fill_by_file_index_in_any_chunk_order():
-    columns = DecodedColumns(6)
-    assert columns.add(_meta([3, 4, 5]), chunk=1) == 3  # the later chunk finishes first
-    columns.add(_meta([0, 1, 2]), chunk=0)
+def test_hash_columns_fill_by_file_index_in_any_batch_order():
+    columns = HashColumns(6)
+    assert columns.add(_batch([3, 4, 5]).slice(0)) == 3  # the later batch finishes first
+    columns.add(pa.concat_tables([_batch([0]), _batch([1, 2])]))  # a batch of two chunks
+    columns.check()
     table = columns.table()
-    assert table["sha256"].tolist() == [f"{i:064x}" for i in range(6)]
     assert table["reason"].tolist() == [None, "bad 1", None, "bad 3", None, "bad 5"]
-    assert table["chunk"].tolist() == [0, 0, 0, 1, 1, 1]
-    assert table["pos"].tolist() == [0, -1, 2, -1, 1, -1]
-    assert table["orig_width"].tolist() == [100, -1, 102, -1, 104, -1]
     assert set(table["node"]) == {"10.0.0.7"}
+    assert [columns.hex(i) for i in (0, 2, 4)] == [_digest(i).hex() for i in (0, 2, 4)]
+    # Equal bytes, equal content number: the first file with them.
+    assert table["content"][[0, 2, 4]].tolist() == [0, 2, 0]
     # Object columns: filtering and sorting copy pointers, not each string's bytes.
-    for name in ("reason", "sha256", "orig_mode", "node"):
+    for name in ("reason", "node"):
         assert table[name].dtype == object, name
-    for name in ("orig_width", "orig_height", "pos", "chunk"):
-        assert table[name].dtype == np.int64, name
+    assert table["content"].dtype == np.int64
+    assert columns.digest.dtype == np.uint8 and columns.digest.shape == (6, 32)
 
 
-@pytest.mark.parametrize("chunks", [[[0, 1, 2]], [[0, 1, 2], [3, 4, 5], [2]]])
-def test_decoded_columns_refuse_a_lost_or_repeated_file(chunks):
-    columns = DecodedColumns(6)
-    for number, idx in enumerate(chunks):
-        columns.add(_meta(idx), chunk=number)
+@pytest.mark.parametrize("batches", [[[0, 1, 2]], [[0, 1, 2], [3, 4, 5], [2]]])
+def test_hash_columns_refuse_a_lost_or_repeated_file(batches):
+    columns = HashColumns(6)
+    for idx in batches:
+        columns.add(_batch(idx))
     with pytest.raises(RuntimeError, match="rows for 6 files"):
-        columns.table()
+        columns.check()
 
 
 def _usable(n: int, seed: int = 0) -> pd.DataFrame:
@@ -70,28 +76,35 @@ def _usable(n: int, seed: int = 0) -> pd.DataFrame:
         "patient_id": obj(patients),
         "patient_from_name": np.ones(n, bool),
         "reason": obj([None] * n),
-        "sha256": obj([f"{i:064x}" for i in range(n)]),
-        "orig_width": rng.integers(500, 3000, n),
-        "orig_height": rng.integers(500, 3000, n),
-        "orig_mode": obj(rng.choice(["L", "RGB"], n).tolist()),
         "node": obj(["10.0.0.7"] * n),
-        "pos": np.arange(n),
-        "chunk": np.arange(n) // 7,
+        "content": np.arange(n),
         "split": obj(rng.choice(list(SPLITS), n).tolist()),
     })
 
 
-def test_shard_rows_sorted_by_split_then_path_with_shard_columns():
+def test_shard_rows_sorted_by_split_then_path_and_their_input_batches():
     usable = _usable(300)
-    rows = _shard_rows(usable, 64)
+    rows = _shard_rows(usable)
     assert list(rows.columns) == ROW_COLUMNS
     expected = usable.assign(_rank=usable["split"].map(SPLITS.index)) \
-        .sort_values(["_rank", "rel_path"]).reset_index(drop=True)
+        .sort_values(["_rank", "rel_path"])
     assert rows["source_path"].tolist() == expected["rel_path"].tolist()
-    assert rows["source_sha256"].tolist() == expected["sha256"].tolist()
-    assert rows["label_name"].tolist() == [CLASS_NAMES[i] for i in expected["label"]]
-    assert (rows[["height", "width"]] == 64).all().all()
-    assert rows["chunk"].tolist() == expected["chunk"].tolist()
+    assert rows["file"].tolist() == expected.index.tolist()
+    # Pass 2's input: the columns the driver keeps none of are made per batch, for the right file.
+    hashes = HashColumns(len(usable))
+    hashes.digest[:] = np.frombuffer(b"".join(hashlib.sha256(str(i).encode()).digest()
+                                              for i in range(len(usable))), np.uint8).reshape(-1, 32)
+    where = np.arange(10, 60)
+    batch = _input_batch(rows, FilePaths("/src", usable["rel_path"].to_numpy()), hashes, where, 64)
+    assert batch.schema == INPUT_SCHEMA
+    picked = expected.iloc[where]
+    assert batch.column("pos").to_pylist() == where.tolist()
+    assert batch.column("path").to_pylist() == [f"/src/{p}" for p in picked["rel_path"]]
+    assert batch.column("source_sha256").to_pylist() == [
+        hashlib.sha256(str(i).encode()).hexdigest() for i in picked.index]
+    assert batch.column("label_name").to_pylist() == [CLASS_NAMES[i] for i in picked["label"]]
+    assert batch.column("patient_id").to_pylist() == picked["patient_id"].tolist()
+    assert set(batch.column("height").to_pylist()) == set(batch.column("width").to_pylist()) == {64}
 
 
 def test_patient_labels_majority_with_ties_to_pneumonia():
@@ -107,14 +120,14 @@ def test_patient_labels_majority_with_ties_to_pneumonia():
 
 
 def test_sample_rows_pick_the_same_rows_as_filtering_copies():
-    rows = _shard_rows(_usable(400, seed=5), 64)
+    rows = _shard_rows(_usable(400, seed=5))
     picked = sample_rows(rows, seed=7)
     # The formulation it replaced: copy the train rows, then each class's rows, then pick.
     pool = rows[rows["split"] == "train"]
     rng = np.random.default_rng(7)
     expected = pd.concat([
         part.iloc[rng.permutation(len(part))[:SAMPLES_PER_CLASS]]
-        for part in (pool[pool["label_name"] == name] for name in CLASS_NAMES)
+        for part in (pool[pool["label"] == label] for label in range(len(CLASS_NAMES)))
     ])
     assert picked.index.tolist() == expected.index.tolist()
     assert len(picked) == 2 * SAMPLES_PER_CLASS
