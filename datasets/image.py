@@ -51,17 +51,17 @@ def _read_local(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """Regular files only, at most `max_bytes`: O_NONBLOCK so that opening a FIFO cannot hang, then
     fstat on the open descriptor (no race with a swapped path) before a single byte is read."""
     try:
-        if path.is_dir():
-            raise ImageRejected(_NOT_A_FILE)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         try:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise ImageRejected(_NOT_A_FILE)
+            if not stat.S_ISREG(info.st_mode):
+                mode = info.st_mode
                 kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if (
                     stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "a socket or special file"
                 raise ImageRejected(f"not a regular file ({kind})")
-            with os.fdopen(fd, "rb", closefd=False) as handle:
-                data = handle.read(max_bytes + 1)
+            data = _read_to_end(fd, info.st_size, max_bytes)
         finally:
             os.close(fd)
         if len(data) > max_bytes:
@@ -74,6 +74,23 @@ def _read_local(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise ImageRejected("unreadable: permission denied") from None
     except OSError as exc:
         raise ImageRejected(f"unreadable: {exc.strerror or exc}") from None
+
+
+def _read_to_end(fd: int, size: int, max_bytes: int) -> bytes:
+    """At most `max_bytes + 1` bytes of `fd`, asked for as the file's size (+1, to see that it
+    ended): one read and no buffer larger than the file. A buffered read of `max_bytes + 1`
+    allocated 256 MiB for every file and was a third of prepare's time per small file. A file
+    that grew since its fstat is read on, a MiB at a time, up to the cap."""
+    parts: list[bytes] = []
+    total, want = 0, min(size, max_bytes) + 1
+    while total <= max_bytes:
+        chunk = os.read(fd, min(want, max_bytes + 1 - total))
+        if not chunk:
+            break
+        parts.append(chunk)
+        total += len(chunk)
+        want = 2**20
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _read_fs(fs, path: str) -> bytes:
