@@ -131,3 +131,20 @@ def test_sample_rows_pick_the_same_rows_as_filtering_copies():
     ])
     assert picked.index.tolist() == expected.index.tolist()
     assert len(picked) == 2 * SAMPLES_PER_CLASS
+
+
+def test_size_scatter_draws_a_sample_of_a_large_class_and_says_so(monkeypatch):
+    from cxr_datasets import eda
+
+    monkeypatch.setattr(eda, "SIZE_POINTS_PER_CLASS", 10)
+    n = 30
+    table = pd.DataFrame({"label": [0] * 5 + [1] * (n - 5),
+                          "orig_width": np.arange(n) + 100, "orig_height": np.arange(n) + 200})
+    fig = eda._sizes(table)
+    ax = fig.axes[0]
+    drawn = [len(collection.get_offsets()) for collection in ax.collections]
+    assert drawn == [5, 10]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels[0] == f"{CLASS_NAMES[0]} (median 102 x 202)"
+    # the median is the whole class's, not the sample's
+    assert labels[1] == f"{CLASS_NAMES[1]} (median 117 x 217, 10 of 25 shown)"

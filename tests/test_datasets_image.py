@@ -214,3 +214,34 @@ def test_pixel_limit_is_configurable(tmp_path):
     assert preprocess_file(path, 32).shape == (32, 32)
     with pytest.raises(ImageRejected, match="decompression bomb"):
         preprocess_file(path, 32, max_pixels=50_000)
+
+
+def test_a_file_is_read_whole_and_a_stream_past_the_cap_is_cut_at_cap_plus_one():
+    """`_read_to_end` asks for the file's size (+1) and reads on if the file grew since its
+    fstat: a pipe (size 0 by fstat) stands in for a file that grew."""
+    import os
+
+    from cxr_datasets.image import _read_to_end
+
+    payload = bytes(range(256)) * 12  # 3 KiB
+    for size, cap, expected in [(len(payload), 10_000, payload), (0, 10_000, payload),
+                                (0, 1000, payload[:1001])]:
+        read, write = os.pipe()
+        try:
+            os.write(write, payload)
+            os.close(write)
+            assert _read_to_end(read, size, cap) == expected
+        finally:
+            os.close(read)
+
+
+def test_a_regular_file_over_the_cap_is_rejected_and_one_at_the_cap_is_read(tmp_path):
+    from cxr_datasets.image import _read_local
+
+    path = tmp_path / "big.jpeg"
+    path.write_bytes(b"x" * 2048)
+    assert _read_local(path, max_bytes=2048) == b"x" * 2048
+    with pytest.raises(ImageRejected, match="file too large"):
+        _read_local(path, max_bytes=2047)
+    with pytest.raises(ImageRejected, match="not a regular file|directory"):
+        _read_local(tmp_path, max_bytes=2048)
