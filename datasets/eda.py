@@ -1,7 +1,8 @@
 """Exploratory plots of a prepared data set, written to OUT/eda/ by `cxr prepare`.
 
     class_balance.png   images per split and class (the real set is ~1:3 NORMAL:PNEUMONIA)
-    sizes.png           original width x height by class (NORMAL images are larger in the real set)
+    sizes.png           original width x height by class (NORMAL images are larger in the real set;
+                        at most 5,000 points a class drawn, the medians of all)
     modes.png           original image modes by class (a few hundred real images are RGB)
     samples.png         preprocessed training images, one row per class: what the model will see
     summary.md          the numbers behind the plots, the rejected files and the duplicates
