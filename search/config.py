@@ -19,7 +19,7 @@ from typing import Any
 from cxr_datasets.errors import ConfigError
 from cxr_datasets.storage import Location, is_uri
 from cxr_model.config import EXPORT_FORMATS, THRESHOLD_METHODS, EvalConfig, check_formats, normalise_weights, reject_unknown
-from cxr_search.space import resolve_space
+from cxr_search.space import check_points, resolve_space
 
 CONFIG_FILE = "search_config.json"
 EXPERIMENT_NAME = "tune"  # Tune's experiment folder inside the storage location
@@ -47,6 +47,8 @@ class SearchConfig:
     n_boot: int = EvalConfig.n_boot   # bootstrap resamples for the test metrics' intervals
     threshold_method: str = EvalConfig.threshold_method  # how the threshold is chosen on validation
     space: dict[str, Any] = field(default_factory=dict)  # search/space.py's; a partial one is completed
+    points_to_evaluate: tuple[dict[str, Any], ...] = ()  # configurations the study runs first, in order
+    #                                   (Optuna's names: head_units_1 ...); benches give two sweeps the same ones
     feature_cache_dir: str | None = None  # None: a node-local temp folder (each node computes once)
     feature_cache: bool = True        # frozen, unaugmented trials train on cached VGG16 features
     asha: bool = True                 # early stopping by ASHA; False runs every trial to max_epochs
@@ -63,6 +65,8 @@ class SearchConfig:
         object.__setattr__(self, "weights", normalise_weights(self.weights))
         # the complete space: the defaults with this config's entries replacing theirs, validated
         object.__setattr__(self, "space", resolve_space(self.space, source="space"))
+        # a tuple (a JSON list when loaded), each point checked against the complete space
+        object.__setattr__(self, "points_to_evaluate", check_points(self.points_to_evaluate, self.space))
         object.__setattr__(self, "formats", check_formats(self.formats))  # a JSON list, "keras,onnx": a tuple
         for name in ("trials", "max_epochs", "grace_period", "concurrency", "n_boot"):
             _at_least(self, name, 1)

@@ -257,6 +257,39 @@ class SpaceSampler:
         return trial.suggest_float(name, float(low), float(high), log=log)
 
 
+def check_points(points: Any, space: dict[str, Any], source: str = "points_to_evaluate") -> tuple[dict[str, Any], ...]:
+    """Configurations for the study to run first, as Optuna names their parameters (`head_units_1`
+    ... for per-layer ones), checked against `space`: the searcher would run a value outside its
+    range with only a warning. A parameter a point leaves out is sampled as usual."""
+    if not isinstance(points, (list, tuple)):
+        raise SpaceError(f"{source}: expected a list of configurations, got {type(points).__name__}")
+    specs: dict[str, Any] = {}
+    for name, hp in HYPERPARAMETERS.items():
+        names = [f"{name}_{i}" for i in range(1, MAX_HEAD_LAYERS + 1)] if hp.per_layer else [name]
+        specs.update(dict.fromkeys(names, space[name]))
+    checked = []
+    for number, point in enumerate(points, 1):
+        where = f"{source}[{number}]"
+        if not isinstance(point, dict):
+            raise SpaceError(f"{where}: expected a mapping of parameter -> value")
+        for name, value in point.items():
+            if name not in specs:
+                raise SpaceError(f"{where}: unknown parameter {name!r}; known: {', '.join(specs)}")
+            spec = specs[name]
+            if not isinstance(spec, dict):
+                raise SpaceError(f"{where}: {name} is fixed in the space ({spec!r}); leave it out")
+            if "choices" in spec:
+                ok = any(value == c and type(value) is type(c) for c in spec["choices"])
+            else:
+                whole = isinstance(spec["low"], int) and isinstance(spec["high"], int)
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and (not whole or float(value).is_integer()) and spec["low"] <= value <= spec["high"])
+            if not ok:
+                raise SpaceError(f"{where}: {name}={value!r} is outside the space ({spec})")
+        checked.append(copy.deepcopy(point))
+    return tuple(checked)
+
+
 def value_of(name: str, params: dict[str, Any]) -> Any:
     """A hyperparameter's value in a trial config: the per-layer tuple, or `otherwise` when its
     switch is off. KeyError when the trial has none (a trial of a sweep from before it existed)."""

@@ -274,7 +274,8 @@ def build_trainable(cfg: SearchConfig, data):
 
 def build_searcher(cfg: SearchConfig):
     """Optuna TPE (seeded) on the define-by-run space, its study in `cfg.optuna_url`, at most
-    `cfg.concurrency` trials suggested before their results are in."""
+    `cfg.concurrency` trials suggested before their results are in; `cfg.points_to_evaluate`, if
+    any, are the first trials."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -290,6 +291,8 @@ def build_searcher(cfg: SearchConfig):
         SpaceSampler(cfg.space), metric=METRIC, mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
         storage=study_storage(cfg), study_name=cfg.study_name,
+        # enqueued in the study, so exactly these run first, whatever the sampler's seed
+        points_to_evaluate=[dict(point) for point in cfg.points_to_evaluate] or None,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=cfg.concurrency)
 

@@ -189,3 +189,56 @@ def test_demo_space_is_merged_with_the_defaults(tmp_path):
     assert "label_smoothing" not in DEMO_SPACE
     for name, spec in DEMO_SPACE.items():
         assert cfg.space[name] == spec
+
+
+def _points_config(tmp_path, points, seed=0):
+    from cxr_search.config import SearchConfig
+
+    return SearchConfig(prepared=str(tmp_path / "p"), out=str(tmp_path / "run"), seed=seed, concurrency=8,
+                        space={"trainable_blocks": 0, "augment": False}, points_to_evaluate=points)
+
+
+def _suggestions(cfg, n):
+    from cxr_search.tuner import build_searcher
+
+    searcher = build_searcher(cfg)
+    return [searcher.suggest(f"t{i}") for i in range(n)]
+
+
+def test_points_to_evaluate_are_the_first_trials_whatever_the_seed(tmp_path):
+    space = {**load_space(None), "trainable_blocks": 0, "augment": False}
+    points = [{k: v for k, v in c.items() if k not in ("trainable_blocks", "augment")}
+              for c in _sample(space, n=4, seed=3)]
+    fixed = {"trainable_blocks": 0, "augment": False}
+    for seed in (0, 1):
+        first = _suggestions(_points_config(tmp_path / str(seed), points, seed=seed), 5)
+        assert first[:4] == [{**p, **fixed} for p in points]  # in order, whatever TPE's seed
+        assert first[4] not in first[:4]  # then TPE's own draws
+    # without points, two seeds start differently: the points above are what made them agree
+    assert _suggestions(_points_config(tmp_path / "a", (), seed=0), 1) != _suggestions(
+        _points_config(tmp_path / "b", (), seed=1), 1)
+
+
+def test_points_to_evaluate_survive_the_saved_config(tmp_path):
+    from cxr_search.config import SearchConfig
+
+    cfg = _points_config(tmp_path, [{"lr": 1e-3, "head_layers": 2, "head_units_1": 64, "head_units_2": 128,
+                                     "head_pooling": "avg"}])
+    assert SearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.points_to_evaluate[0]["head_units_2"] == 128
+
+
+@pytest.mark.parametrize("point, message", [
+    ({"learning_rate": 1e-3}, "points_to_evaluate\\[1\\]: unknown parameter 'learning_rate'"),
+    ({"lr": 0.5}, "lr=0.5 is outside the space"),
+    ({"head_units_1": 64.5}, "head_units_1=64.5 is outside the space"),
+    ({"batch_size": 48}, "batch_size=48 is outside the space"),
+    ({"head_pooling": True}, "head_pooling=True is outside the space"),
+    ({"trainable_blocks": 1}, "trainable_blocks is fixed in the space"),
+    ("lr=1e-3", "expected a mapping"),
+])
+def test_a_point_outside_the_space_is_refused_before_the_sweep(tmp_path, point, message):
+    from cxr_datasets.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _points_config(tmp_path, [point])
