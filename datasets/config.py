@@ -7,10 +7,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from .errors import ConfigError
 
 # Label i is CLASS_NAMES[i]. PNEUMONIA is the positive class (label 1) everywhere downstream.
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+
+
+def label_names(labels: np.ndarray) -> np.ndarray:
+    """The class name of each label (an object array of the shared CLASS_NAMES strings)."""
+    return np.array(CLASS_NAMES, dtype=object)[np.asarray(labels)]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".dcm")
 RESIZE_MODES: tuple[str, ...] = ("pad", "crop", "squash")

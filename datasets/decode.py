@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .config import CLASS_NAMES, SPLITS, PrepareConfig
+from .config import SPLITS, PrepareConfig, label_names
 from .errors import CxrError, first_line
 from .storage import list_files
 from .workers import decode_batch, hash_batch
@@ -179,8 +179,7 @@ def _input_batch(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns,
         "height": pa.array(np.full(n, image_size, np.int32)),
         "width": pa.array(np.full(n, image_size, np.int32)),
         "label": pa.array(part["label"].to_numpy(np.int64)),
-        "label_name": pa.array(np.array(CLASS_NAMES, dtype=object)[part["label"].to_numpy()],
-                               pa.string()),
+        "label_name": pa.array(label_names(part["label"].to_numpy()), pa.string()),
         "source_sha256": pa.array([hashes.hex(i) for i in files], pa.string()),
         **{name: pa.array(part[name].to_numpy(), pa.string())
            for name in ("patient_id", "split", "source_path")},

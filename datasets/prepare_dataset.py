@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from . import splits as split_rules
-from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig
+from .config import CLASS_NAMES, SCHEMA_VERSION, SPLITS, PrepareConfig, label_names
 from .decode import HashColumns, LocalRay, Written, hash_files, write_pass
 from .discover import Discovery, FilePaths, discover, patient_id_rules
 from .eda import sample_rows, write_eda
@@ -325,7 +325,7 @@ def _apply_decode(table: pd.DataFrame, candidates: pd.DataFrame, written: Writte
     # no file rejected here (the usual case) the accepted rows are the candidates themselves.
     accepted = candidates if len(written.pos) == len(candidates) else \
         candidates.take(written.pos).reset_index(drop=True)
-    accepted["label_name"] = pd.Series(np.array(CLASS_NAMES, dtype=object)[accepted["label"].to_numpy()],
+    accepted["label_name"] = pd.Series(label_names(accepted["label"].to_numpy()),
                                        index=accepted.index, dtype=object)
     accepted["orig_width"] = written.orig_width
     accepted["orig_height"] = written.orig_height
@@ -337,7 +337,7 @@ def _apply_decode(table: pd.DataFrame, candidates: pd.DataFrame, written: Writte
     picked = sorted(written.samples)
     samples = candidates.take(picked).assign(
         image=[written.samples[p] for p in picked], height=image_size, width=image_size,
-        label_name=[CLASS_NAMES[label] for label in candidates["label"].to_numpy()[picked]])
+        label_name=label_names(candidates["label"].to_numpy()[picked]))
     return accepted, samples
 
 
