@@ -300,8 +300,8 @@ def _slow_upload(port: int) -> socket.socket:
 @pytest.mark.timeout(600)
 def test_a_burst_beyond_the_queue_gets_503_and_slow_requests_time_out(tight_server, samples_dir):
     """12 slow uploads at once: those beyond what the replica runs and the queue holds get 503 at
-    once; the held ones are cut off with 408 by the 4 s request timeout; a normal request
-    meanwhile is answered at once (served, or 503 while the queue is full), and served after."""
+    once; the held ones are cut off with 408 by the 4 s request timeout; a normal request while
+    the queue is full is answered at once (503, or served once slots free up), and served after."""
     import httpx
 
     url, port = tight_server
@@ -323,7 +323,11 @@ def test_a_burst_beyond_the_queue_gets_503_and_slow_requests_time_out(tight_serv
                         continue
                     status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else -1
                     answers[i] = (time.perf_counter() - started, status)
-            if len(normal) < 3 and time.perf_counter() - started > 1 + len(normal):
+            # a normal request once the queue is seen full (a burst's request got 503): before
+            # that, on a busy machine the proxy may not yet have routed every slow upload, and a
+            # normal request that takes the free queue slot rightly waits for a replica slot
+            full = any(status == 503 for _, status in answers.values())
+            if full and len(normal) < 3 and time.perf_counter() - started > 1 + len(normal):
                 asked = time.perf_counter()
                 code = httpx.post(f"{url}/predict", content=jpeg, timeout=60).status_code
                 normal.append((code, time.perf_counter() - asked))
