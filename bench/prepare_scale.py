@@ -15,18 +15,20 @@ joins a Ray instance this script starts first with `ray start --head` (RAY_ADDRE
 - wall time of that process and images/s (files / wall);
 - the driver's peak RSS: the process's own `ru_maxrss` (Ray's workers and object store are other
   processes);
-- the object store's peak use, sampled every 0.5 s during the run from the node's Prometheus
-  metrics (Ray's public metrics endpoint, `--metrics-export-port`, reported every 500 ms here:
-  RAY_metrics_report_interval_ms): the gauge `ray_object_store_memory`, summed over its
+- the object store's peak use, sampled every SAMPLE_S (2 s) during the run from the node's
+  Prometheus metrics (Ray's public metrics endpoint, `--metrics-export-port`, reported as often
+  here: RAY_metrics_report_interval_ms): the gauge `ray_object_store_memory`, summed over its
   locations in memory (spilled bytes are reported apart). `ray memory --stats-only` gives the same
-  figure, but costs a second of CPU a call on a 2-core machine;
+  figure, but costs a second of CPU a call on a 2-core machine. The sampling is not free either:
+  every 0.5 s it took ~1.8 CPU-seconds in 20 s of Ray's processes and this one (measured on an
+  idle head, 2026-12-07), ~4.5% of the 2 CPUs that prepare runs on; every 2 s, ~0.4 (1%);
 - every file is read once before each run, untimed (page cache warm, as for the baseline);
 - Pillow's single-process rate on the same kind of work: `image.read_file_bytes` and
   `image.preprocess_bytes` (read, decode with JPEG draft, grayscale, resize to 64 px, what
   prepare does per file) on the first `--baseline` files in one process, page cache warm, the
   better of two passes, measured before and after the runs: the ratios use the higher rate.
 - CPU-seconds of the driver and of the Ray processes during the run (each Ray process read every
-  0.5 s, as its workers exit with the job): on a shared machine the wall time counts other
+  SAMPLE_S, as its workers exit with the job): on a shared machine the wall time counts other
   users' work too, the CPU time does not;
 Last, the ratios: images per CPU-second against Pillow's rate (the wall ratio on CPUs of its
 own), images/s against CPUs x Pillow's rate (goal at 200,000: >= 0.6, aiming at
@@ -57,6 +59,7 @@ BENCH_DIR = Path(__file__).resolve().parent / "out"
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "tests" / "data" / "chest_xray"
 VENV_BIN = Path(sys.executable).parent
+SAMPLE_S = 2.0  # how often the object store and the CPU times are read during a run (see above)
 
 CHILD = """
 import json, resource, sys, time
@@ -133,7 +136,8 @@ class LocalHead:
         self.temp_dir = tempfile.mkdtemp(prefix="cxrb-", dir="/tmp")
         self.port, self.metrics_port = free_port(), free_port()
         log = Path(self.temp_dir) / "head.log"
-        env = dict(os.environ, RAY_metrics_report_interval_ms="500", RAY_AUTH_MODE="disabled",
+        env = dict(os.environ, RAY_metrics_report_interval_ms=str(int(SAMPLE_S * 1000)),
+                   RAY_AUTH_MODE="disabled",
                    PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
@@ -170,7 +174,7 @@ class LocalHead:
         """CPU time of this Ray's processes (raylet, GCS, workers: the head's descendants) so
         far. `seen`: each process's CPU time at its last call, updated here: Ray's workers exit
         with their job, and their time is then gone (the raylet does not collect its children's
-        times), so this is called every 0.5 s during a run and a process counts with its last
+        times), so this is called every SAMPLE_S during a run and a process counts with its last
         reading."""
         import ray  # noqa: F401  puts Ray's bundled psutil on sys.path
 
@@ -217,7 +221,7 @@ def run_prepare(folder: Path, head: LocalHead) -> dict:
             if used is not None:
                 samples.append(used)
             head.cpu_seconds(cpu)
-            stop.wait(0.5)
+            stop.wait(SAMPLE_S)
 
     out = BENCH_DIR / f"{folder.name}-prepared"
     env = dict(os.environ, RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled")
