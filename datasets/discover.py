@@ -18,7 +18,7 @@ import posixpath
 import re
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
@@ -252,35 +252,60 @@ def _walk_uri(loc: Location) -> tuple[list[_Candidate], int]:
 def _walk(source: Path, follow_links: bool = False) -> tuple[list[_Candidate], int]:
     candidates: list[_Candidate] = []
     roots = _FolderCache()
-    ignored = 0
-    # os.scandir, not os.walk: a directory entry's type says whether it is a plain regular file,
-    # so such a file costs no system call (os.walk's names needed an lstat and a stat each: ~2 s
-    # of the driver at 200,000 files). Strings joined per file, not a pathlib.Path per file:
-    # pathlib interns every file name in the interpreter's table, which then stays that size.
-    pending = [""]  # folders still to list, as their prefix below SOURCE ("" or "a/b/")
-    while pending:
-        prefix = pending.pop()
-        try:
-            listing = os.scandir(os.path.join(source, prefix))
-        except OSError:
-            continue  # an unreadable folder is skipped, as os.walk skips it
-        with listing:
-            for entry in listing:
-                name = entry.name
-                if _is_folder(entry):
-                    if is_image_name(name):  # where a file was expected: reported, not entered
-                        candidates.append(_classify_rel(_printable(prefix + name), roots))
-                    elif enter_folder(name) and not entry.is_symlink():  # links to folders: never
-                        pending.append(prefix + name + "/")
-                    continue
-                if not is_image_name(name):
-                    ignored += 1
-                    continue
-                cand = _classify_rel(_printable(prefix + name), roots)
-                reason = unusable_file(source, prefix + name, entry.path, follow_links=follow_links,
-                                       regular=entry.is_file(follow_symlinks=False))
-                candidates.append(replace(cand, reason=reason) if reason else cand)
-    return candidates, ignored
+    walk = ImageWalk(source, follow_links)
+    for rel, reason in walk:
+        cand = _classify_rel(rel, roots)
+        candidates.append(replace(cand, reason=reason) if reason else cand)
+    return candidates, walk.ignored
+
+
+class ImageWalk:
+    """Every entry with an image name below a local folder, for folder discovery and for the
+    label-file readers alike (one walk, one rule for what is not read). Iterating yields
+    (rel, reason): `rel` the POSIX path below the folder, printable (a name that is not UTF-8
+    has its bad bytes escaped as \\xNN); `reason` why the file is not read, or None. A folder
+    with an image name is yielded with None (reading it reports it) and not entered; hidden
+    folders, __MACOSX and links to folders are not entered. `ignored`: the files without an
+    image name, once the walk is done.
+
+    os.scandir, not os.walk: a directory entry's type says whether it is a plain regular file,
+    so such a file costs no system call (os.walk's names needed an lstat and a stat each: ~2 s of
+    the driver at 200,000 files). Strings joined per file, not a pathlib.Path per file: pathlib
+    interns every file name in the interpreter's table, which then stays that size."""
+
+    def __init__(self, source: str | os.PathLike, follow_links: bool = False):
+        self.source, self.follow_links = Path(source), follow_links
+        self.ignored = 0
+
+    def __iter__(self) -> Iterator[tuple[str, str | None]]:
+        self.ignored = 0
+        pending = [""]  # folders still to list, as their prefix below SOURCE ("" or "a/b/")
+        while pending:
+            prefix = pending.pop()
+            try:
+                listing = os.scandir(os.path.join(self.source, prefix))
+            except OSError:
+                continue  # an unreadable folder is skipped, as os.walk skips it
+            with listing:
+                for entry in listing:
+                    name = entry.name
+                    if _is_folder(entry):
+                        if is_image_name(name):  # where a file was expected: reported, not entered
+                            yield _printable(prefix + name), None
+                        elif enter_folder(name) and not entry.is_symlink():  # links to folders: never
+                            pending.append(prefix + name + "/")
+                        continue
+                    if not is_image_name(name):
+                        self.ignored += 1
+                        continue
+                    raw = prefix + name
+                    rel = _printable(raw)
+                    if rel != raw:
+                        yield rel, f"file name is not valid UTF-8 (name bytes {os.fsencode(name).hex()})"
+                    elif entry.is_file(follow_symlinks=False):
+                        yield rel, None  # a plain regular file: nothing more to ask
+                    else:
+                        yield rel, unusable_file(self.source, entry.path, follow_links=self.follow_links)
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
@@ -300,17 +325,11 @@ def _printable(rel: str) -> str:
         return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def unusable_file(source: Path, rel: str, path: str, *, follow_links: bool = False,
-                  regular: bool = False) -> str | None:
-    """Why a file of SOURCE is not read, decided by lstat/stat only (never an open that can hang):
-    a name that is not UTF-8, a FIFO, a device or socket, a link that leaves SOURCE (unless
-    `follow_links`; what it points to must still be a regular file). `regular`: its directory
-    entry already says it is a regular file, not a link (then only its name is checked)."""
-    if _printable(rel) != rel:
-        raw = os.fsencode(rel.rsplit("/", 1)[-1]).hex()
-        return f"file name is not valid UTF-8 (name bytes {raw})"
-    if regular:
-        return None
+def unusable_file(source: Path, path: str, *, follow_links: bool = False) -> str | None:
+    """Why the entry at `path` below `source`, not a plain regular file by its directory entry, is
+    not read, decided by lstat/stat only (never an open that can hang): a FIFO, a device or
+    socket, a link that leaves SOURCE (unless `follow_links`; what it points to must still be a
+    regular file)."""
     try:
         link = os.path.islink(path)
         mode = os.stat(path).st_mode

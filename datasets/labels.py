@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import CLASS_NAMES, SPLITS
 from .config import LABEL_FORMATS as FORMATS
-from .discover import Discovery, SourceFile, enter_folder, is_image_name, unusable_file
+from .discover import Discovery, ImageWalk, SourceFile
 from .errors import CxrError
 
 EXAMPLES = 5  # examples kept per counted problem in the manifest
@@ -259,7 +259,10 @@ def read_chexpert(source: Path, label_file: Path, images: dict, tally: _Tally, n
 
 def _discovery(source: Path, rows: list[tuple], images: dict, tally: _Tally) -> Discovery:
     files, used = [], set()
+    unusable = {r["path"] for r in images["unusable"]}
     for rel, label, patient, split, where in rows:
+        if rel in unusable:
+            continue  # rejected with its reason already (a FIFO, a link out of SOURCE, ...)
         if rel is None or rel not in images["rel"]:
             tally.missing(f"{where}: {rel}" if rel else str(where))
             continue
@@ -290,24 +293,16 @@ def _discovery(source: Path, rows: list[tuple], images: dict, tally: _Tally) -> 
 def _image_index(source: Path, follow_links: bool = False) -> dict:
     """Every usable image file below `source`: relative paths, and the paths of each file name;
     and the unusable ones (FIFOs, devices, links leaving SOURCE, names that are not UTF-8) with
-    their reasons, by the rule folder discovery applies (`unusable_file`)."""
+    their reasons: folder discovery's walk and rules (`ImageWalk`)."""
     rels: set[str] = set()
     by_name: dict[str, list[str]] = {}
     unusable: list[dict] = []
-    for dirpath, dirnames, filenames in os.walk(source):
-        dirnames[:] = sorted(d for d in dirnames if enter_folder(d))
-        below = Path(dirpath).relative_to(source).as_posix()
-        prefix = "" if below == "." else below + "/"
-        for name in filenames:
-            if not is_image_name(name):
-                continue
-            reason = unusable_file(source, prefix + name, os.path.join(dirpath, name), follow_links=follow_links)
-            if reason:
-                rel = (prefix + name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                unusable.append({"path": rel, "reason": reason})
-                continue
-            rels.add(prefix + name)
-            by_name.setdefault(name, []).append(prefix + name)
+    for rel, reason in ImageWalk(source, follow_links):
+        if reason:
+            unusable.append({"path": rel, "reason": reason})
+            continue
+        rels.add(rel)
+        by_name.setdefault(rel.rpartition("/")[2], []).append(rel)
     return {"rel": rels, "name": by_name, "unusable": unusable}
 
 

@@ -223,12 +223,19 @@ def test_a_labelled_archive_rejects_special_files_by_the_same_rule(tmp_path, syn
         rows.append(f"images/{i}.jpeg,{i % 2}")
     os.mkfifo(source / "images" / "fifo.jpeg")
     os.symlink("/dev/zero", source / "images" / "zero.jpeg")
-    rows += ["images/fifo.jpeg,1", "images/zero.jpeg,0"]
+    fd = os.open(os.fsencode(source) + b"/images/bad\xff.jpeg", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.close(fd)
+    (source / "images" / "folder.jpeg").mkdir()  # a folder with an image name, labelled
+    rows += ["images/fifo.jpeg,1", "images/zero.jpeg,0", "images/folder.jpeg,1"]
     (source / "labels.csv").write_text("\n".join(rows) + "\n")
     found = read_labels(source, "labels.csv")
-    assert len(found.files) == len(images)
+    # the folder is found, as folder discovery finds it: reading it in pass 1 gives its reason
+    assert sorted(f.rel_path for f in found.files) == sorted(
+        [f"images/{i}.jpeg" for i in range(len(images))] + ["images/folder.jpeg"])
+    assert found.labels["missing_images"]["count"] == 0
     reasons = {r["path"]: r["reason"] for r in found.rejected}
     assert "FIFO" in reasons["images/fifo.jpeg"] and "outside SOURCE" in reasons["images/zero.jpeg"]
+    assert reasons["images/bad\\xff.jpeg"] == "file name is not valid UTF-8 (name bytes 626164ff2e6a706567)"
 
 
 @pytest.mark.timeout(240)
