@@ -3,11 +3,15 @@
     .venv/bin/python bench/prepare_scale.py                        # 20,000 and 200,000 files
     .venv/bin/python bench/prepare_scale.py --sizes 20000          # one size
     .venv/bin/python bench/prepare_scale.py --sizes 2000 --baseline 500   # a quick check
+    .venv/bin/python bench/prepare_scale.py --labels               # the same files, labelled by a CSV
 
 Sources: the ten real samples of tests/data/chest_xray, each scaled to 224 px on its long side
 and re-encoded once, then copied N/10 times with distinct bytes after the JPEG end marker (the
 pixels are the samples', every copy its own sha256 and patient) in the Kaggle layout with every
-9th file in test/. Written once under bench/out/ (git-ignored) and reused.
+9th file in test/. Written once under bench/out/ (git-ignored) and reused. `--labels`: prepare
+reads the labels from a label file instead of the folders (`--labels`, the path of the NIH- and
+CheXpert-size archives): a generic CSV `path,label,patient_id,split` written once beside the
+images (`labels.csv`), the same labels, patients and splits as the folders say.
 
 Per size, `cxr_datasets.prepare` runs at 64 px in a fresh process (its imports included) that
 joins a Ray instance this script starts first with `ray start --head` (RAY_ADDRESS, as under
@@ -66,7 +70,7 @@ import json, resource, sys, time
 start = time.perf_counter()
 import cxr_datasets
 manifest = cxr_datasets.prepare(sys.argv[1], sys.argv[2], image_size=64, overwrite=True,
-                                verbose=False)
+                                verbose=False, labels=sys.argv[3] if len(sys.argv) > 3 else None)
 accepted = sum(sum(c.values()) for c in manifest["counts"].values())
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"peak_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
@@ -107,6 +111,26 @@ def source(n: int) -> Path:
         target.write_bytes(data + f"cxr-scale-copy-{number}".encode())
     done.touch()
     return folder
+
+
+def label_file(folder: Path) -> Path:
+    """`labels.csv` in `folder`: one row per image of the folder layout, written once."""
+    from cxr_datasets.discover import patient_id
+
+    target = folder / "labels.csv"
+    if target.exists():
+        return target
+    rows = []
+    for split in ("train", "val", "test"):
+        for label in ("NORMAL", "PNEUMONIA"):
+            below = folder / "chest_xray" / split / label
+            if below.is_dir():
+                rows += [f"chest_xray/{split}/{label}/{e.name},{label},{patient_id(e.name)},{split}\n"
+                         for e in os.scandir(below)]
+    partial = target.with_suffix(".partial")
+    partial.write_text("path,label,patient_id,split\n" + "".join(sorted(rows)))
+    partial.rename(target)
+    return target
 
 
 def pillow_rate(folder: Path, n: int) -> float:
@@ -209,7 +233,7 @@ def warm_page_cache(folder: Path) -> None:
         path.read_bytes()
 
 
-def run_prepare(folder: Path, head: LocalHead) -> dict:
+def run_prepare(folder: Path, head: LocalHead, labels: Path | None = None) -> dict:
     samples: list[float] = []
     stop = threading.Event()
 
@@ -229,7 +253,8 @@ def run_prepare(folder: Path, head: LocalHead) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(out)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(out),
+                           *([str(labels)] if labels else [])], cwd=REPO, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     stop.set()
@@ -248,12 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 200000])
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--labels", action="store_true",
+                        help="labels from a CSV label file (labels.csv beside the images), not the folders")
     parser.add_argument("--baseline", type=int, default=5000,
                         help="files of Pillow's single-process baseline (default 5000)")
     args = parser.parse_args(argv)
     folders = {n: source(n) for n in args.sizes}
     warm_page_cache(folders[max(args.sizes)])
     rate = pillow_rate(folders[max(args.sizes)], args.baseline)
+    print(f"labels from {'labels.csv (--labels)' if args.labels else 'the folders'}", flush=True)
     print(f"{args.cpus} CPUs; Pillow single-process (prepare's per-file work, 64 px): "
           f"{rate:.0f} img/s on {args.baseline} files", flush=True)
     head = LocalHead(args.cpus)
@@ -261,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in args.sizes:
             warm_page_cache(folders[n])
-            run = runs[n] = run_prepare(folders[n], head)
+            run = runs[n] = run_prepare(folders[n], head,
+                                        label_file(folders[n]) if args.labels else None)
             stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_s"].items())
             print(f"{n} files: {run['wall_s']:.1f} s, {n / run['wall_s']:.0f} img/s, driver peak "
                   f"RSS {run['peak_mib']:.0f} MiB, object store peak "
