@@ -14,10 +14,6 @@ from .errors import ConfigError
 # Label i is CLASS_NAMES[i]. PNEUMONIA is the positive class (label 1) everywhere downstream.
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 
-
-def label_names(labels: np.ndarray) -> np.ndarray:
-    """The class name of each label (an object array of the shared CLASS_NAMES strings)."""
-    return np.array(CLASS_NAMES, dtype=object)[np.asarray(labels)]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".dcm")
 RESIZE_MODES: tuple[str, ...] = ("pad", "crop", "squash")
@@ -28,6 +24,11 @@ NEGATIVES: tuple[str, ...] = ("default", "all")
 UNCERTAIN: tuple[str, ...] = ("ignore", "zeros", "ones")
 VIEWS: tuple[str, ...] = ("frontal", "all")
 SCHEMA_VERSION = 1
+
+
+def label_names(labels: np.ndarray) -> np.ndarray:
+    """The class name of each label (an object array of the shared CLASS_NAMES strings)."""
+    return np.array(CLASS_NAMES, dtype=object)[np.asarray(labels)]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from .config import CLASS_NAMES, IMAGE_EXTENSIONS, SPLITS
 from .errors import CxrError
+from .image import not_regular_reason
 from .storage import Location, list_files
 
 _IGNORED_DIRS = {"__macosx"}
@@ -341,9 +342,7 @@ def unusable_file(source: Path, path: str, *, follow_links: bool = False) -> str
             return "symbolic link to a file outside SOURCE (--follow-links reads it)"
     if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
         return None
-    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if (
-        stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "a socket or special file"
-    return f"not a regular file ({kind})"
+    return not_regular_reason(mode)
 
 
 def enter_folder(dir_name: str) -> bool:

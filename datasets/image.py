@@ -57,10 +57,7 @@ def _read_local(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
             if stat.S_ISDIR(info.st_mode):
                 raise ImageRejected(_NOT_A_FILE)
             if not stat.S_ISREG(info.st_mode):
-                mode = info.st_mode
-                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if (
-                    stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "a socket or special file"
-                raise ImageRejected(f"not a regular file ({kind})")
+                raise ImageRejected(not_regular_reason(info.st_mode))
             data = _read_to_end(fd, info.st_size, max_bytes)
         finally:
             os.close(fd)
@@ -74,6 +71,14 @@ def _read_local(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise ImageRejected("unreadable: permission denied") from None
     except OSError as exc:
         raise ImageRejected(f"unreadable: {exc.strerror or exc}") from None
+
+
+def not_regular_reason(mode: int) -> str:
+    """Why a file of this `st_mode`, neither a regular file nor a folder, is not read (what reading
+    it says, and what discovery says of it from its stat)."""
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if (
+        stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "a socket or special file"
+    return f"not a regular file ({kind})"
 
 
 def _read_to_end(fd: int, size: int, max_bytes: int) -> bytes:
