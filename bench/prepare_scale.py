@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         growth = (runs[large]["peak_mib"] - runs[small]["peak_mib"]) * 1024 / (large - small)
         print(f"driver peak RSS growth {small} -> {large}: {growth:.3f} KB per image")
         print(f"object store peak {large} / {small}: "
-              f"{runs[large]['store_peak'] / runs[small]['store_peak']:.2f}")
+              f"{runs[large]['store_peak'] / runs[small]['store_peak']:.2f} "
+              f"({runs[large]['store_peak'] / 2**20:.1f} / {runs[small]['store_peak'] / 2**20:.1f} MiB)")
     return 0
 
 

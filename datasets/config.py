@@ -42,13 +42,14 @@ class PrepareConfig:
     val_fraction: float = 0.1  # share of train's *patients* (per class) carved out for validation
     test_fraction: float = 0.15  # only for sources without split folders (or --split random)
     seed: int = 0  # seeds the patient shuffles of the val/test carve-out
-    rows_per_shard: int = 1024  # ~50 MB per Parquet shard at 224 px: cheap to checksum, re-fetch, stream
+    rows_per_shard: int = 1024  # the most rows a shard holds (~50 MB at 224 px): one task of pass 2
     format: str = "parquet"  # "parquet", "tfrecord" or "both"
     max_pixels: int = 64_000_000  # decompression-bomb limit; a 43x43 cm detector at 0.1 mm is ~18 MP
     min_size: int = 64  # shorter side in pixels below which an image carries no usable detail
     num_cpus: int | None = None  # CPUs for a Ray instance we start ourselves; None = all of them
-    files_per_task: int = 1024  # images per Ray Data block (fewer for large images: decode.py caps a
-    #                            block's pixels); amortises a task's ~10 ms, still balances load
+    files_per_task: int = 4096  # files a task of the first pass reads and hashes (~25 us each):
+    #                            amortises a task's ~10 ms, still balances load (the second pass
+    #                            runs a task per shard, `rows_per_shard` files)
     labels: str | None = None  # a label file (labels.py) instead of NORMAL/PNEUMONIA folders
     labels_format: str | None = None  # None: detected from the label file's header
     negatives: str = "default"  # "all": an archive's other negatives (not normal) count as NORMAL

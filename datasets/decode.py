@@ -5,21 +5,20 @@ not `from_items`), read and hashed in `map_batches` (workers.hash_batch; nothing
 The driver keeps a few bytes per file (`HashColumns`) and decides duplicates and the
 patient splits from them: every file is seen before any row is final.
 
-Pass 2 (`write_pass`): the rows that survived the rules, sorted by split and path, are read
-again, decoded, converted and resized in `map_batches` (workers.decode_batch), cut into blocks
-of exactly `rows_per_shard` rows by `Dataset.repartition(..., strict=True)` (one execution per
-split), and written by `raydata.ShardSink`, a Datasink of ours. The stream is ordered
-(`preserve_order`), so a shard holds consecutive rows, as before; Ray Data's backpressure keeps
-only a bounded window of decoded pixels in the object store (`resource_limits`: a few blocks
-and shards, whatever the archive's size), and a file's pixels reach a shard soon after they are
-decoded. The driver holds metadata only; Ray Data retries tasks lost with a node (the written
-names do not depend on which attempt wrote them).
+Pass 2 (`write_pass`): the rows that survived the rules, sorted by split and path, are cut into
+chunks of `rows_per_shard` rows of one split (`shard_chunks`: the cut depends on the rows, not on
+the machine), and each chunk is read again, decoded, converted and resized in `map_batches`
+(workers.decode_batch) and written as one shard by `raydata.ShardSink`, a Datasink of ours. Ray
+Data fuses the three into one task per chunk: a file's pixels reach its shard in the task that
+decoded them and never enter the object store, whatever the archive's size; the three splits
+run in one execution. The driver holds metadata only; Ray Data retries tasks lost with a node
+(the written names do not depend on which attempt wrote them).
 
 Where this keeps code of its own instead of Ray Data's: the source of the passes' rows and the
 sink (shard names, bytes, sha256 and the manifest's entries; both in raydata.py), the renaming
 of the written blocks to their shard numbers and the check that every accepted row is in
 exactly one shard (`_finish`), and the rejection files of pass 2 (workers.py: the stream then
-carries only shard rows, which is what lets Ray Data cut exact shards).
+carries only shard rows).
 
 `LocalRay` (what `prepare` uses) joins the running Ray (a cluster, a test session, the search
 driver) or starts a local one for the command. On a multi-node cluster the tasks open SOURCE and
@@ -50,7 +49,6 @@ from .errors import CxrError, first_line
 from .storage import list_files
 from .workers import decode_batch, hash_batch
 
-BLOCK_BYTES = 16 * 2**20  # decoded pixels per block of pass 2 (1024 images at 128 px)
 REJECTED = ".rejected"  # pass 2's rejection files, under the staging folder (removed at the end)
 PLAN = ".plan"  # the passes' input rows (raydata.PlanSource), under the staging folder too
 # The shard columns pass 2 takes as input (the rest are decoded): PARQUET_SCHEMA's other names.
@@ -74,8 +72,8 @@ def hash_files(paths: Sequence[str], cfg: PrepareConfig, work, fs=None,
     if not paths:
         return columns
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Reading and hashing costs ~0.05 ms a file: larger blocks than pass 2's amortise a task.
-    size = _chunk_size(len(paths), 4 * cfg.files_per_task, cpus)
+    # Reading and hashing costs ~25 us a file: thousands of files amortise a task.
+    size = _chunk_size(len(paths), cfg.files_per_task, cpus)
     schema = pa.schema([("idx", pa.int64()), ("path", pa.string())])
     work.child(PLAN).mkdir()
     plan = work.child(PLAN, "files.arrow")
@@ -120,49 +118,43 @@ def write_pass(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns, ou
 
     from .raydata import PENDING, PlanSource, ShardSink, write_plan
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # A decoded block holds at most BLOCK_BYTES of pixels: the object store's window is a few
-    # blocks per operator, whatever the archive's size.
-    most = min(cfg.files_per_task, max(16, BLOCK_BYTES // cfg.image_size**2))
     formats = ["parquet", "tfrecord"] if cfg.format == "both" else [cfg.format]
     rejected = out.child(REJECTED)
     for folder in (rejected, out.child(PENDING), out.child(PLAN)):
         folder.mkdir()
-    split_of = rows["split"].to_numpy()
-    # What may wait in the object store at once, whatever the archive's size: a few decoded
-    # blocks and shards per operator (128 MiB at 64 px, ~400 MiB at 224 px with 1024-row shards).
-    window = 8 * max(BLOCK_BYTES, cfg.rows_per_shard * cfg.image_size**2)
-    results: list[dict] = []
-    # One streaming execution per split, one after the other: a `union` of the three, in order,
-    # held the later splits' shards in the object store until the first was written (at 200,000
-    # files the peak grew to half the data set).
+    chunks = shard_chunks(rows["split"].to_numpy(), cfg.rows_per_shard)
+    for split in dict.fromkeys(rows["split"]):
+        out.child(split).mkdir()
+    plan = out.child(PLAN, "rows.arrow")
+    counts = write_plan(plan, (_input_batch(rows, paths, hashes, where, cfg.image_size)
+                               for where in chunks), INPUT_SCHEMA)
+    # What may wait in the object store at once, whatever the archive's size. The decode and the
+    # write of a chunk run in one fused task, so its pixels do not pass through the store at all;
+    # should Ray Data ever run them apart, this bounds the blocks waiting between them.
+    window = 4 * cfg.rows_per_shard * cfg.image_size**2
     with data_context(verbose, object_store_bytes=window):
-        for split in SPLITS:
-            where = np.flatnonzero(split_of == split)
-            if not len(where):
-                continue
-            out.child(split).mkdir()
-            size = _chunk_size(len(where), most, cpus)  # each split's tail is short too
-            plan = out.child(PLAN, f"{split}.arrow")  # blocks of consecutive rows
-            counts = write_plan(plan, (_input_batch(rows, paths, hashes, where[i:i + size],
-                                                    cfg.image_size)
-                                       for i in range(0, len(where), size)), INPUT_SCHEMA)
-            dataset = (
-                ray.data.read_datasource(PlanSource(plan, counts, INPUT_SCHEMA),
-                                         override_num_blocks=len(counts))  # one block a batch
-                # batch_size=None: one batch per block. It also keeps Ray Data from fusing this
-                # map with the repartition below, which it does only for an int batch size that is
-                # a multiple of the target and which assumes that the map keeps every row.
-                .map_batches(decode_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={
-                    "fs": fs, "image_size": cfg.image_size, "resize": cfg.resize,
-                    "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, "rejected": rejected})
-                .repartition(target_num_rows_per_block=cfg.rows_per_shard, strict=True))
-            sink = ShardSink(out, formats, sample_positions)
-            with ray_failures_are_one_line(f"decoding and writing the {split} shards"):
-                dataset.write_datasink(sink)
-            results.extend(sink.results)
+        dataset = ray.data.read_datasource(
+            PlanSource(plan, counts, INPUT_SCHEMA), override_num_blocks=len(counts),
+        ).map_batches(decode_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={
+            "fs": fs, "image_size": cfg.image_size, "resize": cfg.resize,
+            "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, "rejected": rejected})
+        sink = ShardSink(out, formats, sample_positions, [int(where[0]) for where in chunks])
+        with ray_failures_are_one_line("decoding and writing the shards"):
+            dataset.write_datasink(sink)
     out.child(PLAN).remove_tree()
-    return _finish(results, _read_rejections(rejected), rows, out, cfg, formats)
+    return _finish(sink.results, _read_rejections(rejected), rows, out, cfg, formats)
+
+
+def shard_chunks(split_of: np.ndarray, rows_per_shard: int) -> list[np.ndarray]:
+    """The row positions of each shard-to-be: `rows_per_shard` consecutive rows of one split (the
+    last of a split fewer), splits in the order of `split_of` (rows sorted by split). Each is one
+    task of pass 2 and one shard (less its rejected files): the cut depends on the rows alone,
+    not on the machine, so the same input gives the same shards on any cluster."""
+    chunks = []
+    for split in dict.fromkeys(split_of):
+        where = np.flatnonzero(split_of == split)
+        chunks += [where[i:i + rows_per_shard] for i in range(0, len(where), rows_per_shard)]
+    return chunks
 
 
 def _input_batch(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns,
@@ -198,12 +190,26 @@ def _read_rejections(folder) -> list[dict]:
 
 def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, cfg: PrepareConfig,
             formats: list[str]) -> Written:
-    """Check that every row is in exactly one shard or rejected, that the shards hold consecutive
-    rows of one split with exactly `rows_per_shard` rows but the last, then rename the written
-    blocks to their shard numbers; the shards' entries in split, format and shard order."""
-    from .raydata import PENDING
+    """Check that every row is in exactly one shard or rejected and that each shard holds
+    ascending rows of one chunk (`shard_chunks`), then rename the written blocks to their shard
+    numbers (a chunk whose every file was rejected leaves no shard and no gap); the shards'
+    entries in split, format and shard order."""
+    from .raydata import PENDING, read_row_meta
 
     results = sorted(results, key=lambda r: r["first"])
+    for result in results:  # each shard's rows, from the file its write task left beside it
+        meta = read_row_meta(out, result)
+        if meta.num_rows != result["rows"]:
+            raise RuntimeError(f"shard {result['split']}-{result['first']} lists {meta.num_rows} "
+                               f"rows, not {result['rows']}")
+        result.update(pos=meta.column("pos").to_numpy(),
+                      orig_width=meta.column("orig_width").to_numpy(),
+                      orig_height=meta.column("orig_height").to_numpy(),
+                      # the modes as codes into the shard's few distinct ones: no object per row
+                      orig_mode=meta.column("orig_mode").combine_chunks().dictionary_encode())
+    chunk_of = np.empty(len(rows), np.int64)
+    for number, where in enumerate(shard_chunks(rows["split"].to_numpy(), cfg.rows_per_shard)):
+        chunk_of[where] = number
     seen = np.zeros(len(rows), np.int32)
     for result in results:
         np.add.at(seen, result["pos"], 1)
@@ -219,9 +225,8 @@ def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, 
         if not mine:  # no rows, or every one rejected in pass 2: no empty folder in OUT
             out.child(split).remove_tree()
         for number, result in enumerate(mine):
-            if len(result["pos"]) != cfg.rows_per_shard and number != len(mine) - 1:
-                raise RuntimeError(f"shard {number} of {split} has {len(result['pos'])} rows, not "
-                                   f"{cfg.rows_per_shard}")
+            if (chunk_of[result["pos"]] != chunk_of[result["pos"][0]]).any():
+                raise RuntimeError(f"shard {number} of {split} holds rows of two chunks")
             if (number and result["pos"][0] <= mine[number - 1]["pos"][-1]) or \
                     (np.diff(result["pos"]) <= 0).any():
                 raise RuntimeError(f"shards of {split} are out of order")
@@ -269,10 +274,10 @@ def ray_failures_are_one_line(stage: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def data_context(verbose: bool, object_store_bytes: int | None = None) -> Iterator[None]:
-    """Ray Data's settings for prepare, restored afterwards: an ordered stream (shards hold
-    consecutive rows; the output is the same whatever the timing), at most `object_store_bytes`
-    of the object store, progress bars and Ray Data's start-of-execution lines only when
-    `verbose`."""
+    """Ray Data's settings for prepare, restored afterwards: at most `object_store_bytes` of the
+    object store, progress bars and Ray Data's start-of-execution lines only when `verbose`. The
+    streams need no order: pass 1's rows carry their file's index, pass 2's shards are cut by
+    chunk before the stream."""
     from ray.data import DataContext, ExecutionResources
 
     ctx = DataContext.get_current()
@@ -280,17 +285,14 @@ def data_context(verbose: bool, object_store_bytes: int | None = None) -> Iterat
              ctx.print_on_execution_start, ctx.op_resource_reservation_enabled)
     logger = logging.getLogger("ray.data")
     level = logger.level
-    ctx.execution_options.preserve_order = True
     if object_store_bytes is not None:
         ctx.execution_options.resource_limits = ExecutionResources(
             object_store_memory=object_store_bytes)
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
-    # No per-operator reservation: reserving each operator its share of the CPUs held the
-    # decode, the only heavy one, to 1 of 2 (measured with the seven operators of an earlier
-    # pass 2 that joined the splits in a union: 16 s instead of 9 s for 20,000 files; not
-    # re-measured with today's three per split). `resource_limits` and Ray Data's backpressure
-    # still bound what waits between them.
+    # No per-operator reservation: Ray Data's reservation held the pass's one operator (read,
+    # decode and write fused) to 1 of 2 CPUs on this machine, as it held the decode of earlier
+    # designs; `resource_limits` and Ray Data's backpressure still bound the object store.
     ctx.op_resource_reservation_enabled = False
     if not verbose:  # quiet: also its warning that no CPU is free while the last pass's tasks end
         logger.setLevel(logging.ERROR)

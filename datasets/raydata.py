@@ -15,18 +15,20 @@ pyarrow file system; TFRecords come out of the same rows; and the sink hands bac
 what the driver needs of each row (its position, original size and mode; the pixels of the few
 rows the EDA's sample grid shows).
 
-Each block reaching the sink is one shard: `Dataset.repartition(rows_per_shard, strict=True)`
-cuts the ordered stream of one split into blocks of exactly `rows_per_shard` rows (the last one
-smaller). A write task does not know a block's shard number (it depends on every rejection
-before it), so the block is written under a name of its own, `.pending/<split>-<first pos>.<fmt>`
-(the same name when a lost task is retried), and the driver renames the files to their shard
-numbers once every block is written (`decode._finish`; a rename inside the staging folder, on an
-object store a copy, as the staging folder's own rename to OUT is).
+One chunk of pass 2's input is one shard: `rows_per_shard` consecutive rows of one split
+(decode.shard_chunks), less the files rejected while decoding. Ray Data fuses the read, the decode
+and the write into one task per chunk, so the decoded pixels go from the decode straight to the
+shard file, never through the object store. A write task does not know its shard's number (a
+chunk whose every file is rejected leaves none), so the shard is written under a name of its own,
+`.pending/<split>-<first pos>.<fmt>` (the same name when a lost task is retried), and the driver
+renames the files to their shard numbers once every chunk is written (`decode._finish`; a rename
+inside the staging folder, on an object store a copy, as the staging folder's own rename to OUT
+is).
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,18 +74,32 @@ def _read_plan_batch(plan, number: int) -> list[pa.Table]:
 
 
 class ShardSink(Datasink):
-    """Writes blocks of shard rows (see workers.decode_batch) under `out`/.pending/; after the
-    write, `results` holds one dict per written block (see `_write_block`)."""
+    """Writes shard rows (see workers.decode_batch) under `out`/.pending/, one file per chunk of
+    rows (`chunk_starts`: the first row position of each chunk, ascending); after the write,
+    `results` holds one dict per written shard (see `_write_block`)."""
 
-    def __init__(self, out, formats: list[str], sample_positions: Iterable[int]):
+    def __init__(self, out, formats: list[str], sample_positions: Iterable[int],
+                 chunk_starts: Sequence[int]):
         self.out = out  # a storage.Location
         self.formats = list(formats)
         self.samples = frozenset(int(p) for p in sample_positions)
+        self.starts = np.asarray(chunk_starts, np.int64)
         self.results: list[dict] = []
 
     def write(self, blocks, ctx) -> list[dict]:
-        return [self._write_block(BlockAccessor.for_block(block).to_arrow())
-                for block in blocks if BlockAccessor.for_block(block).num_rows()]
+        # Fused with the decode, a call gets one chunk's rows (in one block, or a few where Ray
+        # Data cut a large one); grouped by chunk all the same, so that a chunk is one shard
+        # however the blocks arrive.
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        tables = [table for table in tables if table.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables)
+        chunk = np.searchsorted(self.starts, table.column("pos").to_numpy(), side="right") - 1
+        numbers = np.unique(chunk)
+        if len(numbers) == 1:  # the fused case: no copy of the pixels
+            return [self._write_block(table)]
+        return [self._write_block(table.filter(pa.array(chunk == number))) for number in numbers]
 
     def _write_block(self, table: pa.Table) -> dict:
         from .shards import PARQUET_SCHEMA, parquet_table_bytes, shard_entry, tfrecord_bytes
@@ -97,17 +113,38 @@ class ShardSink(Datasink):
             pending = f"{PENDING}/{split}-{int(positions[0]):012d}.{fmt}"
             self.out.child(pending).write_bytes(data)
             files.append({"pending": pending, **shard_entry("", split, len(positions), fmt, data)})
+        # What the driver needs of each row (position, original size and mode) goes to a small
+        # file beside the shard, not into the task's return value: Ray Data holds every write
+        # task's return in the object store until the pass ends, ~20 bytes a row that grew
+        # with the archive. Returned: a few numbers a shard, and the EDA's few sample pixels.
+        meta = pa.table({"pos": pa.array(positions.astype(np.int64)),
+                         **{name: table.column(name) for name in ROW_META[1:]}})
+        self.out.child(_rows_name(split, int(positions[0]))).write_bytes(_ipc_bytes(meta))
         picked = [i for i, p in enumerate(positions) if int(p) in self.samples]
         images = table.column("image")
-        return {
-            "split": split, "first": int(positions[0]), "files": files,
-            "pos": positions.astype(np.int64),
-            "orig_width": table.column("orig_width").to_numpy(),
-            "orig_height": table.column("orig_height").to_numpy(),
-            # the modes as codes into the block's few distinct ones: no string object per row
-            "orig_mode": table.column("orig_mode").combine_chunks().dictionary_encode(),
-            "samples": {int(positions[i]): images[i].as_py() for i in picked},
-        }
+        return {"split": split, "first": int(positions[0]), "rows": len(positions), "files": files,
+                "samples": {int(positions[i]): images[i].as_py() for i in picked}}
 
     def on_write_complete(self, write_result) -> None:
         self.results = [block for returned in write_result.write_returns for block in returned]
+
+
+ROW_META = ("pos", "orig_width", "orig_height", "orig_mode")
+
+
+def read_row_meta(out, result: dict) -> pa.Table:
+    """The `ROW_META` columns of the shard `result` (a `ShardSink.results` entry) that its write
+    task left beside it under .pending/."""
+    with pa.ipc.open_stream(out.child(_rows_name(result["split"], result["first"])).read_bytes()) as reader:
+        return reader.read_all()
+
+
+def _rows_name(split: str, first: int) -> str:
+    return f"{PENDING}/{split}-{first:012d}.rows.arrow"
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()

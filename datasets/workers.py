@@ -11,11 +11,10 @@ are `image.py`'s, the ones `cxr predict` and `cxr serve` apply: regular files on
   row is final.
 - `decode_batch` (pass 2) reads the accepted rows' files again, checks they still have the hash
   of pass 1, decodes, converts to grayscale and resizes (`image.preprocess_bytes`), and returns
-  the shard rows with their pixels; Ray Data streams them on to the shard writer (sink.py). A
+  the shard rows with their pixels; Ray Data streams them on to the shard writer (raydata.ShardSink). A
   file rejected here is dropped from the stream and its reason is written to a small JSON file
   under the output's staging folder (`rejected`), named by the batch: the stream then carries
-  only shard rows, so Ray Data can cut exact shards from it, and a retried batch rewrites the
-  same file with the same content.
+  only shard rows, and a retried batch rewrites the same file with the same content.
 """
 from __future__ import annotations
 

@@ -148,3 +148,40 @@ def test_size_scatter_draws_a_sample_of_a_large_class_and_says_so(monkeypatch):
     assert labels[0] == f"{CLASS_NAMES[0]} (median 102 x 202)"
     # the median is the whole class's, not the sample's
     assert labels[1] == f"{CLASS_NAMES[1]} (median 117 x 217, 10 of 25 shown)"
+
+
+def test_shards_are_cut_by_chunk_of_one_split_whatever_the_blocks(tmp_path):
+    """Pass 2's shard k of a split is its rows k*R..k*R+R-1, less rejected files, however Ray
+    Data hands the decoded rows to the sink: one chunk in two blocks is one shard; two chunks in
+    one call are two. The rows of each shard come back from the file beside it."""
+    from cxr_datasets.decode import shard_chunks
+    from cxr_datasets.raydata import ShardSink, read_row_meta
+    from cxr_datasets.shards import PARQUET_SCHEMA
+    from cxr_datasets.storage import Location
+
+    split_of = np.array(["train"] * 5 + ["val"] * 3 + ["test"] * 2)
+    chunks = shard_chunks(split_of, 2)
+    assert [list(c) for c in chunks] == [[0, 1], [2, 3], [4], [5, 6], [7], [8, 9]]
+
+    def rows(positions):
+        n = len(positions)
+        columns = {f.name: pa.nulls(n, f.type) for f in PARQUET_SCHEMA}
+        columns.update(pos=pa.array(positions, pa.int64()), image=pa.array([b"\0" * 4] * n),
+                       split=pa.array([str(split_of[p]) for p in positions]),
+                       orig_width=pa.array([10 + p for p in positions], pa.int32()),
+                       orig_height=pa.array([20] * n, pa.int32()), orig_mode=pa.array(["L"] * n),
+                       height=pa.array([2] * n, pa.int32()), width=pa.array([2] * n, pa.int32()),
+                       label=pa.array([0] * n, pa.int64()))
+        return pa.table(columns)
+
+    out = Location.of(tmp_path)
+    out.child(".pending").mkdir()
+    sink = ShardSink(out, ["parquet"], [], [int(c[0]) for c in chunks])
+    # row 1 rejected; chunk [2, 3] arrives in two blocks; chunks [4] and [5, 6] in one call
+    written = sink.write([rows([0])], None) + sink.write([rows([2]), rows([3])], None) + \
+        sink.write([rows([4, 5, 6])], None)
+    assert [(r["split"], r["first"], r["rows"]) for r in written] == \
+        [("train", 0, 1), ("train", 2, 2), ("train", 4, 1), ("val", 5, 2)]
+    meta = read_row_meta(out, written[1])
+    assert meta.column("pos").to_pylist() == [2, 3]
+    assert meta.column("orig_width").to_pylist() == [12, 13]
