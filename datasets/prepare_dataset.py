@@ -8,10 +8,10 @@
 
 Steps: discover files (labels, official splits, patients) -> pass 1 on Ray Data: read and hash
 every file (no decode) -> drop exact duplicates and test-patient leakage -> patient-grouped,
-stratified splits -> pass 2 on Ray Data, streaming: read, decode, grayscale, resize, and write the
-shards (Parquet and/or TFRecord) as the pixels come -> EDA plots, manifest.json (decode.py). The
-rules see every file before any row is final; the driver holds metadata only, and the object
-store a bounded window of pixels.
+stratified splits -> pass 2 on Ray Data, streaming: one task per shard reads, decodes,
+grayscales, resizes and writes it (Parquet and/or TFRecord) -> EDA plots, manifest.json
+(decode.py). The rules see every file before any row is final; the driver holds metadata only,
+and decoded pixels never enter the object store.
 
 A Ray instance that prepare started for itself shuts down in the background once the shards are
 written, while the EDA plots are drawn and the manifest is written (the manifest's
