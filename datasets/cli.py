@@ -95,8 +95,9 @@ def _add_prepare(subparsers) -> None:
     parser.add_argument("--seed", type=int,
                         help=with_default("seed of the patient shuffles", PrepareConfig, "seed"))
     parser.add_argument("--rows-per-shard", type=int,
-                        help=with_default("rows of a split per shard file (fewer where a file fails to decode); "
-                                          "one task of the second pass", PrepareConfig, "rows_per_shard"))
+                        help="the most rows of a split in a shard file, one task of the second pass "
+                             "(default: 1024, fewer below ~65,000 images so that there are at least "
+                             "64 shards of at least 128 rows)")
     parser.add_argument("--format", choices=FORMATS,
                         help=with_default("shard format; tfrecord/both also write tf.train.Example files",
                                           PrepareConfig, "format"))

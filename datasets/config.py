@@ -42,14 +42,16 @@ class PrepareConfig:
     val_fraction: float = 0.1  # share of train's *patients* (per class) carved out for validation
     test_fraction: float = 0.15  # only for sources without split folders (or --split random)
     seed: int = 0  # seeds the patient shuffles of the val/test carve-out
-    rows_per_shard: int = 1024  # the most rows a shard holds (~50 MB at 224 px): one task of pass 2
+    rows_per_shard: int | None = None  # the most rows a shard holds, one task of pass 2. None:
+    #   1024 (~50 MB at 224 px), fewer below ~65,000 images so that a small archive still makes
+    #   >= 64 shards for many CPUs (down to 128 rows; decode.shard_rows)
     format: str = "parquet"  # "parquet", "tfrecord" or "both"
     max_pixels: int = 64_000_000  # decompression-bomb limit; a 43x43 cm detector at 0.1 mm is ~18 MP
     min_size: int = 64  # shorter side in pixels below which an image carries no usable detail
     num_cpus: int | None = None  # CPUs for a Ray instance we start ourselves; None = all of them
     files_per_task: int = 4096  # files a task of the first pass reads and hashes (~25 us each):
     #                            amortises a task's ~10 ms, still balances load (the second pass
-    #                            runs a task per shard, `rows_per_shard` files)
+    #                            runs a task per shard)
     labels: str | None = None  # a label file (labels.py) instead of NORMAL/PNEUMONIA folders
     labels_format: str | None = None  # None: detected from the label file's header
     negatives: str = "default"  # "all": an archive's other negatives (not normal) count as NORMAL
@@ -73,7 +75,7 @@ class PrepareConfig:
             if not 0.0 < value < 0.5:
                 raise ConfigError(f"{name.replace('_', ' ')} must be between 0 and 0.5, got {value}")
         for name in ("rows_per_shard", "max_pixels", "min_size", "files_per_task"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"num cpus must be at least 1, got {self.num_cpus}")

@@ -28,7 +28,6 @@ pyarrow.fs URI such as s3://).
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import json
 import logging
@@ -122,27 +121,35 @@ def write_pass(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns, ou
     rejected = out.child(REJECTED)
     for folder in (rejected, out.child(PENDING), out.child(PLAN)):
         folder.mkdir()
-    chunks = shard_chunks(rows["split"].to_numpy(), cfg.rows_per_shard)
+    chunks = shard_chunks(rows["split"].to_numpy(), shard_rows(len(rows), cfg.rows_per_shard))
     for split in dict.fromkeys(rows["split"]):
         out.child(split).mkdir()
-    plan = out.child(PLAN, "rows.arrow")
-    counts = write_plan(plan, (_input_batch(rows, paths, hashes, where, cfg.image_size)
-                               for where in chunks), INPUT_SCHEMA)
-    # What may wait in the object store at once, whatever the archive's size. The decode and the
-    # write of a chunk run in one fused task, so its pixels do not pass through the store at all;
-    # should Ray Data ever run them apart, this bounds the blocks waiting between them.
-    window = 4 * cfg.rows_per_shard * cfg.image_size**2
-    with data_context(verbose, object_store_bytes=window):
-        dataset = ray.data.read_datasource(
-            PlanSource(plan, counts, INPUT_SCHEMA), override_num_blocks=len(counts),
-        ).map_batches(decode_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={
-            "fs": fs, "image_size": cfg.image_size, "resize": cfg.resize,
-            "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, "rejected": rejected})
-        sink = ShardSink(out, formats, sample_positions, [int(where[0]) for where in chunks])
-        with ray_failures_are_one_line("decoding and writing the shards"):
-            dataset.write_datasink(sink)
+    starts = np.array([where[0] for where in chunks], np.int64)
+    sink = ShardSink(out, formats, sample_positions, starts)
+    if chunks:
+        plan = out.child(PLAN, "rows.arrow")
+        counts = write_plan(plan, (_input_batch(rows, paths, hashes, where, cfg.image_size)
+                                   for where in chunks), INPUT_SCHEMA)
+        with data_context(verbose):
+            dataset = ray.data.read_datasource(
+                PlanSource(plan, counts, INPUT_SCHEMA), override_num_blocks=len(counts),
+            ).map_batches(decode_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={
+                "fs": fs, "image_size": cfg.image_size, "resize": cfg.resize,
+                "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, "rejected": rejected})
+            with ray_failures_are_one_line("decoding and writing the shards"):
+                dataset.write_datasink(sink)
     out.child(PLAN).remove_tree()
-    return _finish(sink.results, _read_rejections(rejected), rows, out, cfg, formats)
+    return _finish(sink.results, _read_rejections(rejected), rows, starts, out, formats)
+
+
+def shard_rows(n_rows: int, rows_per_shard: int | None) -> int:
+    """The most rows of a shard: `rows_per_shard` if given, else 1024, fewer for an archive of
+    under ~65,000 rows so that it still makes at least 64 shards (of at least 128 rows). Pass 2
+    runs one task per shard: a Kaggle-size archive then spreads over 46 tasks, not 7. Depends
+    on the number of rows alone, so the same input gives the same shards on any machine."""
+    if rows_per_shard:
+        return rows_per_shard
+    return min(1024, max(128, math.ceil(n_rows / 64)))
 
 
 def shard_chunks(split_of: np.ndarray, rows_per_shard: int) -> list[np.ndarray]:
@@ -180,25 +187,34 @@ def _input_batch(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns,
 
 
 def _read_rejections(folder) -> list[dict]:
-    found: list[dict] = []
-    for rel, _, is_dir in list_files(folder):
-        if not is_dir and rel.endswith(".json"):
-            found.extend(json.loads(folder.child(rel).read_bytes()))
+    """Pass 2's rejections: one small file per batch (see workers.decode_batch), read a few at a
+    time (on an object store each is a request)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [rel for rel, _, is_dir in list_files(folder) if not is_dir and rel.endswith(".json")]
+    with ThreadPoolExecutor(8) as pool:
+        found = [row for data in pool.map(lambda rel: folder.child(rel).read_bytes(), names)
+                 for row in json.loads(data)]
     folder.remove_tree()
     return found
 
 
-def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, cfg: PrepareConfig,
-            formats: list[str]) -> Written:
-    """Check that every row is in exactly one shard or rejected and that each shard holds
-    ascending rows of one chunk (`shard_chunks`), then rename the written blocks to their shard
-    numbers (a chunk whose every file was rejected leaves no shard and no gap); the shards'
-    entries in split, format and shard order."""
-    from .raydata import PENDING, read_row_meta
+def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, starts: np.ndarray,
+            out, formats: list[str]) -> Written:
+    """Check that every row is in exactly one shard or rejected and that each chunk (`starts`:
+    their first rows, see `shard_chunks`) is at most one shard of ascending rows, then rename the
+    written blocks to their shard numbers (a chunk whose every file was rejected leaves no shard
+    and no gap); the shards' entries in split, format and shard order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .raydata import PENDING, chunk_index, read_row_meta
 
     results = sorted(results, key=lambda r: r["first"])
-    for result in results:  # each shard's rows, from the file its write task left beside it
-        meta = read_row_meta(out, result)
+    # Each shard's rows, from the file its write task left beside it; read a few at a time (on
+    # an object store each is a request).
+    with ThreadPoolExecutor(8) as pool:
+        metas = list(pool.map(lambda result: read_row_meta(out, result), results))
+    for result, meta in zip(results, metas):
         if meta.num_rows != result["rows"]:
             raise RuntimeError(f"shard {result['split']}-{result['first']} lists {meta.num_rows} "
                                f"rows, not {result['rows']}")
@@ -207,9 +223,9 @@ def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, 
                       orig_height=meta.column("orig_height").to_numpy(),
                       # the modes as codes into the shard's few distinct ones: no object per row
                       orig_mode=meta.column("orig_mode").combine_chunks().dictionary_encode())
-    chunk_of = np.empty(len(rows), np.int64)
-    for number, where in enumerate(shard_chunks(rows["split"].to_numpy(), cfg.rows_per_shard)):
-        chunk_of[where] = number
+    written = chunk_index(starts, np.array([r["first"] for r in results], np.int64))
+    if len(np.unique(written)) != len(results):
+        raise RuntimeError("a chunk of rows was written as more than one shard")
     seen = np.zeros(len(rows), np.int32)
     for result in results:
         np.add.at(seen, result["pos"], 1)
@@ -225,7 +241,7 @@ def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, 
         if not mine:  # no rows, or every one rejected in pass 2: no empty folder in OUT
             out.child(split).remove_tree()
         for number, result in enumerate(mine):
-            if (chunk_of[result["pos"]] != chunk_of[result["pos"][0]]).any():
+            if (chunk_index(starts, result["pos"]) != chunk_index(starts, result["pos"][:1])).any():
                 raise RuntimeError(f"shard {number} of {split} holds rows of two chunks")
             if (number and result["pos"][0] <= mine[number - 1]["pos"][-1]) or \
                     (np.diff(result["pos"]) <= 0).any():
@@ -236,7 +252,7 @@ def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, out, 
                 rel = f"{split}/part-{number:05d}.{fmt}"
                 out.fs.move(out.child(entry["pending"]).path, out.child(rel).path)
                 shards.append({**{k: v for k, v in entry.items() if k != "pending"}, "path": rel})
-    out.child(PENDING).remove_tree()  # empty now, or what a lost attempt left behind
+    out.child(PENDING).remove_tree()  # the row files, and whatever a lost attempt left behind
     pos = np.concatenate([r["pos"] for r in results]) if results else np.empty(0, np.int64)
     order = np.argsort(pos, kind="stable")
     pick = lambda name: np.concatenate([r[name] for r in results])[order] if results \
@@ -273,34 +289,31 @@ def ray_failures_are_one_line(stage: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def data_context(verbose: bool, object_store_bytes: int | None = None) -> Iterator[None]:
-    """Ray Data's settings for prepare, restored afterwards: at most `object_store_bytes` of the
-    object store, progress bars and Ray Data's start-of-execution lines only when `verbose`. The
-    streams need no order: pass 1's rows carry their file's index, pass 2's shards are cut by
-    chunk before the stream."""
-    from ray.data import DataContext, ExecutionResources
+def data_context(verbose: bool) -> Iterator[None]:
+    """Ray Data's settings for prepare, restored afterwards: progress bars and Ray Data's
+    start-of-execution lines only when `verbose`. The streams need no order: pass 1's rows carry
+    their file's index, pass 2's shards are cut by chunk before the stream."""
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved = (copy.copy(ctx.execution_options), ctx.enable_progress_bars,
-             ctx.print_on_execution_start, ctx.op_resource_reservation_enabled)
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start,
+             ctx.op_resource_reservation_enabled)
     logger = logging.getLogger("ray.data")
     level = logger.level
-    if object_store_bytes is not None:
-        ctx.execution_options.resource_limits = ExecutionResources(
-            object_store_memory=object_store_bytes)
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     # No per-operator reservation: Ray Data's reservation held the pass's one operator (read,
     # decode and write fused) to 1 of 2 CPUs on this machine, as it held the decode of earlier
-    # designs; `resource_limits` and Ray Data's backpressure still bound the object store.
+    # designs. Nothing decoded waits in the object store for it to bound: each pass is one
+    # operator, whose outputs are file names and hashes.
     ctx.op_resource_reservation_enabled = False
     if not verbose:  # quiet: also its warning that no CPU is free while the last pass's tasks end
         logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        (ctx.execution_options, ctx.enable_progress_bars, ctx.print_on_execution_start,
-         ctx.op_resource_reservation_enabled) = saved
+        ctx.enable_progress_bars, ctx.print_on_execution_start, \
+            ctx.op_resource_reservation_enabled = saved
         logger.setLevel(level)
 
 

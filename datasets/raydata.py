@@ -15,7 +15,7 @@ pyarrow file system; TFRecords come out of the same rows; and the sink hands bac
 what the driver needs of each row (its position, original size and mode; the pixels of the few
 rows the EDA's sample grid shows).
 
-One chunk of pass 2's input is one shard: `rows_per_shard` consecutive rows of one split
+One chunk of pass 2's input is one shard: `decode.shard_rows` consecutive rows of one split
 (decode.shard_chunks), less the files rejected while decoding. Ray Data fuses the read, the decode
 and the write into one task per chunk, so the decoded pixels go from the decode straight to the
 shard file, never through the object store. A write task does not know its shard's number (a
@@ -28,7 +28,7 @@ is).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -79,7 +79,7 @@ class ShardSink(Datasink):
     `results` holds one dict per written shard (see `_write_block`)."""
 
     def __init__(self, out, formats: list[str], sample_positions: Iterable[int],
-                 chunk_starts: Sequence[int]):
+                 chunk_starts: np.ndarray):
         self.out = out  # a storage.Location
         self.formats = list(formats)
         self.samples = frozenset(int(p) for p in sample_positions)
@@ -95,7 +95,7 @@ class ShardSink(Datasink):
         if not tables:
             return []
         table = pa.concat_tables(tables)
-        chunk = np.searchsorted(self.starts, table.column("pos").to_numpy(), side="right") - 1
+        chunk = chunk_index(self.starts, table.column("pos").to_numpy())
         numbers = np.unique(chunk)
         if len(numbers) == 1:  # the fused case: no copy of the pixels
             return [self._write_block(table)]
@@ -119,7 +119,8 @@ class ShardSink(Datasink):
         # with the archive. Returned: a few numbers a shard, and the EDA's few sample pixels.
         meta = pa.table({"pos": pa.array(positions.astype(np.int64)),
                          **{name: table.column(name) for name in ROW_META[1:]}})
-        self.out.child(_rows_name(split, int(positions[0]))).write_bytes(_ipc_bytes(meta))
+        write_plan(self.out.child(_rows_name(split, int(positions[0]))), iter(meta.to_batches()),
+                   meta.schema)
         picked = [i for i, p in enumerate(positions) if int(p) in self.samples]
         images = table.column("image")
         return {"split": split, "first": int(positions[0]), "rows": len(positions), "files": files,
@@ -135,16 +136,15 @@ ROW_META = ("pos", "orig_width", "orig_height", "orig_mode")
 def read_row_meta(out, result: dict) -> pa.Table:
     """The `ROW_META` columns of the shard `result` (a `ShardSink.results` entry) that its write
     task left beside it under .pending/."""
-    with pa.ipc.open_stream(out.child(_rows_name(result["split"], result["first"])).read_bytes()) as reader:
-        return reader.read_all()
+    rows = out.child(_rows_name(result["split"], result["first"]))
+    with rows.fs.open_input_file(rows.path) as handle:
+        return pa.ipc.open_file(handle).read_all()
+
+
+def chunk_index(starts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The chunk of each row position, chunks given by their first positions (ascending)."""
+    return np.searchsorted(starts, positions, side="right") - 1
 
 
 def _rows_name(split: str, first: int) -> str:
     return f"{PENDING}/{split}-{first:012d}.rows.arrow"
-
-
-def _ipc_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()

@@ -2,7 +2,7 @@
 
 Layout of a prepared folder:
     OUT/manifest.json                      what happened to every file; shard checksums
-    OUT/<split>/part-00000.parquet         split in train, val, test; `rows_per_shard` rows each
+    OUT/<split>/part-00000.parquet         split in train, val, test; at most `rows_per_shard` rows each
     OUT/<split>/part-00000.tfrecord        with --format tfrecord|both
     OUT/eda/*.png, OUT/eda/summary.md
 

@@ -11,10 +11,11 @@ are `image.py`'s, the ones `cxr predict` and `cxr serve` apply: regular files on
   row is final.
 - `decode_batch` (pass 2) reads the accepted rows' files again, checks they still have the hash
   of pass 1, decodes, converts to grayscale and resizes (`image.preprocess_bytes`), and returns
-  the shard rows with their pixels; Ray Data streams them on to the shard writer (raydata.ShardSink). A
-  file rejected here is dropped from the stream and its reason is written to a small JSON file
-  under the output's staging folder (`rejected`), named by the batch: the stream then carries
-  only shard rows, and a retried batch rewrites the same file with the same content.
+  the shard rows with their pixels, which the shard writer (raydata.ShardSink) writes in the
+  same task. A file rejected here is dropped from the stream and its reason is written to a
+  small JSON file under the output's staging folder (`rejected`), named by the batch (an empty
+  list when none is): the stream then carries only shard rows, and a retried batch rewrites the
+  same file.
 """
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ def decode_batch(batch: pa.Table, fs, image_size: int, resize: str, max_pixels: 
         node = node_ip()
         for failure in failures:
             failure["node"] = node
-        rejected.child(f"{positions[0]:012d}.json").write_bytes(json.dumps(failures).encode())
+    # Written for every batch, [] when none failed: a retried batch then replaces what an
+    # earlier attempt of it found (a file it could not read on a node since lost).
+    rejected.child(f"{positions[0]:012d}.json").write_bytes(json.dumps(failures).encode())
     out = batch.drop_columns(["path"]).take(pa.array(keep, pa.int64()))
     for (name, kind), values in zip(DECODED_FIELDS, (images, widths, heights, modes)):
         out = out.append_column(pa.field(name, kind), pa.array(values, kind))
