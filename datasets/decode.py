@@ -145,7 +145,7 @@ def write_pass(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns, ou
 def shard_rows(n_rows: int, rows_per_shard: int | None) -> int:
     """The most rows of a shard: `rows_per_shard` if given, else 1024, fewer for an archive of
     under ~65,000 rows so that it still makes at least 64 shards (of at least 128 rows). Pass 2
-    runs one task per shard: a Kaggle-size archive then spreads over 46 tasks, not 7. Depends
+    runs one task per shard: a Kaggle-size archive then spreads over 48 tasks, not 7. Depends
     on the number of rows alone, so the same input gives the same shards on any machine."""
     if rows_per_shard:
         return rows_per_shard
