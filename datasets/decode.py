@@ -36,6 +36,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -189,8 +190,6 @@ def _input_batch(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns,
 def _read_rejections(folder) -> list[dict]:
     """Pass 2's rejections: one small file per batch (see workers.decode_batch), read a few at a
     time (on an object store each is a request)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     names = [rel for rel, _, is_dir in list_files(folder) if not is_dir and rel.endswith(".json")]
     with ThreadPoolExecutor(8) as pool:
         found = [row for data in pool.map(lambda rel: folder.child(rel).read_bytes(), names)
@@ -205,8 +204,6 @@ def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, start
     their first rows, see `shard_chunks`) is at most one shard of ascending rows, then rename the
     written blocks to their shard numbers (a chunk whose every file was rejected leaves no shard
     and no gap); the shards' entries in split, format and shard order."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from .raydata import PENDING, chunk_index, read_row_meta
 
     results = sorted(results, key=lambda r: r["first"])
