@@ -97,7 +97,8 @@ def _add_prepare(subparsers) -> None:
     parser.add_argument("--rows-per-shard", type=int,
                         help="the most rows of a split in a shard file, one task of the second pass "
                              "(default: 1024, fewer below ~65,000 images so that there are at least "
-                             "64 shards of at least 128 rows)")
+                             "64 shards of at least 128 rows, and above 256 px so that a shard holds "
+                             "at most 64 MiB of pixels)")
     parser.add_argument("--format", choices=FORMATS,
                         help=with_default("shard format; tfrecord/both also write tf.train.Example files",
                                           PrepareConfig, "format"))

@@ -44,7 +44,7 @@ class PrepareConfig:
     seed: int = 0  # seeds the patient shuffles of the val/test carve-out
     rows_per_shard: int | None = None  # the most rows a shard holds, one task of pass 2. None:
     #   1024 (~50 MB at 224 px), fewer below ~65,000 images so that a small archive still makes
-    #   >= 64 shards for many CPUs (down to 128 rows; decode.shard_rows)
+    #   >= 64 shards for many CPUs (down to 128 rows), fewer above 256 px (decode.shard_size)
     format: str = "parquet"  # "parquet", "tfrecord" or "both"
     max_pixels: int = 64_000_000  # decompression-bomb limit; a 43x43 cm detector at 0.1 mm is ~18 MP
     min_size: int = 64  # shorter side in pixels below which an image carries no usable detail

@@ -49,6 +49,7 @@ from .errors import CxrError, first_line
 from .storage import list_files
 from .workers import decode_batch, hash_batch
 
+SHARD_PIXEL_BYTES = 64 * 2**20  # the most decoded pixels of a default shard (see shard_size)
 REJECTED = ".rejected"  # pass 2's rejection files, under the staging folder (removed at the end)
 PLAN = ".plan"  # the passes' input rows (raydata.PlanSource), under the staging folder too
 # The shard columns pass 2 takes as input (the rest are decoded): PARQUET_SCHEMA's other names.
@@ -122,7 +123,8 @@ def write_pass(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns, ou
     rejected = out.child(REJECTED)
     for folder in (rejected, out.child(PENDING), out.child(PLAN)):
         folder.mkdir()
-    chunks = shard_chunks(rows["split"].to_numpy(), shard_rows(len(rows), cfg.rows_per_shard))
+    chunks = shard_chunks(rows["split"].to_numpy(),
+                          shard_size(len(rows), cfg.image_size, cfg.rows_per_shard))
     for split in dict.fromkeys(rows["split"]):
         out.child(split).mkdir()
     starts = np.array([where[0] for where in chunks], np.int64)
@@ -143,14 +145,18 @@ def write_pass(rows: pd.DataFrame, paths: Sequence[str], hashes: HashColumns, ou
     return _finish(sink.results, _read_rejections(rejected), rows, starts, out, formats)
 
 
-def shard_rows(n_rows: int, rows_per_shard: int | None) -> int:
-    """The most rows of a shard: `rows_per_shard` if given, else 1024, fewer for an archive of
-    under ~65,000 rows so that it still makes at least 64 shards (of at least 128 rows). Pass 2
-    runs one task per shard: a Kaggle-size archive then spreads over 48 tasks, not 7. Depends
-    on the number of rows alone, so the same input gives the same shards on any machine."""
+def shard_size(n_rows: int, image_size: int, rows_per_shard: int | None) -> int:
+    """The most rows of a shard: `rows_per_shard` if given. Else 1024, fewer for an archive of
+    under ~65,000 rows so that it still makes at least 64 shards (of at least 128 rows), and
+    fewer for large images so that a shard's pixels stay under SHARD_PIXEL_BYTES (64 MiB: 1024
+    rows up to 256 px, 256 at 512 px; at least 16). Pass 2 runs one task per shard and holds its
+    pixels: a Kaggle-size archive then spreads over 48 tasks, not 7, and a task's memory does
+    not grow with the image size. Depends on the rows and the size alone, so the same input
+    gives the same shards on any machine."""
     if rows_per_shard:
         return rows_per_shard
-    return min(1024, max(128, math.ceil(n_rows / 64)))
+    rows = min(1024, max(128, math.ceil(n_rows / 64)))
+    return min(rows, max(16, SHARD_PIXEL_BYTES // image_size**2))
 
 
 def shard_chunks(split_of: np.ndarray, rows_per_shard: int) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ pyarrow file system; TFRecords come out of the same rows; and the sink hands bac
 what the driver needs of each row (its position, original size and mode; the pixels of the few
 rows the EDA's sample grid shows).
 
-One chunk of pass 2's input is one shard: `decode.shard_rows` consecutive rows of one split
+One chunk of pass 2's input is one shard: `decode.shard_size` consecutive rows of one split
 (decode.shard_chunks), less the files rejected while decoding. Ray Data fuses the read, the decode
 and the write into one task per chunk, so the decoded pixels go from the decode straight to the
 shard file, never through the object store. A write task does not know its shard's number (a

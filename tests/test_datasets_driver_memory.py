@@ -154,15 +154,18 @@ def test_shards_are_cut_by_chunk_of_one_split_whatever_the_blocks(tmp_path):
     """Pass 2's shard k of a split is its rows k*R..k*R+R-1, less rejected files, however Ray
     Data hands the decoded rows to the sink: one chunk in two blocks is one shard; two chunks in
     one call are two. The rows of each shard come back from the file beside it."""
-    from cxr_datasets.decode import shard_chunks, shard_rows
+    from cxr_datasets.decode import shard_chunks, shard_size
     from cxr_datasets.raydata import ShardSink, read_row_meta
     from cxr_datasets.shards import PARQUET_SCHEMA
     from cxr_datasets.storage import Location
 
-    # The default: 1024 rows, fewer below ~65,000 so that small archives make >= 64 shards
-    assert [shard_rows(n, None) for n in (120, 5_856, 20_000, 65_536, 200_000)] == \
+    # The default: 1024 rows, fewer below ~65,000 so that small archives make >= 64 shards, and
+    # fewer for large images so that a shard's pixels stay under 64 MiB
+    assert [shard_size(n, 224, None) for n in (120, 5_856, 20_000, 65_536, 200_000)] == \
         [128, 128, 313, 1024, 1024]
-    assert shard_rows(200_000, 40) == 40
+    assert [shard_size(200_000, s, None) for s in (64, 256, 512, 1024, 4096)] == \
+        [1024, 1024, 256, 64, 16]
+    assert shard_size(200_000, 224, 40) == 40
     split_of = np.array(["train"] * 5 + ["val"] * 3 + ["test"] * 2)
     chunks = shard_chunks(split_of, 2)
     assert [list(c) for c in chunks] == [[0, 1], [2, 3], [4], [5, 6], [7], [8, 9]]
