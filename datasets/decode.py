@@ -6,8 +6,8 @@ The driver keeps a few bytes per file (`HashColumns`) and decides duplicates and
 patient splits from them: every file is seen before any row is final.
 
 Pass 2 (`write_pass`): the rows that survived the rules, sorted by split and path, are cut into
-chunks of `rows_per_shard` rows of one split (`shard_chunks`: the cut depends on the rows, not on
-the machine), and each chunk is read again, decoded, converted and resized in `map_batches`
+chunks of `shard_size` rows of one split (`shard_chunks`: the cut depends on the rows and the
+image size, not on the machine), and each chunk is read again, decoded, converted and resized in `map_batches`
 (workers.decode_batch) and written as one shard by `raydata.ShardSink`, a Datasink of ours. Ray
 Data fuses the three into one task per chunk: a file's pixels reach its shard in the task that
 decoded them and never enter the object store, whatever the archive's size; the three splits
@@ -162,8 +162,7 @@ def shard_size(n_rows: int, image_size: int, rows_per_shard: int | None) -> int:
 def shard_chunks(split_of: np.ndarray, rows_per_shard: int) -> list[np.ndarray]:
     """The row positions of each shard-to-be: `rows_per_shard` consecutive rows of one split (the
     last of a split fewer), splits in the order of `split_of` (rows sorted by split). Each is one
-    task of pass 2 and one shard (less its rejected files): the cut depends on the rows alone,
-    not on the machine, so the same input gives the same shards on any cluster."""
+    task of pass 2 and one shard (less its rejected files)."""
     chunks = []
     for split in dict.fromkeys(split_of):
         where = np.flatnonzero(split_of == split)
@@ -197,27 +196,31 @@ def _read_rejections(folder) -> list[dict]:
     """Pass 2's rejections: one small file per batch (see workers.decode_batch), read a few at a
     time (on an object store each is a request)."""
     names = [rel for rel, _, is_dir in list_files(folder) if not is_dir and rel.endswith(".json")]
-    with ThreadPoolExecutor(8) as pool:
-        found = [row for data in pool.map(lambda rel: folder.child(rel).read_bytes(), names)
-                 for row in json.loads(data)]
+    found = [row for data in _a_few_at_a_time(lambda rel: folder.child(rel).read_bytes(), names)
+             for row in json.loads(data)]
     folder.remove_tree()
     return found
+
+
+def _a_few_at_a_time(read, items: list) -> list:
+    """`read` of each item, 8 at a time: small files on OUT's storage, where on an object store
+    each is a request."""
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(read, items))
 
 
 def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, starts: np.ndarray,
             out, formats: list[str]) -> Written:
     """Check that every row is in exactly one shard or rejected and that each chunk (`starts`:
-    their first rows, see `shard_chunks`) is at most one shard of ascending rows, then rename the
-    written blocks to their shard numbers (a chunk whose every file was rejected leaves no shard
-    and no gap); the shards' entries in split, format and shard order."""
+    their first rows, see `shard_chunks`; ShardSink groups rows by it) is at most one shard of
+    ascending rows, then rename the written blocks to their shard numbers (a chunk whose every
+    file was rejected leaves no shard and no gap); the shards' entries in split, format and
+    shard order."""
     from .raydata import PENDING, chunk_index, read_row_meta
 
     results = sorted(results, key=lambda r: r["first"])
-    # Each shard's rows, from the file its write task left beside it; read a few at a time (on
-    # an object store each is a request).
-    with ThreadPoolExecutor(8) as pool:
-        metas = list(pool.map(lambda result: read_row_meta(out, result), results))
-    for result, meta in zip(results, metas):
+    # each shard's rows, from the file its write task left beside it
+    for result, meta in zip(results, _a_few_at_a_time(lambda r: read_row_meta(out, r), results)):
         if meta.num_rows != result["rows"]:
             raise RuntimeError(f"shard {result['split']}-{result['first']} lists {meta.num_rows} "
                                f"rows, not {result['rows']}")
@@ -244,8 +247,6 @@ def _finish(results: list[dict], rejected: list[dict], rows: pd.DataFrame, start
         if not mine:  # no rows, or every one rejected in pass 2: no empty folder in OUT
             out.child(split).remove_tree()
         for number, result in enumerate(mine):
-            if (chunk_index(starts, result["pos"]) != chunk_index(starts, result["pos"][:1])).any():
-                raise RuntimeError(f"shard {number} of {split} holds rows of two chunks")
             if (number and result["pos"][0] <= mine[number - 1]["pos"][-1]) or \
                     (np.diff(result["pos"]) <= 0).any():
                 raise RuntimeError(f"shards of {split} are out of order")
