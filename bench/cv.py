@@ -56,7 +56,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 SPACE_OVERRIDES = {"trainable_blocks": 0, "augment": False}  # cached features: cheap enough for CV on CPUs
-DATA_SEED = 0  # the synthetic images, which of them scanner B took, the prepared splits: the same for every seed
+DATA_SEED = 0  # with --data fixed: the synthetic images, which of them scanner B took, the prepared splits
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--shift", choices=tuple(SHIFTS), default="mixed",
                    help="mixed: test and --share of train + val from scanner B; test-only: the first design")
     p.add_argument("--share", type=float, default=0.25, help="with --shift mixed: train + val images from scanner B")
+    p.add_argument("--data", choices=("fixed", "per-seed"), default="fixed",
+                   help="fixed: one data set (synthetic images, scanner B's images, splits) for every seed; "
+                        "per-seed: a new one from each seed (the replication of 2026-12-08)")
     p.add_argument("--weights", default="none", help="none (offline) or imagenet")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--seeds", default="0", help="comma-separated: each draws its configurations, seeds the trials and folds")
@@ -102,9 +105,16 @@ def parse_args(argv=None):
 def settings(args) -> dict:
     """What makes two seeds' figures comparable: a saved seed with other settings is refused."""
     share = args.share if args.shift == "mixed" else 0.0
-    return {"trials": args.trials, "epochs": args.epochs, "folds": args.folds, "image_size": args.image_size,
-            "n": args.n, "shift": args.shift, "share": share, "scanner": asdict(SHIFTS[args.shift]),
-            "weights": args.weights, "concurrency": args.concurrency}
+    fixed = {"trials": args.trials, "epochs": args.epochs, "folds": args.folds, "image_size": args.image_size,
+             "n": args.n, "shift": args.shift, "share": share, "scanner": asdict(SHIFTS[args.shift]),
+             "weights": args.weights, "concurrency": args.concurrency}
+    # the seeds saved before --data existed ran with fixed data and have no such key
+    return fixed if args.data == "fixed" else {**fixed, "data": args.data}
+
+
+def data_seed(args, seed: int) -> int:
+    """The seed of the synthetic images, of which of them scanner B took and of the prepared splits."""
+    return DATA_SEED if args.data == "fixed" else seed
 
 
 # --- the data ------------------------------------------------------------------------------------
@@ -135,19 +145,20 @@ def scanner_b_files(root: Path, share: float, rng) -> list[Path]:
     return chosen
 
 
-def shifted_source(out: Path, n: int, shift: str, share: float) -> Path:
+def shifted_source(out: Path, n: int, shift: str, share: float, seed: int = DATA_SEED) -> Path:
     """A copy of the synthetic folder with scanner B's images rewritten, made once; its
     scanner_b.txt lists them (paths relative to the folder)."""
     import numpy as np
     from PIL import Image
 
-    folder = out / (f"source_{n}_{shift}" + (f"{share:g}" if shift == "mixed" else ""))
+    tag = "" if seed == DATA_SEED else f"_data{seed}"  # the fixed design's folders keep their names
+    folder = out / (f"source_{n}_{shift}" + (f"{share:g}" if shift == "mixed" else "") + tag)
     if (folder / ".complete").exists():
         return folder
-    pristine = synthetic_source(out / f"synth_{n}", n, seed=DATA_SEED)
+    pristine = synthetic_source(out / f"synth_{n}{tag}", n, seed=seed)
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(pristine, folder, ignore=shutil.ignore_patterns(".complete"))
-    rng = np.random.default_rng(DATA_SEED)
+    rng = np.random.default_rng(seed)
     files = scanner_b_files(folder / "chest_xray", share if shift == "mixed" else 0.0, rng)
     for path in files:
         with Image.open(path) as image:
@@ -158,14 +169,14 @@ def shifted_source(out: Path, n: int, shift: str, share: float) -> Path:
     return folder
 
 
-def prepared_data(out: Path, args) -> tuple[Path, dict]:
-    """The prepared folder, and per split [scanner-B images, images]."""
+def prepared_data(out: Path, args, seed: int = DATA_SEED) -> tuple[Path, dict]:
+    """The prepared folder of data seed `seed`, and per split [scanner-B images, images]."""
     import cxr_datasets
 
-    source = shifted_source(out, args.n, args.shift, args.share)
+    source = shifted_source(out, args.n, args.shift, args.share, seed)
     prepared = out / f"prepared_{args.image_size}_{source.name}"
     if not (prepared / "manifest.json").is_file():
-        cxr_datasets.prepare(source, prepared, image_size=args.image_size, seed=DATA_SEED, overwrite=True)
+        cxr_datasets.prepare(source, prepared, image_size=args.image_size, seed=seed, overwrite=True)
     scanner_b = set((source / "scanner_b.txt").read_text().split())
     counts = {}
     for split in ("train", "val", "test"):
@@ -254,8 +265,8 @@ def run_seed(args, seed: int, prepared: Path, counts: dict, out: Path, x_test, y
         trials = table[columns].to_dict("records")  # in the sweep's order: the first is what it exports
         sweeps[name] = {"wall_s": wall, "epochs": int(table["epochs_run"].sum()), "trials": trials,
                         "same_as_drawn": sorted(config_key(t) for t in trials) == drawn}
-    figures = {"seed": seed, "node": platform.node(), "cpus": os.cpu_count(), "settings": settings(args),
-               "scanner_b": counts, "sweeps": sweeps}
+    figures = {"seed": seed, "data_seed": data_seed(args, seed), "node": platform.node(), "cpus": os.cpu_count(),
+               "settings": settings(args), "scanner_b": counts, "sweeps": sweeps}
     path = out / f"seed{seed}" / "figures.json"
     path.write_text(json.dumps(figures, indent=1, default=_plain) + "\n")
     return figures
@@ -297,6 +308,8 @@ def print_seed(figures: dict) -> dict:
     (single_name, single), (cv_name, cv) = sweeps.items()
     same = single["same_as_drawn"] and cv["same_as_drawn"]
     print(f"\nseed {seed}: both sweeps tried the {len(single['trials'])} drawn configurations: {same}")
+    if figures["settings"].get("data") == "per-seed":
+        print(f"data seed {figures['data_seed']}; " + scanner_b_line(figures))
     print(f"{'sweep':<14}{'wall (s)':>9}{'trial-epochs':>14}{'Spearman(score, test AUC)':>27}"
           f"{'exported: score':>17}{'test AUC':>10}{'best test AUC':>15}{'mean test AUC':>15}")
     result = seed_figures(figures)
@@ -331,6 +344,11 @@ def print_summary(per_seed: dict) -> None:
     print(f"{cv} ranked higher in {ranked} of {k} seeds and exported the better model in {exported} of {k}")
 
 
+def scanner_b_line(figures: dict) -> str:
+    return "scanner-B images per split (prepared): " + ", ".join(
+        f"{split} {b} of {total}" for split, (b, total) in figures["scanner_b"].items())
+
+
 def print_report(saved: list[dict]) -> None:
     s = saved[0]["settings"]
     scanner = s["scanner"]
@@ -341,8 +359,10 @@ def print_report(saved: list[dict]) -> None:
     print(f"\n{saved[0]['node']}, {saved[0]['cpus']} CPUs, {s['n']} synthetic images at {s['image_size']} px; {shift}; "
           f"{s['trials']} configurations per seed x up to {s['epochs']} epochs; seeds "
           f"{','.join(str(f['seed']) for f in saved)}; weights {s['weights']}")
-    print("scanner-B images per split (prepared): "
-          + ", ".join(f"{split} {b} of {total}" for split, (b, total) in saved[0]["scanner_b"].items()))
+    if s.get("data") == "per-seed":
+        print("data: a new data set per seed (synthetic images, scanner B's share, splits: seeded by the seed)")
+    else:
+        print(f"data: one data set (seed {DATA_SEED}) for every seed; " + scanner_b_line(saved[0]))
     per_seed = {f["seed"]: print_seed(f) for f in saved}
     if len(saved) > 1:
         print_summary(per_seed)
@@ -366,9 +386,9 @@ def main(argv=None) -> int:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     saved = []
     try:
-        prepared, counts = prepared_data(out, args)
-        x_test, y_test, _ = cxr_datasets.load(prepared, "test")
         for seed in seeds:
+            prepared, counts = prepared_data(out, args, data_seed(args, seed))
+            x_test, y_test, _ = cxr_datasets.load(prepared, "test")
             saved.append(run_seed(args, seed, prepared, counts, out, x_test, y_test))
     finally:
         ray.shutdown()
