@@ -7,6 +7,8 @@ on synthetic data whose test split comes from a second "scanner" (another tone c
     python bench/cv.py --seeds 0,1,2,3,4            # or run them all in one command (~50 min)
     python bench/cv.py --trials 6 --epochs 3 --n 300 --image-size 32 --out /tmp/cv-quick   # a quick check
     python bench/cv.py --shift test-only            # the first design (2026-12-02/04): only test shifted
+    python bench/cv.py --data per-seed --seeds 10   # a new data set per seed (the replication, seeds 10-19)
+    python bench/cv.py --data any --seeds 0,1,10,11 --report   # saved seeds of both kinds of data, pooled
 
 The data (`--shift mixed`, the default): a hospital archive from two machines. Every test image and
 a share (`--share`, 25%) of each class's train + val images come from scanner B: tone curve
@@ -17,7 +19,9 @@ was ~1-2 gray levels after the resize to 64 px). Which scanner took an image is 
 class (the share is per class). A selection score computed on more held-out images sees more
 scanner-B images: the single split's val holds ~10% of train + val, CV's out-of-fold pool all of
 it. `--shift test-only` is the first design: contrast x0.6 and per-pixel noise of sd 18 on the test
-images only. The data are generated and prepared once per setting (seed 0) and shared by all seeds.
+images only. The data are generated and prepared once per setting (seed 0) and shared by all seeds;
+with `--data per-seed`, once per seed from that seed (the synthetic images, which of them scanner B
+took, the prepared splits), so the seeds also vary the data.
 
 The configurations: for each seed, --trials configurations are drawn once from the space (Optuna's
 RandomSampler seeded by the seed; frozen base, no augmentation) and both sweeps run exactly these
@@ -85,9 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--shift", choices=tuple(SHIFTS), default="mixed",
                    help="mixed: test and --share of train + val from scanner B; test-only: the first design")
     p.add_argument("--share", type=float, default=0.25, help="with --shift mixed: train + val images from scanner B")
-    p.add_argument("--data", choices=("fixed", "per-seed"), default="fixed",
+    p.add_argument("--data", choices=("fixed", "per-seed", "any"), default="fixed",
                    help="fixed: one data set (synthetic images, scanner B's images, splits) for every seed; "
-                        "per-seed: a new one from each seed (the replication of 2026-12-08)")
+                        "per-seed: a new one from each seed (the replication of 2026-12-08); "
+                        "any (with --report): the saved seeds of both, pooled")
     p.add_argument("--weights", default="none", help="none (offline) or imagenet")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--seeds", default="0", help="comma-separated: each draws its configurations, seeds the trials and folds")
@@ -95,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "cv"))
     args = p.parse_args(argv)
+    if args.data == "any" and not args.report:
+        p.error("--data any only pools saved seeds: use it with --report")
     if args.trials < 3:
         p.error("--trials must be at least 3 for a rank correlation")
     if not 0.0 <= args.share < 1.0:
@@ -282,7 +289,11 @@ def load_seed(out: Path, seed: int, args) -> dict:
     if not path.is_file():
         raise SystemExit(f"no saved figures for seed {seed} at {path}: run `python bench/cv.py --seeds {seed}` first")
     figures = json.loads(path.read_text())
-    if figures["settings"] != settings(args):
+    if args.data == "any":  # pooling: every setting but the data's must match
+        saved = {k: v for k, v in figures["settings"].items() if k != "data"}
+        if saved != settings(argparse.Namespace(**{**vars(args), "data": "fixed"})):
+            raise SystemExit(f"{path} was run with other settings: {figures['settings']}")
+    elif figures["settings"] != settings(args):
         raise SystemExit(f"{path} was run with other settings: {figures['settings']} (these: {settings(args)})")
     return figures
 
@@ -308,7 +319,7 @@ def print_seed(figures: dict) -> dict:
     (single_name, single), (cv_name, cv) = sweeps.items()
     same = single["same_as_drawn"] and cv["same_as_drawn"]
     print(f"\nseed {seed}: both sweeps tried the {len(single['trials'])} drawn configurations: {same}")
-    if figures["settings"].get("data") == "per-seed":
+    if figures["settings"].get("data", "fixed") != "fixed":
         print(f"data seed {figures['data_seed']}; " + scanner_b_line(figures))
     print(f"{'sweep':<14}{'wall (s)':>9}{'trial-epochs':>14}{'Spearman(score, test AUC)':>27}"
           f"{'exported: score':>17}{'test AUC':>10}{'best test AUC':>15}{'mean test AUC':>15}")
@@ -359,7 +370,10 @@ def print_report(saved: list[dict]) -> None:
     print(f"\n{saved[0]['node']}, {saved[0]['cpus']} CPUs, {s['n']} synthetic images at {s['image_size']} px; {shift}; "
           f"{s['trials']} configurations per seed x up to {s['epochs']} epochs; seeds "
           f"{','.join(str(f['seed']) for f in saved)}; weights {s['weights']}")
-    if s.get("data") == "per-seed":
+    if len({f["settings"].get("data", "fixed") for f in saved}) > 1:
+        fixed = [str(f["seed"]) for f in saved if f["settings"].get("data", "fixed") == "fixed"]
+        print(f"data: seeds {','.join(fixed)} share one data set (seed {DATA_SEED}), the others each have their own")
+    elif s.get("data") == "per-seed":
         print("data: a new data set per seed (synthetic images, scanner B's share, splits: seeded by the seed)")
     else:
         print(f"data: one data set (seed {DATA_SEED}) for every seed; " + scanner_b_line(saved[0]))
