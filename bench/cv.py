@@ -289,11 +289,10 @@ def load_seed(out: Path, seed: int, args) -> dict:
     if not path.is_file():
         raise SystemExit(f"no saved figures for seed {seed} at {path}: run `python bench/cv.py --seeds {seed}` first")
     figures = json.loads(path.read_text())
+    saved, these = figures["settings"], settings(args)
     if args.data == "any":  # pooling: every setting but the data's must match
-        saved = {k: v for k, v in figures["settings"].items() if k != "data"}
-        if saved != settings(argparse.Namespace(**{**vars(args), "data": "fixed"})):
-            raise SystemExit(f"{path} was run with other settings: {figures['settings']}")
-    elif figures["settings"] != settings(args):
+        saved, these = ({k: v for k, v in s.items() if k != "data"} for s in (saved, these))
+    if saved != these:
         raise SystemExit(f"{path} was run with other settings: {figures['settings']} (these: {settings(args)})")
     return figures
 
@@ -319,7 +318,7 @@ def print_seed(figures: dict) -> dict:
     (single_name, single), (cv_name, cv) = sweeps.items()
     same = single["same_as_drawn"] and cv["same_as_drawn"]
     print(f"\nseed {seed}: both sweeps tried the {len(single['trials'])} drawn configurations: {same}")
-    if figures["settings"].get("data", "fixed") != "fixed":
+    if data_kind(figures) != "fixed":
         print(f"data seed {figures['data_seed']}; " + scanner_b_line(figures))
     print(f"{'sweep':<14}{'wall (s)':>9}{'trial-epochs':>14}{'Spearman(score, test AUC)':>27}"
           f"{'exported: score':>17}{'test AUC':>10}{'best test AUC':>15}{'mean test AUC':>15}")
@@ -355,6 +354,11 @@ def print_summary(per_seed: dict) -> None:
     print(f"{cv} ranked higher in {ranked} of {k} seeds and exported the better model in {exported} of {k}")
 
 
+def data_kind(figures: dict) -> str:
+    """"fixed" or "per-seed" (seeds saved before --data existed ran with fixed data)."""
+    return figures["settings"].get("data", "fixed")
+
+
 def scanner_b_line(figures: dict) -> str:
     return "scanner-B images per split (prepared): " + ", ".join(
         f"{split} {b} of {total}" for split, (b, total) in figures["scanner_b"].items())
@@ -370,10 +374,10 @@ def print_report(saved: list[dict]) -> None:
     print(f"\n{saved[0]['node']}, {saved[0]['cpus']} CPUs, {s['n']} synthetic images at {s['image_size']} px; {shift}; "
           f"{s['trials']} configurations per seed x up to {s['epochs']} epochs; seeds "
           f"{','.join(str(f['seed']) for f in saved)}; weights {s['weights']}")
-    if len({f["settings"].get("data", "fixed") for f in saved}) > 1:
-        fixed = [str(f["seed"]) for f in saved if f["settings"].get("data", "fixed") == "fixed"]
+    if len({data_kind(f) for f in saved}) > 1:
+        fixed = [str(f["seed"]) for f in saved if data_kind(f) == "fixed"]
         print(f"data: seeds {','.join(fixed)} share one data set (seed {DATA_SEED}), the others each have their own")
-    elif s.get("data") == "per-seed":
+    elif data_kind(saved[0]) == "per-seed":
         print("data: a new data set per seed (synthetic images, scanner B's share, splits: seeded by the seed)")
     else:
         print(f"data: one data set (seed {DATA_SEED}) for every seed; " + scanner_b_line(saved[0]))
